@@ -1,0 +1,117 @@
+"""Oracle replay: how many tokens per verification step a drafter would yield.
+
+Semantics (../shared/MISSION.md): trajectories in sorted file-name order share one
+drafting state, as one proxy would see a stream of agent runs. For each assistant
+message, the prompt is the chat-template rendering of the messages before it and
+the response is its content's tokens. Each step drafts from prompt + accepted
+response so far, accepts the longest branch of the draft tree that equals the
+recorded response, and adds one bonus token.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+from quickdraft.bench.traces import all_calls, trajectory_files
+from quickdraft.catalog import chat_prompt_ids, load_tokenizer, tokenizer_id
+from quickdraft.suffix_cache.base import Drafter, Scope, SessionKey
+from quickdraft.suffix_cache.registry import make_drafter
+
+
+@dataclass(slots=True)
+class OracleReport:
+    drafter: str
+    tokenizer: str
+    trajectories: int
+    calls: int
+    steps: int
+    output_tokens: int
+    accepted_tokens: int
+    drafted_tokens: int
+    mean_accepted_per_step: float
+    tokens_per_step: float
+    drafted_per_step: float
+    draft_us_per_step: float
+    prepare_ms_per_call: float
+    draft_budget: int
+    wall_s: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def replay_oracle(
+    paths: Sequence[str | pathlib.Path],
+    drafter_name: str = "suffix",
+    tokenizer_name: str = "smollm2-135m",
+    budget: int = 8,
+    tenant: str = "default",
+    drafter: Drafter | None = None,
+    progress: bool = True,
+) -> OracleReport:
+    files = trajectory_files(paths)
+    tok = load_tokenizer(tokenizer_name)
+    scope = Scope(tenant, tokenizer_id(tok))
+    drafter = drafter or make_drafter(drafter_name)
+    calls = steps = out = accepted = drafted = 0
+    draft_s = prepare_s = 0.0
+    started = time.perf_counter()
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("oracle replay [bold]{task.fields[drafter]}"), BarColumn(), MofNCompleteColumn(),
+               TextColumn("{task.fields[tps]} tok/step"), TimeRemainingColumn())
+    with Progress(*columns, disable=not progress, transient=True) as bar:
+        task = bar.add_task("replay", total=len(files), drafter=drafter_name, tps="-")
+        for file in files:
+            for call in all_calls([file]):
+                prompt = chat_prompt_ids(tok, call.messages)
+                response = tok.encode(call.response, add_special_tokens=False)
+                if not response:
+                    continue
+                key = SessionKey(scope, call.trajectory)
+                t0 = time.perf_counter()
+                drafter.begin_call(key, prompt)
+                prepare_s += time.perf_counter() - t0
+                done = 0
+                while done < len(response):
+                    t0 = time.perf_counter()
+                    tree = drafter.propose(key, budget)
+                    t1 = time.perf_counter()
+                    n_acc = len(tree.longest_accepted(response[done:]))
+                    new = response[done : done + n_acc + 1]
+                    t2 = time.perf_counter()
+                    drafter.accept(key, new)
+                    draft_s += (t1 - t0) + (time.perf_counter() - t2)
+                    done += len(new)
+                    steps += 1
+                    accepted += n_acc
+                    out += len(new)
+                    drafted += len(tree)
+                t0 = time.perf_counter()
+                drafter.end_call(key)
+                prepare_s += time.perf_counter() - t0
+                calls += 1
+            drafter.drop_session(SessionKey(scope, file.name.removesuffix(".traj.json")))
+            bar.update(task, advance=1, tps=f"{out / max(steps, 1):.3f}")
+    steps_ = max(steps, 1)
+    return OracleReport(
+        drafter=drafter_name,
+        tokenizer=tokenizer_name,
+        trajectories=len(files),
+        calls=calls,
+        steps=steps,
+        output_tokens=out,
+        accepted_tokens=accepted,
+        drafted_tokens=drafted,
+        mean_accepted_per_step=round(accepted / steps_, 4),
+        tokens_per_step=round(out / steps_, 4),
+        drafted_per_step=round(drafted / steps_, 3),
+        draft_us_per_step=round(draft_s / steps_ * 1e6, 2),
+        prepare_ms_per_call=round(prepare_s / max(calls, 1) * 1e3, 3),
+        draft_budget=budget,
+        wall_s=round(time.perf_counter() - started, 1),
+    )

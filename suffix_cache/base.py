@@ -1,0 +1,84 @@
+"""The drafter interface every model-free drafter implements.
+
+A drafter keeps two kinds of state:
+
+* per session (tenant, session id, tokenizer): the conversation's token history,
+  extended incrementally across the calls of one agent run;
+* per scope (tenant, tokenizer): what the tenant's earlier responses taught it.
+
+One tenant's state never drafts for another, and token ids of one tokenizer are
+never matched against another's.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from quickdraft.suffix_cache.draft import DraftTree
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """Where learned state lives: one tenant, one vocabulary."""
+
+    tenant: str
+    tokenizer: str
+
+
+@dataclass(frozen=True, slots=True)
+class SessionKey:
+    scope: Scope
+    session_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class PositionStats:
+    """The target's distribution at one verified position (top-k and entropy)."""
+
+    top_ids: tuple[int, ...]
+    top_logprobs: tuple[float, ...]
+    entropy: float
+
+
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo] holds, a[:hi] == b[:hi] does not
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+class Drafter(ABC):
+    """Proposes draft trees for a session and learns from accepted tokens."""
+
+    name: str = ""
+
+    @abstractmethod
+    def begin_call(self, key: SessionKey, prompt: Sequence[int]) -> None:
+        """A new call of the session: ``prompt`` usually extends the last call's history."""
+
+    @abstractmethod
+    def propose(self, key: SessionKey, budget: int) -> DraftTree:
+        """A draft tree of at most ``budget`` nodes continuing the session's history."""
+
+    @abstractmethod
+    def accept(
+        self, key: SessionKey, tokens: Sequence[int], stats: Sequence[PositionStats] | None = None
+    ) -> None:
+        """Tokens the target produced (accepted draft tokens and the bonus token)."""
+
+    @abstractmethod
+    def end_call(self, key: SessionKey) -> None:
+        """The call's response is complete; learn it for the session's scope."""
+
+    @abstractmethod
+    def drop_session(self, key: SessionKey) -> None:
+        """Forget the session's own state (scope-wide learning stays)."""

@@ -1,0 +1,82 @@
+"""The draft tree: the one shape every drafter returns and every worker verifies.
+
+Nodes are in topological order: ``parents[i] < i`` and ``-1`` marks a child of
+the root (the last token of the context). A path is the special case
+``parents == [-1, 0, 1, ...]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class DraftTree:
+    token_ids: list[int] = field(default_factory=list)
+    parents: list[int] = field(default_factory=list)
+    # Drafter's estimate of each node's probability of being accepted (path
+    # probability); used to rank, truncate and merge trees. Not sent to workers.
+    probs: list[float] = field(default_factory=list)
+    # Length of the context match the draft was built from (0 when unknown).
+    match_len: int = 0
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @classmethod
+    def path(cls, tokens: Sequence[int], probs: Sequence[float] | None = None) -> DraftTree:
+        tokens = list(tokens)
+        return cls(
+            token_ids=tokens,
+            parents=list(range(-1, len(tokens) - 1)),
+            probs=list(probs) if probs is not None else [1.0] * len(tokens),
+        )
+
+    def validate(self, vocab_size: int | None = None) -> None:
+        """Raise ValueError unless this is a well-formed tree."""
+        if len(self.parents) != len(self.token_ids):
+            raise ValueError("draft tree: token_ids and parents differ in length")
+        if self.probs and len(self.probs) != len(self.token_ids):
+            raise ValueError("draft tree: probs and token_ids differ in length")
+        seen: set[tuple[int, int]] = set()
+        for i, (tok, parent) in enumerate(zip(self.token_ids, self.parents, strict=True)):
+            if not -1 <= parent < i:
+                raise ValueError(f"draft tree: node {i} has parent {parent}; parents must precede children")
+            if tok < 0 or (vocab_size is not None and tok >= vocab_size):
+                raise ValueError(f"draft tree: node {i} has token id {tok} outside the vocabulary")
+            if (parent, tok) in seen:
+                raise ValueError(f"draft tree: node {i} duplicates a sibling's token {tok}")
+            seen.add((parent, tok))
+
+    def depth(self) -> int:
+        depths: list[int] = []
+        for parent in self.parents:
+            depths.append(1 if parent < 0 else depths[parent] + 1)
+        return max(depths, default=0)
+
+    def expected_accepted(self) -> float:
+        """Expected accepted tokens if node probabilities are calibrated."""
+        return float(sum(self.probs))
+
+    def truncated(self, budget: int) -> DraftTree:
+        """The first ``budget`` nodes: still a tree, since parents come first."""
+        if len(self) <= budget:
+            return self
+        return DraftTree(
+            self.token_ids[:budget], self.parents[:budget], self.probs[:budget], self.match_len
+        )
+
+    def longest_accepted(self, target: Sequence[int]) -> list[int]:
+        """Node indices of the longest branch whose tokens equal a prefix of ``target``."""
+        children: dict[tuple[int, int], int] = {}
+        for i, (tok, parent) in enumerate(zip(self.token_ids, self.parents, strict=True)):
+            children.setdefault((parent, tok), i)
+        node, accepted = -1, []
+        for tok in target:
+            nxt = children.get((node, tok))
+            if nxt is None:
+                break
+            accepted.append(nxt)
+            node = nxt
+        return accepted
