@@ -197,7 +197,7 @@ class TokenStats(_message.Message):
     def __init__(self, top_ids: _Optional[_Iterable[int]] = ..., top_logprobs: _Optional[_Iterable[float]] = ..., entropy: _Optional[float] = ...) -> None: ...
 
 class VerifyRequest(_message.Message):
-    __slots__ = ("session_key", "known_len", "anchor", "new_tokens", "draft", "sampling", "top_logprobs", "step_seed")
+    __slots__ = ("session_key", "known_len", "anchor", "new_tokens", "draft", "sampling", "top_logprobs", "seed")
     SESSION_KEY_FIELD_NUMBER: _ClassVar[int]
     KNOWN_LEN_FIELD_NUMBER: _ClassVar[int]
     ANCHOR_FIELD_NUMBER: _ClassVar[int]
@@ -205,7 +205,7 @@ class VerifyRequest(_message.Message):
     DRAFT_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     TOP_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
-    STEP_SEED_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
     session_key: str
     known_len: int
     anchor: _containers.RepeatedScalarFieldContainer[int]
@@ -213,8 +213,8 @@ class VerifyRequest(_message.Message):
     draft: DraftTree
     sampling: SamplingParams
     top_logprobs: int
-    step_seed: int
-    def __init__(self, session_key: _Optional[str] = ..., known_len: _Optional[int] = ..., anchor: _Optional[_Iterable[int]] = ..., new_tokens: _Optional[_Iterable[int]] = ..., draft: _Optional[_Union[DraftTree, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., top_logprobs: _Optional[int] = ..., step_seed: _Optional[int] = ...) -> None: ...
+    seed: int
+    def __init__(self, session_key: _Optional[str] = ..., known_len: _Optional[int] = ..., anchor: _Optional[_Iterable[int]] = ..., new_tokens: _Optional[_Iterable[int]] = ..., draft: _Optional[_Union[DraftTree, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., top_logprobs: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class VerifyResponse(_message.Message):
     __slots__ = ("resync_required", "tokens", "accepted_nodes", "stats", "cached_len", "computed_tokens", "forward_ms")

@@ -1,0 +1,76 @@
+"""Load a target model with torch + transformers, offline, and cache the conversion.
+
+Packaged GGUF files are de-quantised by transformers on first load (tens of
+seconds); the result is written once as safetensors under the QuickDraft cache
+so the next start of a worker takes seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
+
+from quickdraft.catalog import gguf_location, load_tokenizer, model_cache_dir, resolve
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class LoadedModel:
+    name: str
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    device: torch.device
+    dtype: torch.dtype
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(device: torch.device, dtype: str = "auto") -> torch.dtype:
+    if dtype == "auto":
+        # bf16 where the hardware runs it fast; fp32 on CPU keeps greedy decoding stable.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+
+
+def _convert_gguf(name: str) -> str:
+    """Path of a transformers model directory for a packaged GGUF model, converting once."""
+    spec = resolve(name)
+    target = model_cache_dir(spec) / "weights"
+    if (target / "config.json").exists():
+        return str(target)
+    directory, gguf = gguf_location(spec)
+    log.info("converting %s from GGUF (first start only)", spec.name)
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf, dtype=torch.float32)
+    # The de-quantised weights are plain tensors now; drop the GGUF marker so they can be saved.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(f"weights.tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    try:
+        tmp.replace(target)
+    except OSError:  # another process converted it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(target)
+
+
+def load_model(name: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    spec = resolve(name)
+    dev = pick_device(device)
+    dt = pick_dtype(dev, dtype)
+    path = spec.path or _convert_gguf(name)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, attn_implementation="sdpa")
+    model.to(dev)
+    model.eval()
+    tokenizer = load_tokenizer(name)
+    return LoadedModel(spec.name, model, tokenizer, dev, dt)

@@ -1,0 +1,260 @@
+"""The model runtime of a worker: session KV reuse and one-pass draft verification.
+
+The proxy owns every session's token history. A verify call says how many of
+those tokens it believes this worker holds (``known_len``, with the last few as
+an anchor), sends the ones after them, and a draft tree. The worker keeps exactly
+the known prefix of its cache, prefills the new tokens (in chunks, so long
+prompts never build a huge attention matrix), scores the draft in the same pass
+as the last chunk, keeps the KV of the accepted branch and drops the rest. If it
+does not hold the known prefix (restarted, evicted, or diverged) it says so and
+the proxy resends the whole history.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from quickdraft.verifiers.kv_cache import SessionKV, SessionStore, cache_length, keep_positions, set_cache_length
+from quickdraft.verifiers.model_loader import LoadedModel
+from quickdraft.verifiers.tree_verify import Sampling, TokenStats, accept_walk, token_stats, tree_inputs
+
+PREFILL_CHUNK = 1024
+
+
+class VerifyError(ValueError):
+    """The request cannot be served as asked (bad tree, beyond the context, ...)."""
+
+
+@dataclass(slots=True)
+class VerifyInput:
+    session_key: str
+    known_len: int
+    anchor: Sequence[int]
+    new_tokens: Sequence[int]
+    draft_tokens: Sequence[int] = ()
+    draft_parents: Sequence[int] = ()
+    sampling: Sampling = field(default_factory=Sampling)
+    top_logprobs: int = 0
+    seed: int = 0
+
+
+@dataclass(slots=True)
+class VerifyOutput:
+    resync_required: bool = False
+    tokens: list[int] = field(default_factory=list)
+    accepted_nodes: list[int] = field(default_factory=list)
+    stats: list[TokenStats] = field(default_factory=list)
+    cached_len: int = 0
+    computed_tokens: int = 0
+    forward_ms: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerInfo:
+    model: str
+    context_length: int
+    vocab_size: int
+    eos_token_ids: tuple[int, ...]
+    tokenizer_id: str
+    tokenizer_json: bytes
+    device: str
+    dtype: str
+
+
+def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * heads * head_dim * torch.tensor([], dtype=dtype).element_size()
+
+
+class ModelRuntime:
+    def __init__(self, loaded: LoadedModel, kv_budget_bytes: int = 2 << 30) -> None:
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.device = loaded.device
+        config = self.model.config
+        self.context_length = int(getattr(config, "max_position_embeddings", 2048))
+        self.vocab_size = int(config.vocab_size)
+        self.sessions = SessionStore(config.num_hidden_layers, kv_budget_bytes)
+        self.kv_bytes_per_token = kv_bytes_per_token(config, loaded.dtype)
+        self._lock = threading.Lock()  # one forward pass at a time
+        self._info = self._make_info()
+
+    # -- metadata ------------------------------------------------------------
+    def _eos_ids(self) -> tuple[int, ...]:
+        ids: set[int] = set()
+        gen = getattr(self.model, "generation_config", None)
+        for source in (getattr(gen, "eos_token_id", None), self.tokenizer.eos_token_id):
+            if isinstance(source, int):
+                ids.add(source)
+            elif source:
+                ids.update(int(x) for x in source)
+        for special in ("<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|endoftext|>"):
+            tid = self.tokenizer.convert_tokens_to_ids(special)
+            if isinstance(tid, int) and tid != self.tokenizer.unk_token_id and tid is not None:
+                ids.add(tid)
+        return tuple(sorted(ids))
+
+    def _make_info(self) -> WorkerInfo:
+        from quickdraft.catalog import tokenizer_id
+
+        backend = getattr(self.tokenizer, "backend_tokenizer", None) or getattr(self.tokenizer, "_tokenizer", None)
+        tok_json = backend.to_str().encode() if backend is not None else json.dumps({}).encode()
+        return WorkerInfo(
+            model=self.loaded.name,
+            context_length=self.context_length,
+            vocab_size=self.vocab_size,
+            eos_token_ids=self._eos_ids(),
+            tokenizer_id=tokenizer_id(self.tokenizer),
+            tokenizer_json=tok_json,
+            device=str(self.device),
+            dtype=str(self.loaded.dtype).removeprefix("torch."),
+        )
+
+    def info(self) -> WorkerInfo:
+        return self._info
+
+    def tokenize(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        out = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt, tokenize=True
+        )
+        if not isinstance(out, list):
+            out = out["input_ids"]
+        return [int(t) for t in out]
+
+    def release(self, session_key: str) -> bool:
+        with self._lock:
+            return self.sessions.release(session_key)
+
+    # -- verification ----------------------------------------------------------
+    def _resync(self, req: VerifyInput) -> SessionKV | None:
+        """The session with exactly ``known_len`` tokens cached, or None if it must be resent."""
+        session = self.sessions.get(req.session_key)
+        if req.known_len == 0:
+            if session is None:
+                session = self.sessions.create(req.session_key)
+            session.tokens = []
+            set_cache_length(session.cache, 0)
+            return session
+        if session is None or len(session.tokens) < req.known_len:
+            return None
+        anchor = list(req.anchor)
+        if anchor and session.tokens[req.known_len - len(anchor) : req.known_len] != anchor:
+            return None
+        if len(session.tokens) > req.known_len:
+            del session.tokens[req.known_len :]
+            set_cache_length(session.cache, req.known_len)
+        return session
+
+    def _check(self, req: VerifyInput) -> None:
+        if len(req.draft_tokens) != len(req.draft_parents):
+            raise VerifyError("draft tree: token_ids and parents differ in length")
+        for i, (tok, parent) in enumerate(zip(req.draft_tokens, req.draft_parents, strict=True)):
+            if not -1 <= parent < i:
+                raise VerifyError(f"draft tree: node {i} has parent {parent}; parents must precede children")
+            if not 0 <= tok < self.vocab_size:
+                raise VerifyError(f"draft tree: token {tok} is outside the vocabulary ({self.vocab_size})")
+        for tok in req.new_tokens:
+            if not 0 <= tok < self.vocab_size:
+                raise VerifyError(f"token {tok} is outside the vocabulary ({self.vocab_size})")
+        if req.known_len == 0 and not req.new_tokens:
+            raise VerifyError("nothing to verify: no cached history and no new tokens")
+
+    def verify(self, req: VerifyInput) -> VerifyOutput:
+        self._check(req)
+        with self._lock, torch.inference_mode():
+            started = time.perf_counter()
+            session = self._resync(req)
+            if session is None:
+                return VerifyOutput(resync_required=True)
+            feed = [int(t) for t in req.new_tokens]
+            if not feed:
+                # Everything is cached already: re-run the last token to get its logits.
+                feed = [session.tokens.pop()]
+                set_cache_length(session.cache, len(session.tokens))
+            total = len(session.tokens) + len(feed)
+            if total + 1 > self.context_length:
+                raise VerifyError(
+                    f"the session holds {total} tokens; {self.loaded.name} has a context of "
+                    f"{self.context_length} tokens"
+                )
+            draft_tokens, draft_parents = self._fit_draft(req, total)
+            out = self._forward_and_accept(session, feed, draft_tokens, draft_parents, req)
+            self.sessions.enforce_budget(keep=req.session_key)
+            out.forward_ms = (time.perf_counter() - started) * 1e3
+            return out
+
+    def _fit_draft(self, req: VerifyInput, total: int) -> tuple[list[int], list[int]]:
+        """Drop draft nodes that would run past the context window."""
+        room = self.context_length - total - 1
+        tokens: list[int] = []
+        parents: list[int] = []
+        depths: list[int] = []
+        # A prefix of the node list is still a tree with the same indices.
+        for tok, parent in zip(req.draft_tokens, req.draft_parents, strict=True):
+            depth = 1 if parent < 0 else depths[parent] + 1
+            if depth > room:
+                break
+            tokens.append(int(tok))
+            parents.append(int(parent))
+            depths.append(depth)
+        return tokens, parents
+
+    def _forward_and_accept(
+        self,
+        session: SessionKV,
+        feed: list[int],
+        draft_tokens: list[int],
+        draft_parents: list[int],
+        req: VerifyInput,
+    ) -> VerifyOutput:
+        cache = session.cache
+        dev = self.device
+        computed = len(feed) + len(draft_tokens)
+        # Prefill all but the last chunk of new tokens with the model's own causal mask.
+        while len(feed) > PREFILL_CHUNK:
+            chunk, feed = feed[:PREFILL_CHUNK], feed[PREFILL_CHUNK:]
+            past = cache_length(cache)
+            ids = torch.tensor([chunk], dtype=torch.long, device=dev)
+            pos = torch.arange(past, past + len(chunk), device=dev)[None]
+            self.model(input_ids=ids, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1)
+            session.tokens.extend(chunk)
+        past = cache_length(cache)
+        ids = torch.tensor([feed + draft_tokens], dtype=torch.long, device=dev)
+        pos, mask = tree_inputs(past, len(feed), draft_parents, dev)
+        result = self.model(
+            input_ids=ids,
+            position_ids=pos,
+            attention_mask=mask,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=len(draft_tokens) + 1,
+        )
+        logits = result.logits[0]
+        base = past + len(feed)
+        emitted, accepted, rows = accept_walk(
+            logits, draft_tokens, draft_parents, req.sampling, seed=req.seed, position=base
+        )
+        keep_positions(cache, base, [base + j for j in accepted])
+        session.tokens.extend(feed)
+        session.tokens.extend(draft_tokens[j] for j in accepted)
+        stats = token_stats(logits[rows], req.top_logprobs) if req.top_logprobs > 0 else []
+        return VerifyOutput(
+            tokens=emitted,
+            accepted_nodes=accepted,
+            stats=stats,
+            cached_len=len(session.tokens),
+            computed_tokens=computed,
+        )
+
+
+def session_key(tenant: str, session_id: str) -> str:
+    """The worker-side key of a proxy session (opaque, fixed length)."""
+    return hashlib.sha256(f"{tenant}\x00{session_id}".encode()).hexdigest()[:32]
