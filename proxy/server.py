@@ -1,0 +1,71 @@
+"""The proxy's gRPC server: DecodeProxy, standard health checking and reflection."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+from quickdraft.proto import quickdraft_pb2 as pb
+from quickdraft.proxy.service import DecodeProxyService, add_to_server
+from quickdraft.proxy.worker_pool import WorkerPool
+
+from quickdraft.settings import Settings
+
+log = logging.getLogger(__name__)
+
+PROXY_SERVICE = "quickdraft.v1.DecodeProxy"
+HEALTH_INTERVAL_S = 2.0
+
+
+async def _watch_workers(pool: WorkerPool, health: health_aio.HealthServicer) -> None:
+    """Keep health in step with the workers: SERVING once every configured worker is up."""
+    status = None
+    while True:
+        await pool.refresh()
+        serving = bool(pool.workers) and all(w.healthy for w in pool.workers)
+        new = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        if new != status:
+            for service in ("", PROXY_SERVICE):
+                await health.set(service, new)
+            status = new
+            log.info("proxy health: %s", health_pb2.HealthCheckResponse.ServingStatus.Name(new))
+        await asyncio.sleep(HEALTH_INTERVAL_S)
+
+
+async def serve_proxy(settings: Settings, ready: asyncio.Event | None = None) -> None:
+    """Serve until cancelled."""
+    pool = WorkerPool.from_addresses(settings.workers)
+    service = DecodeProxyService(settings, pool)
+    server = grpc.aio.server(
+        options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+    )
+    add_to_server(service, server)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    for svc in ("", PROXY_SERVICE):
+        await health.set(svc, health_pb2.HealthCheckResponse.NOT_SERVING)
+    reflection.enable_server_reflection(
+        (pb.DESCRIPTOR.services_by_name["DecodeProxy"].full_name, reflection.SERVICE_NAME, "grpc.health.v1.Health"),
+        server,
+    )
+    address = f"{settings.host}:{settings.grpc_port}"
+    if server.add_insecure_port(address) == 0:
+        raise OSError(f"cannot listen on {address}")
+    await server.start()
+    log.info("proxy listening on %s (workers: %s)", address, ", ".join(settings.workers) or "none")
+    watcher = asyncio.create_task(_watch_workers(pool, health))
+    if ready is not None:
+        ready.set()
+    try:
+        await server.wait_for_termination()
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+        await server.stop(grace=2)
+        await pool.close()

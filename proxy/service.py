@@ -1,0 +1,295 @@
+"""The DecodeProxy service: request validation, tenants, sessions, and the generation stream."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+from quickdraft.proto import quickdraft_pb2 as pb
+from quickdraft.proxy.detokenize import TextStream
+from quickdraft.proxy.errors import InvalidRequest, Overloaded, ProxyError, Unauthenticated
+from quickdraft.proxy.sessions import Session, SessionTable
+from quickdraft.proxy.speculation import GenerationParams, SpeculationLoop
+from quickdraft.proxy.worker_pool import WorkerPool
+from quickdraft.routing.router import Router
+from quickdraft.suffix_cache.base import Drafter, Scope, SessionKey
+from quickdraft.suffix_cache.registry import DRAFTERS, make_drafter
+
+from quickdraft.settings import Settings
+
+log = logging.getLogger(__name__)
+
+VALID_ROLES = {"system", "user", "assistant", "tool"}
+
+
+@dataclass(slots=True)
+class Prepared:
+    tenant: str
+    params: GenerationParams
+    drafter_name: str
+    stop: list[str]
+    session_id: str
+    messages: list[dict[str, str]]
+
+
+class Admission:
+    """Bounds requests in flight, globally and per tenant."""
+
+    def __init__(self, total: int, per_tenant: int) -> None:
+        self.total, self.per_tenant = total, per_tenant
+        self.in_flight = 0
+        self.by_tenant: Counter[str] = Counter()
+
+    def enter(self, tenant: str) -> None:
+        if self.in_flight >= self.total:
+            raise Overloaded(f"the proxy is at its limit of {self.total} requests in flight", 1.0)
+        if self.by_tenant[tenant] >= self.per_tenant:
+            raise Overloaded(f"tenant {tenant!r} has {self.per_tenant} requests in flight (its limit)", 1.0)
+        self.in_flight += 1
+        self.by_tenant[tenant] += 1
+
+    def leave(self, tenant: str) -> None:
+        self.in_flight -= 1
+        self.by_tenant[tenant] -= 1
+
+
+class DecodeProxyService:
+    def __init__(self, settings: Settings, pool: WorkerPool) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.router = Router(pool, settings.default_model)
+        self.sessions = SessionTable(settings.max_sessions_per_tenant)
+        self.drafters: dict[str, Drafter] = {name: make_drafter(name) for name in DRAFTERS}
+        self.admission = Admission(settings.max_concurrent_requests, settings.max_concurrent_per_tenant)
+
+    # -- request checks --------------------------------------------------------
+    def tenant_of(self, metadata: tuple[tuple[str, str], ...] | None) -> str:
+        keys = self.settings.api_keys
+        token = ""
+        for name, value in metadata or ():
+            if name.lower() == "authorization" and value.lower().startswith("bearer "):
+                token = value[7:].strip()
+        if not keys:
+            return "default"
+        if token not in keys:
+            raise Unauthenticated("missing or unknown API key: send 'authorization: Bearer KEY'")
+        return keys[token]
+
+    def prepare(self, request: pb.GenerateRequest, tenant: str) -> Prepared:
+        s = self.settings
+        if not request.messages:
+            raise InvalidRequest("messages must not be empty: send at least one {role, content} message")
+        for i, m in enumerate(request.messages):
+            if m.role not in VALID_ROLES:
+                raise InvalidRequest(f"messages[{i}].role is {m.role!r}; use one of {sorted(VALID_ROLES)}")
+        model = self.router.choose(request.model or "auto")
+        if request.HasField("max_tokens"):
+            max_tokens = request.max_tokens
+            if max_tokens <= 0:
+                raise InvalidRequest(f"max_tokens must be positive, got {max_tokens}")
+            if max_tokens > s.max_tokens_cap:
+                raise InvalidRequest(f"max_tokens is {max_tokens}, above this server's cap of {s.max_tokens_cap}")
+        else:
+            max_tokens = s.default_max_tokens
+        sp = request.sampling
+        if sp.temperature < 0:
+            raise InvalidRequest(f"temperature must be >= 0, got {sp.temperature:g}")
+        if not 0 <= sp.top_p <= 1:
+            raise InvalidRequest(f"top_p must be in [0, 1], got {sp.top_p:g}")
+        if sp.top_k < 0:
+            raise InvalidRequest(f"top_k must be >= 0, got {sp.top_k}")
+        spec = request.speculation
+        drafter = spec.drafter or s.default_drafter
+        if drafter not in self.drafters:
+            raise InvalidRequest(f"unknown drafter {drafter!r}; valid drafters: {', '.join(sorted(self.drafters))}")
+        budget = spec.max_draft_tokens or s.max_draft_tokens
+        if budget > 64:
+            raise InvalidRequest(f"max_draft_tokens is {budget}; at most 64 draft tokens per step are verified")
+        params = GenerationParams(
+            model=model,
+            max_tokens=max_tokens,
+            temperature=sp.temperature,
+            top_p=sp.top_p or 1.0,
+            top_k=sp.top_k,
+            seed=sp.seed,
+            speculate=spec.enabled if spec.HasField("enabled") else True,
+            draft_budget=budget,
+        )
+        return Prepared(
+            tenant=tenant,
+            params=params,
+            drafter_name=drafter,
+            stop=list(request.stop),
+            session_id=request.session_id,
+            messages=[{"role": m.role, "content": m.content} for m in request.messages],
+        )
+
+    async def _prompt_ids(self, prepared: Prepared) -> list[int]:
+        worker = self.pool.pick(prepared.params.model, "")
+        try:
+            reply = await worker.stub.Tokenize(pb.TokenizeRequest(messages=[
+                pb.ChatMessage(role=m["role"], content=m["content"]) for m in prepared.messages
+            ], add_generation_prompt=True))
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise InvalidRequest(exc.details() or "cannot render the messages") from exc
+            raise
+        return list(reply.token_ids)
+
+    # -- generation --------------------------------------------------------------
+    async def generate(self, request: pb.GenerateRequest, metadata) -> AsyncIterator[pb.GenerateChunk]:
+        started = time.perf_counter()
+        tenant = self.tenant_of(metadata)
+        prepared = self.prepare(request, tenant)
+        self.admission.enter(tenant)
+        try:
+            async for chunk in self._generate(prepared, started):
+                yield chunk
+        finally:
+            self.admission.leave(tenant)
+
+    async def _generate(self, prepared: Prepared, started: float) -> AsyncIterator[pb.GenerateChunk]:
+        params = prepared.params
+        meta = self.pool.model_meta(params.model)
+        prompt = await self._prompt_ids(prepared)
+        needed = len(prompt) + params.max_tokens
+        if needed > meta.context_length:
+            raise InvalidRequest(
+                f"{params.model} has a context of {meta.context_length} tokens, but this request needs {needed} "
+                f"({len(prompt)} in the messages, {params.max_tokens} in the completion); "
+                "shorten the messages or lower max_tokens"
+            )
+        session, evicted = self.sessions.get_or_create(prepared.tenant, prepared.session_id, prompt)
+        for old in evicted:
+            self._forget(old)
+        async with session.lock:
+            session.start_call(prompt)
+            drafter = self.drafters[prepared.drafter_name]
+            key = SessionKey(Scope(prepared.tenant, meta.tokenizer_id), session.session_id)
+            drafter.begin_call(key, prompt)
+            loop = SpeculationLoop(self.pool, drafter, key, session, params, meta.eos_token_ids)
+            text = TextStream(meta.tokenizer, prepared.stop)
+            produced = 0
+            finish = ""
+            try:
+                async for event in loop.run():
+                    delta = text.push(event.tokens)
+                    produced += len(event.tokens)
+                    finish = event.finish_reason
+                    if text.stopped:
+                        finish = "stop"
+                    if event.tokens or delta:
+                        yield pb.GenerateChunk(text=delta, token_ids=event.tokens)
+                    if text.stopped or event.finished:
+                        break
+            finally:
+                drafter.end_call(key)
+            tail = text.finish()
+            st = loop.stats
+            usage = pb.Usage(
+                prompt_tokens=len(prompt),
+                completion_tokens=produced,
+                verification_steps=st.steps,
+                accepted_draft_tokens=st.accepted_draft_tokens,
+                drafted_tokens=st.drafted_tokens,
+                drafter=prepared.drafter_name if params.speculate else "none",
+                route=params.model,
+                fallbacks=0,
+                time_to_first_token_ms=((st.first_token_at or time.perf_counter()) - started) * 1e3,
+                total_ms=(time.perf_counter() - started) * 1e3,
+                reused_prompt_tokens=max(st.reused_prompt_tokens, 0),
+            )
+            yield pb.GenerateChunk(
+                text=tail, finish_reason=finish or "stop", usage=usage, model=params.model,
+                session_id=session.session_id,
+            )
+
+    def _forget(self, session: Session) -> None:
+        for drafter in self.drafters.values():
+            for meta in self.pool.models().values():
+                drafter.drop_session(SessionKey(Scope(session.tenant, meta.tokenizer_id), session.session_id))
+
+    # -- gRPC methods ------------------------------------------------------------
+    async def Generate(self, request, context):
+        try:
+            if isinstance(request, MalformedRequest):
+                raise InvalidRequest(request.reason)
+            text: list[str] = []
+            ids: list[int] = []
+            last = None
+            async for chunk in self.generate(request, context.invocation_metadata()):
+                text.append(chunk.text)
+                ids.extend(chunk.token_ids)
+                last = chunk
+            return pb.GenerateResponse(
+                text="".join(text), token_ids=ids, finish_reason=last.finish_reason, usage=last.usage,
+                model=last.model, session_id=last.session_id,
+            )
+        except ProxyError as exc:
+            await _abort(context, exc)
+
+    async def GenerateStream(self, request, context):
+        try:
+            if isinstance(request, MalformedRequest):
+                raise InvalidRequest(request.reason)
+            async for chunk in self.generate(request, context.invocation_metadata()):
+                yield chunk
+        except ProxyError as exc:
+            await _abort(context, exc)
+
+    async def ListModels(self, request, context):
+        models = [
+            pb.ModelInfo(name=name, context_length=meta.context_length, tokenizer_id=meta.tokenizer_id,
+                         workers=sum(1 for w in self.pool.workers if w.healthy and w.meta and w.meta.name == name))
+            for name, meta in sorted(self.pool.models().items())
+        ]
+        return pb.ListModelsResponse(
+            models=models, default_model=self.settings.default_model, drafters=sorted(self.drafters),
+            default_drafter=self.settings.default_drafter,
+        )
+
+
+async def _abort(context, exc: ProxyError) -> None:
+    if isinstance(exc, Overloaded):
+        context.set_trailing_metadata((("retry-after-s", f"{exc.retry_after_s:g}"),))
+    await context.abort(exc.code, exc.message)
+
+
+@dataclass(frozen=True, slots=True)
+class MalformedRequest:
+    """Stands in for a request whose bytes did not parse, so the servicer can answer INVALID_ARGUMENT."""
+
+    reason: str
+
+
+def lenient_parser(message_type):
+    def parse(data: bytes):
+        try:
+            return message_type.FromString(data)
+        except Exception as exc:  # protobuf's DecodeError and friends
+            return MalformedRequest(f"the request is not a valid {message_type.DESCRIPTOR.full_name}: {exc}")
+
+    return parse
+
+
+def add_to_server(service: DecodeProxyService, server: grpc.aio.Server) -> None:
+    """Register the service with a deserializer that turns undecodable bytes into INVALID_ARGUMENT."""
+    handlers = {
+        "Generate": grpc.unary_unary_rpc_method_handler(
+            service.Generate, request_deserializer=lenient_parser(pb.GenerateRequest),
+            response_serializer=pb.GenerateResponse.SerializeToString,
+        ),
+        "GenerateStream": grpc.unary_stream_rpc_method_handler(
+            service.GenerateStream, request_deserializer=lenient_parser(pb.GenerateRequest),
+            response_serializer=pb.GenerateChunk.SerializeToString,
+        ),
+        "ListModels": grpc.unary_unary_rpc_method_handler(
+            service.ListModels, request_deserializer=pb.ListModelsRequest.FromString,
+            response_serializer=pb.ListModelsResponse.SerializeToString,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("quickdraft.v1.DecodeProxy", handlers),))

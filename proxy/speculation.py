@@ -1,0 +1,167 @@
+"""The speculation loop: draft -> verify on a worker -> accept -> learn -> stream.
+
+Each step sends the worker the history tokens it has not seen and a draft
+tree; the worker returns the accepted draft tokens plus one bonus token, all
+chosen exactly as plain decoding would. With speculation off the draft is empty
+and each step yields one token (the baseline the figures compare against).
+If the worker lost the session's cache it asks for a resync and gets the whole
+history; if it dies, another worker of the model rebuilds the session from
+history and the step is repeated, so the output is the same either way.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import grpc
+from quickdraft.proto import quickdraft_pb2 as pb
+from quickdraft.proxy.errors import NoWorker
+from quickdraft.proxy.sessions import Session
+from quickdraft.proxy.worker_pool import WorkerClient, WorkerPool
+from quickdraft.suffix_cache.base import Drafter, PositionStats, SessionKey
+from quickdraft.suffix_cache.draft import DraftTree
+
+log = logging.getLogger(__name__)
+
+ANCHOR = 16
+STATS_TOP_K = 4
+
+
+@dataclass(slots=True)
+class GenerationParams:
+    model: str
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    speculate: bool = True
+    draft_budget: int = 8
+
+
+@dataclass(slots=True)
+class StepEvent:
+    tokens: list[int]             # new output tokens (end-of-turn excluded)
+    finished: bool = False
+    finish_reason: str = ""
+
+
+@dataclass(slots=True)
+class LoopStats:
+    steps: int = 0
+    accepted_draft_tokens: int = 0
+    drafted_tokens: int = 0
+    reused_prompt_tokens: int = -1
+    resyncs: int = 0
+    failovers: int = 0
+    first_token_at: float = 0.0
+
+
+@dataclass(slots=True)
+class SpeculationLoop:
+    pool: WorkerPool
+    drafter: Drafter
+    drafter_key: SessionKey
+    session: Session
+    params: GenerationParams
+    eos: frozenset[int]
+    stats: LoopStats = field(default_factory=LoopStats)
+    seed: int = 0
+
+    def _draft(self, remaining: int) -> DraftTree:
+        if not self.params.speculate or self.params.draft_budget <= 0 or remaining <= 1:
+            return DraftTree()
+        tree = self.drafter.propose(self.drafter_key, self.params.draft_budget)
+        # Nodes deeper than the remaining completion budget could never be kept.
+        return tree.pruned_to_depth(remaining - 1)
+
+    async def _verify(self, worker: WorkerClient, tree: DraftTree) -> pb.VerifyResponse:
+        s = self.session
+        p = self.params
+        for _ in range(2):
+            known = s.worker_len
+            request = pb.VerifyRequest(
+                session_key=s.worker_key,
+                known_len=known,
+                anchor=s.history[max(0, known - ANCHOR) : known],
+                new_tokens=s.history[known:],
+                draft=pb.DraftTree(token_ids=tree.token_ids, parents=tree.parents),
+                sampling=pb.SamplingParams(temperature=p.temperature, top_p=p.top_p, top_k=p.top_k),
+                top_logprobs=STATS_TOP_K,
+                seed=self.seed,
+            )
+            worker.in_flight += 1
+            try:
+                response = await worker.stub.Verify(request)
+            finally:
+                worker.in_flight -= 1
+            if not response.resync_required:
+                if self.stats.reused_prompt_tokens < 0:
+                    self.stats.reused_prompt_tokens = known
+                return response
+            self.stats.resyncs += 1
+            s.worker_len = 0
+        raise RuntimeError("worker asked for a resync twice in a row")
+
+    async def _verify_anywhere(self, tree: DraftTree) -> pb.VerifyResponse:
+        tried: set[str] = set()
+        while True:
+            worker = self.pool.pick(self.params.model, self.session.worker_key, exclude=tried)
+            try:
+                return await self._verify(worker, tree)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+                    raise
+                log.warning("worker %s failed (%s); moving session to another worker", worker.address, exc.code())
+                self.pool.mark_down(worker)
+                tried.add(worker.address)
+                self.session.worker_len = 0
+                self.stats.failovers += 1
+                try:
+                    self.pool.pick(self.params.model, self.session.worker_key, exclude=tried)
+                except NoWorker:
+                    raise NoWorker(
+                        f"the worker serving {self.params.model!r} failed and no other worker is available"
+                    ) from exc
+
+    async def run(self) -> AsyncIterator[StepEvent]:
+        p = self.params
+        s = self.session
+        self.seed = p.seed or random.getrandbits(63)
+        produced = 0
+        while True:
+            remaining = p.max_tokens - produced
+            tree = self._draft(remaining)
+            response = await self._verify_anywhere(tree)
+            emitted = list(response.tokens)[:remaining]
+            n_acc = min(len(response.accepted_nodes), len(emitted))
+            eos_at = next((i for i, t in enumerate(emitted) if t in self.eos), -1)
+            if eos_at >= 0:
+                emitted = emitted[: eos_at + 1]
+                n_acc = min(n_acc, eos_at)
+            before = len(s.history)
+            s.history.extend(emitted)
+            s.worker_len = min(response.cached_len, len(s.history))
+            self.stats.steps += 1
+            self.stats.accepted_draft_tokens += n_acc
+            self.stats.drafted_tokens += len(tree)
+            if not self.stats.first_token_at:
+                self.stats.first_token_at = time.perf_counter()
+            stats = [
+                PositionStats(tuple(st.top_ids), tuple(st.top_logprobs), st.entropy)
+                for st in response.stats[: len(emitted)]
+            ]
+            self.drafter.accept(self.drafter_key, s.history[before:], stats or None)
+            produced += len(emitted)
+            if eos_at >= 0:
+                yield StepEvent(emitted[:-1], finished=True, finish_reason="stop")
+                return
+            if produced >= p.max_tokens:
+                yield StepEvent(emitted, finished=True, finish_reason="length")
+                return
+            yield StepEvent(emitted)
+

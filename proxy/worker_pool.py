@@ -1,0 +1,124 @@
+"""The proxy's view of its workers: connections, model metadata, session placement."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+import grpc
+from quickdraft.proto import quickdraft_pb2 as pb
+from quickdraft.proto import quickdraft_pb2_grpc as pb_grpc
+from quickdraft.proxy.errors import InvalidRequest, NoWorker
+from tokenizers import Tokenizer
+
+log = logging.getLogger(__name__)
+
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", 256 << 20),
+    ("grpc.max_receive_message_length", 256 << 20),
+]
+
+
+@dataclass(slots=True)
+class ModelMeta:
+    name: str
+    context_length: int
+    vocab_size: int
+    eos_token_ids: frozenset[int]
+    tokenizer_id: str
+    tokenizer: Tokenizer
+
+
+@dataclass(eq=False)
+class WorkerClient:
+    address: str
+    channel: grpc.aio.Channel
+    stub: pb_grpc.WorkerStub
+    meta: ModelMeta | None = None
+    healthy: bool = False
+    in_flight: int = 0
+
+    @classmethod
+    def connect(cls, address: str) -> WorkerClient:
+        channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        return cls(address, channel, pb_grpc.WorkerStub(channel))
+
+    async def refresh(self, timeout: float = 5.0) -> bool:
+        try:
+            info = await self.stub.Info(pb.WorkerInfoRequest(), timeout=timeout)
+        except grpc.aio.AioRpcError:
+            self.healthy = False
+            return False
+        if self.meta is None or self.meta.tokenizer_id != info.tokenizer_id:
+            self.meta = ModelMeta(
+                name=info.model,
+                context_length=info.context_length,
+                vocab_size=info.vocab_size,
+                eos_token_ids=frozenset(info.eos_token_ids),
+                tokenizer_id=info.tokenizer_id,
+                tokenizer=Tokenizer.from_str(info.tokenizer_json.decode()),
+            )
+        self.healthy = True
+        return True
+
+
+@dataclass
+class WorkerPool:
+    workers: list[WorkerClient] = field(default_factory=list)
+    # session key -> address of the worker holding its KV cache
+    placement: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_addresses(cls, addresses: list[str]) -> WorkerPool:
+        return cls([WorkerClient.connect(a) for a in addresses])
+
+    async def refresh(self) -> None:
+        await asyncio.gather(*(w.refresh() for w in self.workers))
+
+    async def wait_ready(self, timeout: float) -> bool:
+        """Wait until every worker answers (models loaded)."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            await self.refresh()
+            if self.workers and all(w.healthy for w in self.workers):
+                return True
+            if asyncio.get_running_loop().time() > deadline:
+                return False
+            await asyncio.sleep(0.5)
+
+    def models(self) -> dict[str, ModelMeta]:
+        return {w.meta.name: w.meta for w in self.workers if w.meta is not None}
+
+    def model_meta(self, model: str) -> ModelMeta:
+        metas = self.models()
+        if model not in metas:
+            valid = ", ".join(["auto", *sorted(metas)])
+            raise InvalidRequest(f"unknown model {model!r}; valid models: {valid}")
+        return metas[model]
+
+    def pick(self, model: str, session_key: str, exclude: set[str] | None = None) -> WorkerClient:
+        """The worker holding the session's KV cache if it can serve, else the least busy one."""
+        exclude = exclude or set()
+        candidates = [
+            w for w in self.workers
+            if w.healthy and w.meta is not None and w.meta.name == model and w.address not in exclude
+        ]
+        if not candidates:
+            raise NoWorker(f"no worker is serving model {model!r} right now; try again shortly")
+        placed = self.placement.get(session_key)
+        for w in candidates:
+            if w.address == placed:
+                return w
+        worker = min(candidates, key=lambda w: w.in_flight)
+        self.placement[session_key] = worker.address
+        return worker
+
+    def mark_down(self, worker: WorkerClient) -> None:
+        worker.healthy = False
+        for key, address in list(self.placement.items()):
+            if address == worker.address:
+                del self.placement[key]
+
+    async def close(self) -> None:
+        await asyncio.gather(*(w.channel.close() for w in self.workers), return_exceptions=True)

@@ -1,0 +1,100 @@
+"""A small Python client for the DecodeProxy gRPC API."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+
+from quickdraft.proto import quickdraft_pb2 as pb
+from quickdraft.proto import quickdraft_pb2_grpc as pb_grpc
+
+
+@dataclass(slots=True)
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    usage: pb.Usage
+    model: str
+    session_id: str
+    # Measured by the client: wall time and time until the first tokens arrived.
+    wall_s: float = 0.0
+    ttft_s: float = 0.0
+    chunks: list[str] = field(default_factory=list)
+
+
+def build_request(
+    messages: Sequence[dict[str, str]],
+    model: str = "auto",
+    max_tokens: int | None = None,
+    temperature: float = 0.0,
+    top_p: float = 0.0,
+    top_k: int = 0,
+    seed: int = 0,
+    session_id: str = "",
+    speculate: bool | None = None,
+    drafter: str = "",
+    max_draft_tokens: int = 0,
+    stop: Sequence[str] = (),
+) -> pb.GenerateRequest:
+    req = pb.GenerateRequest(
+        model=model,
+        messages=[pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages],
+        sampling=pb.SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=seed),
+        session_id=session_id,
+        speculation=pb.SpeculationOptions(drafter=drafter, max_draft_tokens=max_draft_tokens),
+        stop=list(stop),
+    )
+    if max_tokens is not None:
+        req.max_tokens = max_tokens
+    if speculate is not None:
+        req.speculation.enabled = speculate
+    return req
+
+
+class QuickDraftClient:
+    """Synchronous client. ``generate`` streams under the hood so it can time the first token."""
+
+    def __init__(self, address: str = "127.0.0.1:50051", api_key: str | None = None) -> None:
+        self.channel = grpc.insecure_channel(address)
+        self.stub = pb_grpc.DecodeProxyStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> QuickDraftClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def list_models(self, timeout: float = 10.0) -> pb.ListModelsResponse:
+        return self.stub.ListModels(pb.ListModelsRequest(), metadata=self.metadata, timeout=timeout)
+
+    def stream(
+        self, messages: Sequence[dict[str, str]], timeout: float | None = None, **kwargs
+    ) -> Iterator[pb.GenerateChunk]:
+        yield from self.stub.GenerateStream(build_request(messages, **kwargs), metadata=self.metadata, timeout=timeout)
+
+    def generate(self, messages: Sequence[dict[str, str]], timeout: float | None = None, **kwargs) -> Completion:
+        started = time.perf_counter()
+        ttft = 0.0
+        chunks: list[str] = []
+        ids: list[int] = []
+        last = None
+        for chunk in self.stream(messages, timeout=timeout, **kwargs):
+            if chunk.token_ids and not ttft:
+                ttft = time.perf_counter() - started
+            chunks.append(chunk.text)
+            ids.extend(chunk.token_ids)
+            last = chunk
+        assert last is not None
+        return Completion(
+            text="".join(chunks), token_ids=ids, finish_reason=last.finish_reason, usage=last.usage,
+            model=last.model, session_id=last.session_id, wall_s=time.perf_counter() - started,
+            ttft_s=ttft, chunks=chunks,
+        )

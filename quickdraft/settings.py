@@ -1,0 +1,70 @@
+"""One settings object for every command (pydantic-settings).
+
+Sources, strongest first: command-line flags, environment variables
+(``QUICKDRAFT_GRPC_PORT=50052``, lists and maps as JSON), the TOML file named by
+``--config`` or ``QUICKDRAFT_CONFIG``, then the defaults below. ``quickdraft up``,
+the compose file and the tests mean the same thing by each option.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="QUICKDRAFT_", extra="forbid")
+
+    # -- proxy ----------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="address the proxy listens on")
+    grpc_port: int = Field(50051, description="gRPC port of the proxy")
+    http_port: int = Field(8000, description="port of the OpenAI-compatible HTTP endpoint")
+    workers: list[str] = Field(default_factory=list, description="worker addresses HOST:PORT")
+    api_keys: dict[str, str] = Field(
+        default_factory=dict, description="API key -> tenant; empty: every request is tenant 'default'"
+    )
+    default_model: str = Field("smollm2-135m", description="model served when a request says 'auto'")
+    default_drafter: str = Field("suffix", description="drafter used when a request names none")
+    max_draft_tokens: int = Field(8, ge=0, le=64, description="draft tree nodes sent per verification step")
+    default_max_tokens: int = Field(256, ge=1, description="completion budget when a request sets none")
+    max_tokens_cap: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
+    max_concurrent_requests: int = Field(256, ge=1, description="requests in flight before RESOURCE_EXHAUSTED")
+    max_concurrent_per_tenant: int = Field(64, ge=1, description="requests in flight per tenant")
+    max_sessions_per_tenant: int = Field(1024, ge=1, description="session histories kept per tenant (LRU)")
+    redis_url: str | None = Field(None, description="Redis for shared drafting state; none: in-process")
+    database_url: str = Field("sqlite:///~/.cache/quickdraft/quickdraft.db", description="SQL records")
+
+    # -- worker ---------------------------------------------------------------
+    model: str = Field("smollm2-135m", description="model a worker loads (catalog name or path)")
+    worker_port: int = Field(50061, description="port of `quickdraft worker`")
+    device: str = Field("auto", description="auto, cpu or cuda[:N]")
+    dtype: str = Field("auto", description="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16")
+    kv_budget_mb: int = Field(2048, ge=64, description="KV cache memory for all sessions of a worker")
+    threads: int = Field(0, ge=0, description="torch CPU threads; 0: torch's default")
+
+    config_file: str | None = Field(None, exclude=True)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        path = os.environ.get("QUICKDRAFT_CONFIG")
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if path:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+
+def load_settings(config: str | None = None, **overrides: Any) -> Settings:
+    """Settings from the config file (if any), the environment, and explicit overrides."""
+    if config:
+        os.environ["QUICKDRAFT_CONFIG"] = config
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})
