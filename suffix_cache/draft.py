@@ -49,11 +49,31 @@ class DraftTree:
                 raise ValueError(f"draft tree: node {i} duplicates a sibling's token {tok}")
             seen.add((parent, tok))
 
-    def depth(self) -> int:
+    def node_depths(self) -> list[int]:
         depths: list[int] = []
         for parent in self.parents:
             depths.append(1 if parent < 0 else depths[parent] + 1)
-        return max(depths, default=0)
+        return depths
+
+    def depth(self) -> int:
+        return max(self.node_depths(), default=0)
+
+    def pruned_to_depth(self, max_depth: int) -> DraftTree:
+        """The nodes at most ``max_depth`` levels deep (a node's ancestors are shallower, so kept)."""
+        depths = self.node_depths()
+        if max(depths, default=0) <= max_depth:
+            return self
+        new_index: dict[int, int] = {}
+        out = DraftTree(match_len=self.match_len)
+        for i, depth in enumerate(depths):
+            if depth > max_depth:
+                continue
+            new_index[i] = len(out.token_ids)
+            out.token_ids.append(self.token_ids[i])
+            out.parents.append(-1 if self.parents[i] < 0 else new_index[self.parents[i]])
+            if self.probs:
+                out.probs.append(self.probs[i])
+        return out
 
     def expected_accepted(self) -> float:
         """Expected accepted tokens if node probabilities are calibrated."""

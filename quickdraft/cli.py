@@ -1,0 +1,285 @@
+"""The ``quickdraft`` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from quickdraft.settings import Settings, load_settings
+
+app = typer.Typer(
+    help="QuickDraft: a lossless speculative-decoding proxy for agent workloads.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+console = Console(stderr=True)
+
+ConfigOpt = Annotated[
+    str | None, typer.Option("--config", help="TOML settings file (environment variables QUICKDRAFT_* override it)")
+]
+
+
+def _logging(verbose: bool = False) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(name)s: %(message)s",
+        handlers=[RichHandler(console=console, show_path=False)],
+    )
+    for noisy in ("httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _quiet_transformers() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    with contextlib.suppress(Exception):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+# -- worker ----------------------------------------------------------------------
+@app.command()
+def worker(
+    model: Annotated[str, typer.Option(help="catalog name (smollm2-135m) or a transformers model directory")] = None,
+    port: Annotated[int, typer.Option(help="gRPC port")] = None,
+    host: Annotated[str, typer.Option(help="address to listen on")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N]")] = None,
+    dtype: Annotated[str, typer.Option(help="auto, float32 or bfloat16")] = None,
+    kv_budget_mb: Annotated[int, typer.Option(help="KV cache memory for all sessions")] = None,
+    threads: Annotated[int, typer.Option(help="torch CPU threads (0: default)")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Start a worker that holds one model and verifies drafts for the proxy."""
+    _logging()
+    _quiet_transformers()
+    s = load_settings(config, model=model, worker_port=port, host=host, device=device, dtype=dtype,
+                      kv_budget_mb=kv_budget_mb, threads=threads)
+    import torch
+
+    from quickdraft.verifiers.model_loader import load_model
+    from quickdraft.verifiers.runtime import ModelRuntime
+    from quickdraft.verifiers.server import serve_worker
+
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    started = time.perf_counter()
+    loaded = load_model(s.model, s.device, s.dtype)
+    runtime = ModelRuntime(loaded, kv_budget_bytes=s.kv_budget_mb << 20)
+    logging.getLogger("quickdraft").info(
+        "loaded %s on %s (%s) in %.1f s", loaded.name, loaded.device, runtime.info().dtype,
+        time.perf_counter() - started,
+    )
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve_worker(runtime, s.host, s.worker_port))
+
+
+# -- proxy -----------------------------------------------------------------------
+@app.command()
+def serve(
+    worker_addr: Annotated[list[str], typer.Option("--worker", help="worker HOST:PORT (repeatable)")] = None,
+    grpc_port: Annotated[int, typer.Option(help="gRPC port")] = None,
+    host: Annotated[str, typer.Option(help="address to listen on")] = None,
+    redis_url: Annotated[str, typer.Option(help="Redis URL for shared drafting state")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Start only the proxy (gRPC), in front of running workers."""
+    _logging()
+    s = load_settings(config, workers=worker_addr or None, grpc_port=grpc_port, host=host, redis_url=redis_url)
+    if not s.workers:
+        raise typer.BadParameter("give at least one --worker HOST:PORT (or set QUICKDRAFT_WORKERS)")
+    from quickdraft.proxy.server import serve_proxy
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve_proxy(s))
+
+
+def _spawn_worker(s: Settings, model: str, port: int, config: str | None) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "quickdraft", "worker", "--model", model, "--port", str(port), "--host", s.host]
+    if config:
+        cmd += ["--config", config]
+    return subprocess.Popen(cmd, start_new_session=True)
+
+
+def _stop(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+
+
+@app.command()
+def up(
+    grpc_port: Annotated[int, typer.Option(help="gRPC port of the proxy")] = None,
+    host: Annotated[str, typer.Option(help="address to listen on")] = None,
+    redis_url: Annotated[str, typer.Option(help="Redis URL; none: in-process cache")] = None,
+    model: Annotated[list[str], typer.Option("--model", help="models to start workers for")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Run the whole local stack: a worker per model and the proxy. Serves until interrupted."""
+    _logging()
+    s = load_settings(config, grpc_port=grpc_port, host=host, redis_url=redis_url)
+    models = model or [s.default_model]
+    procs: list[subprocess.Popen] = []
+    addresses = []
+    try:
+        for name in models:
+            port = free_port(s.host)
+            procs.append(_spawn_worker(s, name, port, config))
+            addresses.append(f"{s.host}:{port}")
+        s = s.model_copy(update={"workers": addresses})
+        from quickdraft.proxy.server import serve_proxy
+
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(serve_proxy(s))
+    finally:
+        _stop(procs)
+
+
+# -- replay and benchmarks ----------------------------------------------------------
+def _write_json(path: pathlib.Path | None, data: dict) -> None:
+    text = json.dumps(data, indent=2)
+    if path:
+        path.write_text(text + "\n")
+    print(text)
+
+
+@app.command()
+def replay(
+    paths: Annotated[list[pathlib.Path], typer.Argument(help=".traj.json files or folders of them")],
+    oracle: Annotated[bool, typer.Option("--oracle", help="draft against the recorded responses, no model")] = False,
+    proxy: Annotated[str, typer.Option(help="HOST:PORT of a running proxy (live replay)")] = None,
+    drafter: Annotated[str, typer.Option(help="suffix or pld (oracle: default suffix; live: server default)")] = "",
+    tokenizer: Annotated[str, typer.Option(help="tokenizer (catalog name or path)")] = "smollm2-135m",
+    budget: Annotated[int, typer.Option(help="oracle: draft tree nodes per step")] = 8,
+    max_calls: Annotated[int, typer.Option(help="live: calls to send")] = 20,
+    max_new_tokens: Annotated[int, typer.Option(help="live: completion budget per call")] = 128,
+    model: Annotated[str, typer.Option(help="live: model to ask for")] = "auto",
+    json_out: Annotated[pathlib.Path, typer.Option("--json", help="write the figures here")] = None,
+) -> None:
+    """Replay agent trajectories: --oracle for drafting quality, --proxy for live speed."""
+    _quiet_transformers()
+    if oracle == bool(proxy):
+        raise typer.BadParameter("choose exactly one of --oracle or --proxy HOST:PORT")
+    if oracle:
+        from quickdraft.bench.oracle_replay import replay_oracle
+        from quickdraft.suffix_cache.registry import DRAFTERS
+
+        name = drafter or "suffix"
+        if name not in DRAFTERS:
+            raise typer.BadParameter(f"unknown drafter {name!r}; use one of {sorted(DRAFTERS)}")
+        report = replay_oracle(paths, name, tokenizer, budget=budget)
+    else:
+        from quickdraft.bench.live_replay import replay_live
+
+        report = replay_live(paths, proxy, max_calls=max_calls, max_new_tokens=max_new_tokens, model=model,
+                             drafter=drafter, tokenizer_name=tokenizer)
+    _write_json(json_out, report.to_dict())
+
+
+@app.command()
+def bench(
+    name: Annotated[str, typer.Argument(help="drafters: oracle replay of every drafter side by side")],
+    paths: Annotated[list[pathlib.Path], typer.Argument(help="trajectories")] = None,
+    json_out: Annotated[pathlib.Path, typer.Option("--json", help="write the figures here")] = None,
+) -> None:
+    """Run a named benchmark."""
+    _quiet_transformers()
+    if name != "drafters":
+        raise typer.BadParameter(f"unknown benchmark {name!r}; available: drafters")
+    from quickdraft.bench.oracle_replay import replay_oracle
+    from quickdraft.suffix_cache.registry import DRAFTERS
+
+    paths = paths or [pathlib.Path("../shared/traces/swebench-dev")]
+    rows = {d: replay_oracle(paths, d).to_dict() for d in sorted(DRAFTERS)}
+    table = Table("drafter", "tokens/step", "drafted/step", "µs/step", "ms/call set-up")
+    for d, r in rows.items():
+        table.add_row(d, f"{r['tokens_per_step']:.3f}", f"{r['drafted_per_step']:.2f}",
+                      f"{r['draft_us_per_step']:.1f}", f"{r['prepare_ms_per_call']:.2f}")
+    console.print(table)
+    _write_json(json_out, {"benchmark": "drafters", "results": rows})
+
+
+@app.command()
+def demo(
+    traces: Annotated[pathlib.Path, typer.Option(help="trajectories to replay")] = pathlib.Path(
+        "../shared/traces/swebench-dev"
+    ),
+    max_calls: Annotated[int, typer.Option(help="calls to replay")] = 5,
+    max_new_tokens: Annotated[int, typer.Option(help="completion budget per call")] = 64,
+    json_out: Annotated[pathlib.Path, typer.Option("--json", help="write the figures here")] = None,
+) -> None:
+    """Start the stack, run a short live replay, print the figures, stop the stack."""
+    _quiet_transformers()
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "quickdraft", "up", "--grpc-port", str(port)],
+                            start_new_session=True)
+    address = f"127.0.0.1:{port}"
+    try:
+        console.print(f"[bold]starting the stack on {address}[/] (the first start converts the model)")
+        wait_serving(address, timeout=600, proc=proc)
+        from quickdraft.bench.live_replay import replay_live
+
+        report = replay_live([traces], address, max_calls=max_calls, max_new_tokens=max_new_tokens)
+        _write_json(json_out, report.to_dict())
+    finally:
+        _stop([proc])
+
+
+def wait_serving(address: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    """Block until the gRPC health service at ``address`` reports SERVING."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"the stack exited with status {proc.returncode} before it was ready")
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=2)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.5)
+    raise TimeoutError(f"{address} did not report SERVING within {timeout:.0f} s")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

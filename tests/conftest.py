@@ -1,0 +1,88 @@
+"""Shared fixtures: a real worker process holding SmolLM2 and a real proxy in front of it."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TRACES = ROOT.parent / "shared" / "traces" / "swebench-dev"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def trace_files(n: int) -> list[pathlib.Path]:
+    files = sorted(TRACES.glob("*.traj.json"))
+    assert files, f"no trajectories under {TRACES}"
+    return files[:n]
+
+
+def start(args: list[str], log: pathlib.Path) -> subprocess.Popen:
+    handle = log.open("w")
+    return subprocess.Popen([sys.executable, "-m", "quickdraft", *args], stdout=handle, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def worker_address(tmp_path_factory) -> Iterator[str]:
+    from quickdraft.cli import wait_serving
+
+    port = free_port()
+    log = tmp_path_factory.mktemp("worker") / "worker.log"
+    proc = start(["worker", "--model", "smollm2-135m", "--port", str(port), "--threads", "1"], log)
+    address = f"127.0.0.1:{port}"
+    try:
+        wait_serving(address, timeout=300, proc=proc)
+    except Exception:
+        stop(proc)
+        raise RuntimeError(f"worker did not start:\n{log.read_text()[-4000:]}") from None
+    yield address
+    stop(proc)
+
+
+@pytest.fixture(scope="session")
+def proxy_address(worker_address, tmp_path_factory) -> Iterator[str]:
+    from quickdraft.cli import wait_serving
+
+    port = free_port()
+    log = tmp_path_factory.mktemp("proxy") / "proxy.log"
+    proc = start(["serve", "--worker", worker_address, "--grpc-port", str(port)], log)
+    address = f"127.0.0.1:{port}"
+    try:
+        wait_serving(address, timeout=120, proc=proc)
+    except Exception:
+        stop(proc)
+        raise RuntimeError(f"proxy did not start:\n{log.read_text()[-4000:]}") from None
+    yield address
+    stop(proc)
+
+
+@pytest.fixture(scope="session")
+def client(proxy_address):
+    from quickdraft.client import QuickDraftClient
+
+    with QuickDraftClient(proxy_address) as c:
+        yield c

@@ -1,0 +1,62 @@
+"""The command line: generated code freshness, oracle replay and live replay end to end."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT, trace_files
+
+ORACLE_KEYS = {"calls", "steps", "output_tokens", "mean_accepted_per_step", "tokens_per_step",
+               "drafted_per_step", "draft_us_per_step", "prepare_ms_per_call"}
+LIVE_KEYS = {"calls", "skipped_calls", "steps", "output_tokens", "tokens_per_step", "mean_accepted_per_step",
+             "drafted_per_step", "ttft_ms_p50", "tokens_per_s_speculative", "tokens_per_s_plain", "speedup",
+             "outputs_identical"}
+
+
+def quickdraft(*args, timeout=900):
+    return subprocess.run([sys.executable, "-m", "quickdraft", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def test_generated_grpc_code_matches_the_proto():
+    done = subprocess.run([sys.executable, str(ROOT / "proto" / "generate.py"), "--check"], capture_output=True,
+                          text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_help_lists_every_command():
+    out = quickdraft("--help").stdout
+    for command in ("up", "serve", "worker", "replay", "bench", "demo"):
+        assert command in out
+
+
+@pytest.mark.parametrize("drafter", ["suffix", "pld"])
+def test_oracle_replay_writes_every_key(tmp_path, drafter):
+    out = tmp_path / "out.json"
+    done = quickdraft("replay", *map(str, trace_files(2)), "--oracle", "--drafter", drafter, "--json", str(out))
+    assert done.returncode == 0, done.stderr
+    data = json.loads(out.read_text())
+    assert ORACLE_KEYS <= data.keys()
+    assert data["calls"] > 20 and data["output_tokens"] > 1000
+    assert data["tokens_per_step"] == pytest.approx(data["output_tokens"] / data["steps"], rel=1e-3)
+    assert data["drafted_per_step"] <= 8
+    # Copy-based drafting on agent traces beats one token per step by a wide margin.
+    assert data["tokens_per_step"] > (1.8 if drafter == "suffix" else 1.2)
+
+
+def test_replay_rejects_an_unknown_drafter():
+    done = quickdraft("replay", str(trace_files(1)[0]), "--oracle", "--drafter", "magic")
+    assert done.returncode != 0 and "unknown drafter 'magic'" in done.stderr
+
+
+@pytest.mark.model
+def test_live_replay_is_lossless_on_the_real_model(tmp_path, proxy_address):
+    out = tmp_path / "live.json"
+    done = quickdraft("replay", *map(str, trace_files(1)), "--proxy", proxy_address, "--max-calls", "3",
+                      "--max-new-tokens", "24", "--json", str(out))
+    assert done.returncode == 0, done.stderr
+    data = json.loads(out.read_text())
+    assert LIVE_KEYS <= data.keys()
+    assert data["calls"] == 3 and data["outputs_identical"] is True
+    assert data["skipped_calls"] >= 0 and data["tokens_per_s_plain"] > 0

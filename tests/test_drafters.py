@@ -1,0 +1,128 @@
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from quickdraft.suffix_cache.base import Scope, SessionKey, common_prefix_len
+from quickdraft.suffix_cache.pld import PldParams, PromptLookupDrafter
+from quickdraft.suffix_cache.registry import DRAFTERS, make_drafter
+from quickdraft.suffix_cache.suffix import SuffixDrafter
+
+A = Scope("tenant-a", "tok")
+B = Scope("tenant-b", "tok")
+
+
+def test_common_prefix_len():
+    assert common_prefix_len([1, 2, 3], [1, 2, 4]) == 2
+    assert common_prefix_len([1, 2], [1, 2, 3]) == 2
+    assert common_prefix_len([], [1]) == 0
+    assert common_prefix_len(list(range(1000)), list(range(500)) + [-1]) == 500
+
+
+def test_suffix_drafts_the_continuation_seen_in_the_prompt():
+    d = SuffixDrafter()
+    key = SessionKey(A, "s")
+    text = [10, 11, 12, 13, 14, 15, 16, 17]
+    d.begin_call(key, text + [99] + text[:3])
+    tree = d.propose(key, 8)
+    assert tree.token_ids[:5] == [13, 14, 15, 16, 17]
+    assert tree.parents[:3] == [-1, 0, 1]
+    assert tree.match_len == 3
+
+
+def test_suffix_frequency_picks_the_common_continuation_first():
+    d = SuffixDrafter()
+    key = SessionKey(A, "s")
+    prompt = [1, 2, 7, 3, 1, 2, 7, 4, 1, 2, 8, 6, 1, 2]
+    d.begin_call(key, prompt)
+    tree = d.propose(key, 4)
+    # Two of three occurrences continue with 7: it is the first node; 8 is a sibling.
+    assert tree.token_ids[0] == 7 and tree.parents[0] == -1
+    roots = {t for t, p in zip(tree.token_ids, tree.parents, strict=True) if p == -1}
+    assert roots == {7, 8}
+    assert tree.probs[0] > tree.probs[tree.token_ids.index(8)]
+
+
+def test_suffix_adaptive_depth_grows_with_match_length():
+    d = SuffixDrafter()
+    key = SessionKey(A, "s")
+    body = list(range(100, 140))
+    d.begin_call(key, body + [1] + body[:1])
+    short = d.propose(key, 64)
+    d.accept(key, body[1:6])
+    long = d.propose(key, 64)
+    assert short.match_len == 1 and short.depth() == 3  # factor 2 * 1 + offset 1
+    assert long.match_len == 6 and long.depth() == 13
+
+
+def test_responses_are_learned_per_scope_and_never_cross_tenants():
+    d = SuffixDrafter()
+    answer = [50, 51, 52, 53, 54, 55]
+    first = SessionKey(A, "one")
+    d.begin_call(first, [1, 2, 3])
+    d.accept(first, answer)
+    d.end_call(first)
+    # A new session of the same tenant drafts the earlier answer ...
+    again = SessionKey(A, "two")
+    d.begin_call(again, [9, 9, 50, 51])
+    assert d.propose(again, 8).token_ids[:4] == [52, 53, 54, 55]
+    # ... another tenant with the same tokens gets nothing from it.
+    other = SessionKey(B, "two")
+    d.begin_call(other, [9, 9, 50, 51])
+    assert d.propose(other, 8).token_ids == []
+
+
+def test_session_history_follows_a_diverged_prompt():
+    d = SuffixDrafter()
+    key = SessionKey(A, "s")
+    d.begin_call(key, [1, 2, 3, 4])
+    d.accept(key, [5, 6, 7])
+    d.begin_call(key, [1, 2, 3, 4, 5, 8, 9])  # the client re-sent a different answer
+    assert d.session_tokens(key) == [1, 2, 3, 4, 5, 8, 9]
+
+
+def test_global_index_evicts_oldest_responses():
+    d = SuffixDrafter()
+    d.params.global_max_tokens = 8
+    for i in range(5):
+        key = SessionKey(A, f"s{i}")
+        d.begin_call(key, [0])
+        d.accept(key, [100 + i] * 4)
+        d.end_call(key)
+    index = d.responses(A)
+    assert len(index) - index.floor <= 8
+    key = SessionKey(A, "probe")
+    d.begin_call(key, [7, 100])
+    assert d.propose(key, 4).token_ids == []  # the first answer was evicted
+
+
+def test_pld_uses_the_earliest_occurrence():
+    d = PromptLookupDrafter(PldParams(min_n=2, max_n=3, k=3))
+    key = SessionKey(A, "s")
+    d.begin_call(key, [1, 2, 3, 4, 9, 1, 2, 3, 5, 9, 1, 2, 3])
+    assert d.propose(key, 8).token_ids == [4, 9, 1]
+
+
+def test_pld_drafts_nothing_without_a_match():
+    d = PromptLookupDrafter()
+    key = SessionKey(A, "s")
+    d.begin_call(key, list(range(20)))
+    assert d.propose(key, 8).token_ids == []
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.sampled_from(sorted(DRAFTERS)),
+    st.lists(st.integers(0, 6), max_size=80),
+    st.lists(st.lists(st.integers(0, 6), min_size=1, max_size=6), max_size=10),
+    st.integers(0, 16),
+)
+def test_every_drafter_returns_a_valid_tree(name, prompt, steps, budget):
+    d = make_drafter(name)
+    key = SessionKey(A, "s")
+    d.begin_call(key, prompt)
+    for step in steps:
+        tree = d.propose(key, budget)
+        tree.validate()
+        assert len(tree) <= budget
+        d.accept(key, step)
+    d.end_call(key)
+    d.begin_call(key, prompt + [1])
+    d.propose(key, budget).validate()

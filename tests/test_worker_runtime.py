@@ -1,0 +1,116 @@
+"""The worker runtime on the real SmolLM2 model: losslessness, KV reuse, resync, eviction."""
+
+import json
+
+import pytest
+from conftest import trace_files
+from quickdraft.verifiers.runtime import ModelRuntime, VerifyError, VerifyInput
+
+pytestmark = pytest.mark.model
+
+
+@pytest.fixture(scope="module")
+def runtime():
+    import torch
+    from quickdraft.verifiers.model_loader import load_model
+
+    torch.set_num_threads(1)
+    return ModelRuntime(load_model("smollm2-135m"), kv_budget_bytes=1 << 30)
+
+
+def plain_greedy(rt, key, prompt, n):
+    known, hist, out = 0, list(prompt), []
+    while len(out) < n:
+        r = rt.verify(VerifyInput(key, known, hist[max(0, known - 16):known], hist[known:]))
+        known = r.cached_len
+        hist += r.tokens
+        out += r.tokens
+    return out[:n]
+
+
+def speculative_greedy(rt, key, prompt, n, reference):
+    """Drafts mix right and wrong branches taken from the reference output."""
+    known, hist, out, steps = 0, list(prompt), [], 0
+    while len(out) < n:
+        right = reference[len(out):len(out) + 5]
+        tokens, parents = [], []
+        if right:
+            tokens.append((right[0] + 3) % 49152)  # a wrong first sibling
+            parents.append(-1)
+            for j, tok in enumerate(right[: 2 + steps % 4]):
+                tokens.append(tok)
+                parents.append(-1 if j == 0 else len(tokens) - 2)
+            tokens.append((right[-1] + 11) % 49152)  # a wrong leaf under the right path's first node
+            parents.append(1)
+        r = rt.verify(VerifyInput(key, known, hist[max(0, known - 16):known], hist[known:], tokens, parents))
+        known = r.cached_len
+        hist += r.tokens
+        out += r.tokens
+        steps += 1
+    return out[:n], steps
+
+
+def prompts(rt):
+    data = json.loads(trace_files(1)[0].read_text())
+    task = data["messages"][1]["content"][:1500]
+    return [
+        rt.tokenize([{"role": "user", "content": "Write a Python function that reverses a string."}]),
+        rt.tokenize([{"role": "system", "content": data["messages"][0]["content"][:1200]},
+                     {"role": "user", "content": task}]),
+        rt.tokenize([{"role": "user", "content": "Count from 1 to 30, separated by commas."}]),
+    ]
+
+
+def test_tree_verification_is_token_for_token_plain_greedy(runtime):
+    for i, prompt in enumerate(prompts(runtime)):
+        ref = plain_greedy(runtime, f"plain{i}", prompt, 40)
+        spec, steps = speculative_greedy(runtime, f"spec{i}", prompt, 40, ref)
+        assert spec == ref
+        assert steps < 40  # drafts were accepted
+
+
+def test_session_reuse_prefills_only_new_tokens(runtime):
+    prompt = prompts(runtime)[0]
+    first = runtime.verify(VerifyInput("reuse", 0, [], prompt))
+    assert first.computed_tokens == len(prompt)
+    history = prompt + first.tokens
+    more = [198, 1, 4093]  # a few new tokens after the cached history
+    second = runtime.verify(VerifyInput("reuse", first.cached_len, history[first.cached_len - 16:first.cached_len],
+                                        history[first.cached_len:] + more))
+    assert second.computed_tokens == len(history) - first.cached_len + len(more)
+    assert second.cached_len == len(history) + len(more)
+
+
+def test_diverged_or_unknown_sessions_ask_for_resync(runtime):
+    prompt = prompts(runtime)[0]
+    r = runtime.verify(VerifyInput("resync", 0, [], prompt))
+    # Wrong anchor: the proxy's history does not match what the worker holds.
+    bad = runtime.verify(VerifyInput("resync", r.cached_len, [7] * 16, [5]))
+    assert bad.resync_required
+    # A session the worker never saw.
+    assert runtime.verify(VerifyInput("never-seen", 10, [1], [5])).resync_required
+
+
+def test_eviction_keeps_memory_under_budget_and_forces_resync(runtime):
+    prompt = prompts(runtime)[1]
+    per_token = runtime.kv_bytes_per_token
+    old_budget = runtime.sessions.budget_bytes
+    runtime.sessions.budget_bytes = per_token * (len(prompt) + 600)
+    try:
+        a = runtime.verify(VerifyInput("evict-a", 0, [], prompt))
+        runtime.verify(VerifyInput("evict-b", 0, [], prompt))
+        assert runtime.sessions.nbytes() <= runtime.sessions.budget_bytes
+        again = runtime.verify(VerifyInput("evict-a", a.cached_len, prompt[a.cached_len - 16:a.cached_len], [5]))
+        assert again.resync_required
+    finally:
+        runtime.sessions.budget_bytes = old_budget
+
+
+def test_malformed_drafts_are_rejected(runtime):
+    prompt = prompts(runtime)[0]
+    with pytest.raises(VerifyError, match="parents must precede"):
+        runtime.verify(VerifyInput("bad", 0, [], prompt, [1, 2], [-1, 5]))
+    with pytest.raises(VerifyError, match="outside the vocabulary"):
+        runtime.verify(VerifyInput("bad", 0, [], prompt, [10**7], [-1]))
+    with pytest.raises(VerifyError, match="nothing to verify"):
+        runtime.verify(VerifyInput("bad", 0, [], []))
