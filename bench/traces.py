@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -14,6 +15,20 @@ class TraceCall:
     index: int                 # position of the assistant message in the trajectory
     messages: list[dict[str, str]]  # the prompt: every message before it
     response: str              # what the agent's model answered
+
+
+def default_traces_dir() -> pathlib.Path:
+    """The development traces: $QUICKDRAFT_TRACES, else ``shared/traces/swebench-dev`` beside
+    the checkout (or beside the current folder), else the workspace's shared folder."""
+    if os.environ.get("QUICKDRAFT_TRACES"):
+        return pathlib.Path(os.environ["QUICKDRAFT_TRACES"])
+    here = pathlib.Path(__file__).resolve()
+    candidates = [p / "shared" / "traces" / "swebench-dev" for p in (*here.parents, *pathlib.Path.cwd().parents)]
+    candidates.append(pathlib.Path("/work/shared/traces/swebench-dev"))
+    for candidate in candidates:
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError("no trace folder found: set QUICKDRAFT_TRACES to a folder of .traj.json files")
 
 
 def trajectory_files(paths: Sequence[str | pathlib.Path]) -> list[pathlib.Path]:

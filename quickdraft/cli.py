@@ -218,9 +218,10 @@ def bench(
     if name != "drafters":
         raise typer.BadParameter(f"unknown benchmark {name!r}; available: drafters")
     from quickdraft.bench.oracle_replay import replay_oracle
+    from quickdraft.bench.traces import default_traces_dir
     from quickdraft.suffix_cache.registry import DRAFTERS
 
-    paths = paths or [pathlib.Path("../shared/traces/swebench-dev")]
+    paths = paths or [default_traces_dir()]
     rows = {d: replay_oracle(paths, d).to_dict() for d in sorted(DRAFTERS)}
     table = Table("drafter", "tokens/step", "drafted/step", "µs/step", "ms/call set-up")
     for d, r in rows.items():
@@ -232,9 +233,7 @@ def bench(
 
 @app.command()
 def demo(
-    traces: Annotated[pathlib.Path, typer.Option(help="trajectories to replay")] = pathlib.Path(
-        "../shared/traces/swebench-dev"
-    ),
+    traces: Annotated[pathlib.Path, typer.Option(help="trajectories to replay (default: the dev traces)")] = None,
     max_calls: Annotated[int, typer.Option(help="calls to replay")] = 5,
     max_new_tokens: Annotated[int, typer.Option(help="completion budget per call")] = 64,
     json_out: Annotated[pathlib.Path, typer.Option("--json", help="write the figures here")] = None,
@@ -249,8 +248,9 @@ def demo(
         console.print(f"[bold]starting the stack on {address}[/] (the first start converts the model)")
         wait_serving(address, timeout=600, proc=proc)
         from quickdraft.bench.live_replay import replay_live
+        from quickdraft.bench.traces import default_traces_dir
 
-        report = replay_live([traces], address, max_calls=max_calls, max_new_tokens=max_new_tokens)
+        report = replay_live([traces or default_traces_dir()], address, max_calls=max_calls, max_new_tokens=max_new_tokens)
         _write_json(json_out, report.to_dict())
     finally:
         _stop([proc])

@@ -12,7 +12,6 @@ from collections.abc import Iterator
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-TRACES = ROOT.parent / "shared" / "traces" / "swebench-dev"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -25,8 +24,11 @@ def free_port() -> int:
 
 
 def trace_files(n: int) -> list[pathlib.Path]:
-    files = sorted(TRACES.glob("*.traj.json"))
-    assert files, f"no trajectories under {TRACES}"
+    from quickdraft.bench.traces import default_traces_dir
+
+    traces = default_traces_dir()
+    files = sorted(traces.glob("*.traj.json"))
+    assert files, f"no trajectories under {traces}"
     return files[:n]
 
 
