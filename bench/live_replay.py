@@ -15,8 +15,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import grpc
-from quickdraft.bench.traces import all_calls
 
+from quickdraft.bench.traces import all_calls
 from quickdraft.catalog import chat_prompt_ids, load_tokenizer
 from quickdraft.client import QuickDraftClient
 

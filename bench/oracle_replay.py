@@ -16,10 +16,9 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 from quickdraft.bench.traces import all_calls, trajectory_files
+from quickdraft.catalog import chat_prompt_ids, load_tokenizer, tokenizer_id
 from quickdraft.suffix_cache.base import Drafter, Scope, SessionKey
 from quickdraft.suffix_cache.registry import make_drafter
-
-from quickdraft.catalog import chat_prompt_ids, load_tokenizer, tokenizer_id
 
 
 @dataclass(slots=True)

@@ -10,10 +10,10 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
+
 from quickdraft.proto import quickdraft_pb2 as pb
 from quickdraft.proxy.service import DecodeProxyService, add_to_server
 from quickdraft.proxy.worker_pool import WorkerPool
-
 from quickdraft.settings import Settings
 
 log = logging.getLogger(__name__)

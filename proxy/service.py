@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
+
 from quickdraft.proto import quickdraft_pb2 as pb
 from quickdraft.proxy.detokenize import TextStream
 from quickdraft.proxy.errors import InvalidRequest, Overloaded, ProxyError, Unauthenticated
@@ -16,10 +17,9 @@ from quickdraft.proxy.sessions import Session, SessionTable
 from quickdraft.proxy.speculation import GenerationParams, SpeculationLoop
 from quickdraft.proxy.worker_pool import WorkerPool
 from quickdraft.routing.router import Router
+from quickdraft.settings import Settings
 from quickdraft.suffix_cache.base import Drafter, Scope, SessionKey
 from quickdraft.suffix_cache.registry import DRAFTERS, make_drafter
-
-from quickdraft.settings import Settings
 
 log = logging.getLogger(__name__)
 

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import grpc
+
 from quickdraft.proto import quickdraft_pb2 as pb
 from quickdraft.proxy.errors import NoWorker
 from quickdraft.proxy.sessions import Session

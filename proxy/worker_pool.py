@@ -7,10 +7,11 @@ import logging
 from dataclasses import dataclass, field
 
 import grpc
+from tokenizers import Tokenizer
+
 from quickdraft.proto import quickdraft_pb2 as pb
 from quickdraft.proto import quickdraft_pb2_grpc as pb_grpc
 from quickdraft.proxy.errors import InvalidRequest, NoWorker
-from tokenizers import Tokenizer
 
 log = logging.getLogger(__name__)
 

@@ -207,16 +207,42 @@ def replay(
     _write_json(json_out, report.to_dict())
 
 
+BENCHMARKS = {
+    "drafters": "oracle replay of every drafter side by side (PATHS: trajectories)",
+    "forward": "cost of one verification pass by context length and draft size (in-process model)",
+}
+
+
 @app.command()
 def bench(
-    name: Annotated[str, typer.Argument(help="drafters: oracle replay of every drafter side by side")],
-    paths: Annotated[list[pathlib.Path], typer.Argument(help="trajectories")] = None,
+    name: Annotated[str, typer.Argument(help="; ".join(f"{k}: {v}" for k, v in BENCHMARKS.items()))],
+    paths: Annotated[list[pathlib.Path], typer.Argument(help="trajectories (default: the dev traces)")] = None,
+    model: Annotated[str, typer.Option(help="forward: model to measure")] = "smollm2-135m",
+    threads: Annotated[int, typer.Option(help="forward: torch CPU threads (0: default)")] = 0,
     json_out: Annotated[pathlib.Path, typer.Option("--json", help="write the figures here")] = None,
 ) -> None:
     """Run a named benchmark."""
     _quiet_transformers()
-    if name != "drafters":
-        raise typer.BadParameter(f"unknown benchmark {name!r}; available: drafters")
+    if name not in BENCHMARKS:
+        raise typer.BadParameter(f"unknown benchmark {name!r}; available: {', '.join(BENCHMARKS)}")
+    if name == "forward":
+        import torch
+
+        from quickdraft.bench.forward_cost import measure
+        from quickdraft.verifiers.model_loader import load_model
+        from quickdraft.verifiers.runtime import ModelRuntime
+
+        if threads:
+            torch.set_num_threads(threads)
+        runtime = ModelRuntime(load_model(model))
+        points = measure(runtime)
+        table = Table("context", "scored tokens", "median ms")
+        for p in points:
+            table.add_row(str(p["context"]), str(p["scored"]), f"{p['median_ms']:.1f}")
+        console.print(table)
+        _write_json(json_out, {"benchmark": "forward", "model": model, "threads": torch.get_num_threads(),
+                               "points": points})
+        return
     from quickdraft.bench.oracle_replay import replay_oracle
     from quickdraft.bench.traces import default_traces_dir
     from quickdraft.suffix_cache.registry import DRAFTERS
@@ -250,7 +276,9 @@ def demo(
         from quickdraft.bench.live_replay import replay_live
         from quickdraft.bench.traces import default_traces_dir
 
-        report = replay_live([traces or default_traces_dir()], address, max_calls=max_calls, max_new_tokens=max_new_tokens)
+        report = replay_live(
+            [traces or default_traces_dir()], address, max_calls=max_calls, max_new_tokens=max_new_tokens
+        )
         _write_json(json_out, report.to_dict())
     finally:
         _stop([proc])

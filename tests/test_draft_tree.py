@@ -1,6 +1,7 @@
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+
 from quickdraft.suffix_cache.draft import DraftTree
 
 

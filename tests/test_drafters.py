@@ -1,5 +1,6 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from quickdraft.suffix_cache.base import Scope, SessionKey, common_prefix_len
 from quickdraft.suffix_cache.pld import PldParams, PromptLookupDrafter
 from quickdraft.suffix_cache.registry import DRAFTERS, make_drafter

@@ -6,6 +6,7 @@ import grpc
 import pytest
 from conftest import trace_files
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from quickdraft.proto import quickdraft_pb2 as pb
 from quickdraft.proto import quickdraft_pb2_grpc as pb_grpc
 

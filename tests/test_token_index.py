@@ -2,6 +2,7 @@ import random
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from quickdraft.suffix_cache.token_index import BOUNDARY, TokenIndex
 
 

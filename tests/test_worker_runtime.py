@@ -4,6 +4,7 @@ import json
 
 import pytest
 from conftest import trace_files
+
 from quickdraft.verifiers.runtime import ModelRuntime, VerifyError, VerifyInput
 
 pytestmark = pytest.mark.model
@@ -12,6 +13,7 @@ pytestmark = pytest.mark.model
 @pytest.fixture(scope="module")
 def runtime():
     import torch
+
     from quickdraft.verifiers.model_loader import load_model
 
     torch.set_num_threads(1)

@@ -16,6 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from quickdraft.catalog import gguf_location, load_tokenizer, model_cache_dir, resolve
+from quickdraft.verifiers import attention
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto") -> LoadedMo
     dev = pick_device(device)
     dt = pick_dtype(dev, dtype)
     path = spec.path or _convert_gguf(name)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, attn_implementation=attention.NAME)
     model.to(dev)
     model.eval()
     tokenizer = load_tokenizer(name)

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+
 from quickdraft.verifiers.kv_cache import SessionKV, SessionStore, cache_length, keep_positions, set_cache_length
 from quickdraft.verifiers.model_loader import LoadedModel
 from quickdraft.verifiers.tree_verify import Sampling, TokenStats, accept_walk, token_stats, tree_inputs
