@@ -56,6 +56,23 @@ def _quiet_transformers() -> None:
         hf_logging.disable_progress_bar()
 
 
+def _terminate_on_sigterm() -> None:
+    """Let SIGTERM unwind like Ctrl-C, so `finally` blocks stop child processes."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _die_with_parent() -> None:
+    """In a child process: receive SIGTERM when the parent dies, even by SIGKILL (Linux)."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -122,7 +139,7 @@ def _spawn_worker(s: Settings, model: str, port: int, config: str | None) -> sub
     cmd = [sys.executable, "-m", "quickdraft", "worker", "--model", model, "--port", str(port), "--host", s.host]
     if config:
         cmd += ["--config", config]
-    return subprocess.Popen(cmd, start_new_session=True)
+    return subprocess.Popen(cmd, start_new_session=True, preexec_fn=_die_with_parent)
 
 
 def _stop(procs: list[subprocess.Popen]) -> None:
@@ -148,6 +165,7 @@ def up(
 ) -> None:
     """Run the whole local stack: a worker per model and the proxy. Serves until interrupted."""
     _logging()
+    _terminate_on_sigterm()
     s = load_settings(config, grpc_port=grpc_port, host=host, redis_url=redis_url)
     models = model or [s.default_model]
     procs: list[subprocess.Popen] = []
@@ -267,8 +285,9 @@ def demo(
     """Start the stack, run a short live replay, print the figures, stop the stack."""
     _quiet_transformers()
     port = free_port()
+    _terminate_on_sigterm()
     proc = subprocess.Popen([sys.executable, "-m", "quickdraft", "up", "--grpc-port", str(port)],
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_die_with_parent)
     address = f"127.0.0.1:{port}"
     try:
         console.print(f"[bold]starting the stack on {address}[/] (the first start converts the model)")

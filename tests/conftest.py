@@ -11,6 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from quickdraft.cli import _die_with_parent
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -35,7 +37,7 @@ def trace_files(n: int) -> list[pathlib.Path]:
 def start(args: list[str], log: pathlib.Path) -> subprocess.Popen:
     handle = log.open("w")
     return subprocess.Popen([sys.executable, "-m", "quickdraft", *args], stdout=handle, stderr=subprocess.STDOUT,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_die_with_parent)
 
 
 def stop(proc: subprocess.Popen) -> None:
