@@ -10,13 +10,16 @@ recorded response, and adds one bonus token.
 
 from __future__ import annotations
 
+import hashlib
 import pathlib
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from quickdraft.bench.traces import all_calls, trajectory_files
-from quickdraft.catalog import chat_prompt_ids, load_tokenizer, tokenizer_id
+import numpy as np
+
+from quickdraft.bench.traces import trajectory_calls, trajectory_files
+from quickdraft.catalog import cache_root, chat_prompt_ids, load_tokenizer, tokenizer_id
 from quickdraft.suffix_cache.base import Drafter, Scope, SessionKey
 from quickdraft.suffix_cache.registry import make_drafter
 
@@ -43,6 +46,51 @@ class OracleReport:
         return asdict(self)
 
 
+def tokenized_calls(file: pathlib.Path, tok, tok_id: str) -> list[tuple[str, list[int], list[int]]]:
+    """(session id, prompt ids, response ids) of each call, cached on disk by file content.
+
+    Rendering the chat template over whole conversations dominates a replay's wall
+    time, and replays are repeated often; prompts are stored as (tokens kept from
+    the previous prompt, new tail) since each call's prompt extends the last.
+    """
+    digest = hashlib.sha256(file.read_bytes()).hexdigest()[:24]
+    cached = cache_root() / "replay" / tok_id / f"{digest}.npz"
+    if cached.exists():
+        data = np.load(cached)
+        keeps, tails, t_off = data["keeps"], data["tails"], data["tail_offsets"]
+        resps, r_off, sessions = data["responses"], data["response_offsets"], data["sessions"]
+        out, prompt = [], []
+        for i, keep in enumerate(keeps.tolist()):
+            prompt = prompt[:keep] + tails[t_off[i]:t_off[i + 1]].tolist()
+            out.append((str(sessions[i]), prompt, resps[r_off[i]:r_off[i + 1]].tolist()))
+        return out
+    out = []
+    for call in trajectory_calls(file):
+        response = tok.encode(call.response, add_special_tokens=False)
+        if response:
+            out.append((call.trajectory, chat_prompt_ids(tok, call.messages), response))
+    keeps, tails, resps, prev = [], [], [], []
+    for _, prompt, response in out:
+        keep = 0
+        while keep < min(len(prev), len(prompt)) and prev[keep] == prompt[keep]:
+            keep += 1
+        keeps.append(keep)
+        tails.append(prompt[keep:])
+        resps.append(response)
+        prev = prompt
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(".tmp.npz")
+    np.savez_compressed(
+        tmp, keeps=np.array(keeps, np.int64), sessions=np.array([c[0] for c in out]),
+        tails=np.array([t for tail in tails for t in tail], np.int32),
+        tail_offsets=np.cumsum([0] + [len(t) for t in tails]),
+        responses=np.array([t for r in resps for t in r], np.int32),
+        response_offsets=np.cumsum([0] + [len(r) for r in resps]),
+    )
+    tmp.replace(cached)
+    return out
+
+
 def replay_oracle(
     paths: Sequence[str | pathlib.Path],
     drafter_name: str = "suffix",
@@ -54,7 +102,8 @@ def replay_oracle(
 ) -> OracleReport:
     files = trajectory_files(paths)
     tok = load_tokenizer(tokenizer_name)
-    scope = Scope(tenant, tokenizer_id(tok))
+    tok_id = tokenizer_id(tok)
+    scope = Scope(tenant, tok_id)
     drafter = drafter or make_drafter(drafter_name)
     calls = steps = out = accepted = drafted = 0
     draft_s = prepare_s = 0.0
@@ -67,12 +116,8 @@ def replay_oracle(
     with Progress(*columns, disable=not progress, transient=True) as bar:
         task = bar.add_task("replay", total=len(files), drafter=drafter_name, tps="-")
         for file in files:
-            for call in all_calls([file]):
-                prompt = chat_prompt_ids(tok, call.messages)
-                response = tok.encode(call.response, add_special_tokens=False)
-                if not response:
-                    continue
-                key = SessionKey(scope, call.trajectory)
+            for session_id, prompt, response in tokenized_calls(file, tok, tok_id):
+                key = SessionKey(scope, session_id)
                 t0 = time.perf_counter()
                 drafter.begin_call(key, prompt)
                 prepare_s += time.perf_counter() - t0

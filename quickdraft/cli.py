@@ -129,10 +129,18 @@ def serve(
     s = load_settings(config, workers=worker_addr or None, grpc_port=grpc_port, host=host, redis_url=redis_url)
     if not s.workers:
         raise typer.BadParameter("give at least one --worker HOST:PORT (or set QUICKDRAFT_WORKERS)")
+    _warn_unused_redis(s)
     from quickdraft.proxy.server import serve_proxy
 
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve_proxy(s))
+
+
+def _warn_unused_redis(s: Settings) -> None:
+    if s.redis_url:
+        logging.getLogger("quickdraft").warning(
+            "--redis-url is accepted but drafting state is still in-process (Redis backing is not built yet)"
+        )
 
 
 def _spawn_worker(s: Settings, model: str, port: int, config: str | None) -> subprocess.Popen:
@@ -167,6 +175,7 @@ def up(
     _logging()
     _terminate_on_sigterm()
     s = load_settings(config, grpc_port=grpc_port, host=host, redis_url=redis_url)
+    _warn_unused_redis(s)
     models = model or [s.default_model]
     procs: list[subprocess.Popen] = []
     addresses = []

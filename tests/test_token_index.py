@@ -1,9 +1,9 @@
-import random
+"""The compiled token index: matches, continuations, boundaries, truncation, eviction."""
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from quickdraft.suffix_cache.token_index import BOUNDARY, TokenIndex
+from quickdraft.suffix_cache._core import TokenIndex
 
 
 def build(seqs):
@@ -16,55 +16,72 @@ def build(seqs):
 
 def test_finds_longest_match_and_its_continuations():
     index = build([[1, 2, 3, 4, 5, 9, 2, 3, 4, 6]])
-    occ = index.occurrences([7, 2, 3, 4], max_occurrences=8)
-    # "2 3 4" occurs twice; both are followed by a token.
-    assert sorted(o.end for o in occ) == [3, 8] or sorted(o.end for o in occ) == [4, 9]
-    assert all(o.match_len == 3 for o in occ)
-    conts = sorted(tuple(index.continuation(o.end, 2)) for o in occ)
+    occ = index.occurrences([7, 2, 3, 4], 8)
+    assert sorted(occ) == [(3, 3), (8, 3)]  # "2 3 4" ends at 3 and at 8, three tokens match
+    conts = sorted(tuple(index.continuation(end, 2)) for end, _ in occ)
     assert conts == [(5, 9), (6,)]
+
+
+def test_match_length_is_exact_beyond_the_hashed_order():
+    index = build([[9, 8, 1, 2, 3, 4, 5, 0, 7, 2, 3, 4, 5, 1]])
+    occ = index.occurrences([8, 1, 2, 3, 4, 5], 8)
+    assert occ[0] == (6, 6)  # the longest match is preferred and its length counted exactly
 
 
 def test_continuations_stop_at_sequence_boundaries():
     index = build([[1, 2, 3], [1, 2, 7, 8]])
-    occ = index.occurrences([1, 2], max_occurrences=8)
-    conts = sorted(tuple(index.continuation(o.end, 5)) for o in occ)
-    assert conts == [(3,), (7, 8)]
-    assert BOUNDARY not in sum(conts, ())
+    occ = index.occurrences([1, 2], 8)
+    assert sorted(tuple(index.continuation(end, 5)) for end, _ in occ) == [(3,), (7, 8)]
 
 
 def test_ngrams_never_span_sequences():
     index = build([[1, 2], [3, 4]])
     # "2 3" only exists across the boundary, so the best match is the single token 3.
-    occ = index.occurrences([2, 3], max_occurrences=8)
-    assert [o.match_len for o in occ] == [1]
+    assert [n for _, n in index.occurrences([2, 3], 8)] == [1]
 
 
 def test_excluded_end_is_skipped():
     index = build([[5, 6, 5, 6]])
-    occ = index.occurrences([5, 6], max_occurrences=8, exclude_end=len(index) - 1)
-    assert [o.end for o in occ] == [1]
+    assert index.occurrences([5, 6], 8, exclude_end=len(index) - 1) == [(1, 2)]
 
 
-def test_eviction_floor_hides_old_positions():
+def test_eviction_floor_hides_old_positions_and_compaction_keeps_the_rest():
     index = build([[1, 2, 3], [1, 2, 4]])
     index.evict_before(4)
-    occ = index.occurrences([1, 2], max_occurrences=8)
-    assert [tuple(index.continuation(o.end, 3)) for o in occ] == [(4,)]
+    assert [tuple(index.continuation(e, 3)) for e, _ in index.occurrences([1, 2], 8)] == [(4,)]
+    big = TokenIndex()
+    for i in range(3000):
+        big.start_sequence()
+        big.extend([1, 2, 100 + i % 50])
+    big.evict_before(len(big) - 400)  # more than half dead: compacted
+    assert big.floor == 0 and big.live_tokens <= 400
+    conts = {tuple(big.continuation(e, 1)) for e, _ in big.occurrences([1, 2], 64)}
+    assert conts and all(c[0] >= 100 for c in conts)
 
 
-def snapshot(index):
-    return ([dict(h) for h in index._heads], [list(p) for p in index._prev], list(index.tokens))
+def test_rebase_keeps_the_common_prefix():
+    index = build([[1, 2, 3, 4]])
+    assert index.rebase([1, 2, 9]) == 2
+    assert index.tokens == [1, 2, 9]
+    assert index.since(1) == [2, 9]
+
+
+def contexts(alphabet=5, n=3):
+    out = [[]]
+    for _ in range(n):
+        out = [c + [t] for c in out for t in range(alphabet)]
+    return out
 
 
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.integers(0, 4), min_size=1, max_size=60), st.data())
 def test_truncate_exactly_undoes_appends(tokens, data):
     cut = data.draw(st.integers(0, len(tokens)))
-    full = build([tokens])
-    full.truncate(cut)
-    assert snapshot(full) == snapshot(build([tokens[:cut]]))
-    # Appending after a truncation behaves like appending to a fresh index.
-    tail = [random.Random(cut).randint(0, 4) for _ in range(5)]
-    full.extend(tail)
-    again = build([tokens[:cut] + tail])
-    assert snapshot(full) == snapshot(again)
+    tail = data.draw(st.lists(st.integers(0, 4), max_size=8))
+    truncated = build([tokens])
+    truncated.truncate(cut)
+    truncated.extend(tail)
+    fresh = build([tokens[:cut] + tail])
+    assert truncated.tokens == fresh.tokens
+    for ctx in contexts():
+        assert sorted(truncated.occurrences(ctx, 64)) == sorted(fresh.occurrences(ctx, 64))

@@ -1,0 +1,15 @@
+"""Builds the compiled drafting core; everything else is declared in pyproject.toml."""
+
+from pybind11.setup_helpers import Pybind11Extension
+from setuptools import setup
+
+setup(
+    ext_modules=[
+        Pybind11Extension(
+            "quickdraft.suffix_cache._core",
+            ["suffix_cache/_core.cpp"],
+            cxx_std=17,
+            extra_compile_args=["-O3"],
+        )
+    ]
+)

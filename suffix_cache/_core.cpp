@@ -1,0 +1,553 @@
+// Compiled core of the suffix drafters: the token index and draft-tree growth.
+//
+// TokenIndex is an append-only token arena with, for a few n-gram orders, a
+// chain from every position to the previous position that ended the same
+// n-gram (LZ77-style hash chains). It answers the question a suffix tree
+// answers for SuffixDecoding -- where did the longest suffix of this context
+// occur before, and what followed -- with a few integers per token instead of a
+// node per token and depth. Sequences are separated by a boundary marker so no
+// n-gram and no continuation crosses from one sequence into the next. The tail
+// can be truncated exactly (chains are last-in, first-out), the oldest tokens
+// can be evicted (a floor; the arena is compacted when half of it is dead).
+//
+// grow_draft() turns weighted occurrences into a frequency tree of their
+// continuations and expands a draft tree best first by estimated path
+// probability.
+
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <queue>
+#include <stdexcept>
+#include <vector>
+
+namespace py = pybind11;
+
+namespace {
+
+constexpr int32_t BOUNDARY = -1;
+constexpr uint64_t BASE = 0x9E3779B97F4A7C15ULL;
+
+// Open-addressing map from a nonzero 64-bit key to an int32 (linear probing,
+// backward-shift deletion so erase leaves no tombstones).
+class FlatMap {
+ public:
+  FlatMap() { reset(64); }
+
+  const int32_t* find(uint64_t key) const {
+    size_t i = slot(key);
+    while (keys_[i] != 0) {
+      if (keys_[i] == key) return &vals_[i];
+      i = (i + 1) & mask_;
+    }
+    return nullptr;
+  }
+
+  void put(uint64_t key, int32_t value) {
+    if ((count_ + 1) * 4 > keys_.size() * 3) grow();
+    size_t i = slot(key);
+    while (keys_[i] != 0 && keys_[i] != key) i = (i + 1) & mask_;
+    if (keys_[i] == 0) ++count_;
+    keys_[i] = key;
+    vals_[i] = value;
+  }
+
+  void erase(uint64_t key) {
+    size_t i = slot(key);
+    while (keys_[i] != key) {
+      if (keys_[i] == 0) return;
+      i = (i + 1) & mask_;
+    }
+    size_t hole = i;
+    size_t j = i;
+    while (true) {
+      j = (j + 1) & mask_;
+      if (keys_[j] == 0) break;
+      size_t home = slot(keys_[j]);
+      // Move j into the hole unless its home lies cyclically in (hole, j].
+      bool stays = (hole <= j) ? (hole < home && home <= j) : (hole < home || home <= j);
+      if (!stays) {
+        keys_[hole] = keys_[j];
+        vals_[hole] = vals_[j];
+        hole = j;
+      }
+    }
+    keys_[hole] = 0;
+    --count_;
+  }
+
+  void clear() { reset(64); }
+  size_t size() const { return count_; }
+  size_t capacity_bytes() const { return keys_.size() * (sizeof(uint64_t) + sizeof(int32_t)); }
+
+ private:
+  static uint64_t mix(uint64_t k) {
+    k ^= k >> 33;
+    k *= 0xff51afd7ed558ccdULL;
+    k ^= k >> 33;
+    return k;
+  }
+  size_t slot(uint64_t key) const { return mix(key) & mask_; }
+  void reset(size_t cap) {
+    keys_.assign(cap, 0);
+    vals_.assign(cap, 0);
+    mask_ = cap - 1;
+    count_ = 0;
+  }
+  void grow() {
+    std::vector<uint64_t> keys;
+    std::vector<int32_t> vals;
+    keys.swap(keys_);
+    vals.swap(vals_);
+    reset(keys.size() * 2);
+    for (size_t i = 0; i < keys.size(); ++i)
+      if (keys[i] != 0) put(keys[i], vals[i]);
+  }
+
+  std::vector<uint64_t> keys_;
+  std::vector<int32_t> vals_;
+  size_t mask_ = 0;
+  size_t count_ = 0;
+};
+
+struct Occurrence {
+  int32_t end;        // arena position of the last matched token
+  int32_t match_len;  // context tokens matching up to there
+};
+
+class TokenIndex {
+ public:
+  explicit TokenIndex(std::vector<int> orders) : orders_(std::move(orders)) {
+    if (orders_.empty()) throw std::invalid_argument("TokenIndex needs at least one n-gram order");
+    std::sort(orders_.begin(), orders_.end());
+    if (orders_.front() < 1) throw std::invalid_argument("n-gram orders must be positive");
+    int max_order = orders_.back();
+    pow_.assign(max_order + 1, 1);
+    for (int k = 1; k <= max_order; ++k) pow_[k] = pow_[k - 1] * BASE;
+    heads_.resize(orders_.size());
+    prev_.resize(orders_.size());
+    hash_.push_back(0);
+  }
+
+  int64_t size() const { return static_cast<int64_t>(toks_.size()); }
+  int64_t floor() const { return floor_; }
+  int64_t live_tokens() const { return size() - floor_; }
+  const std::vector<int32_t>& tokens() const { return toks_; }
+
+  void start_sequence() {
+    if (!toks_.empty() && toks_.back() != BOUNDARY) push(BOUNDARY);
+    seq_start_ = size();
+  }
+
+  void extend(const std::vector<int32_t>& tokens) {
+    for (int32_t t : tokens) {
+      if (t < 0) throw std::invalid_argument("token ids must be non-negative");
+      push(t);
+    }
+  }
+
+  // Make the arena equal `tokens` (a single open sequence) by keeping the common
+  // prefix and appending the rest; returns the number of tokens kept.
+  int64_t rebase(const std::vector<int32_t>& tokens) {
+    int64_t n = std::min<int64_t>(size(), static_cast<int64_t>(tokens.size()));
+    int64_t keep = 0;
+    while (keep < n && toks_[keep] == tokens[keep]) ++keep;
+    truncate(keep);
+    for (size_t i = keep; i < tokens.size(); ++i) {
+      if (tokens[i] < 0) throw std::invalid_argument("token ids must be non-negative");
+      push(tokens[i]);
+    }
+    return keep;
+  }
+
+  void truncate(int64_t length) {
+    if (length < floor_) throw std::invalid_argument("cannot truncate below the eviction floor");
+    while (size() > length) pop();
+  }
+
+  void evict_before(int64_t floor) {
+    floor_ = std::max(floor_, std::min(floor, size()));
+    // Compact when more than half of the arena is dead, so memory follows the bound.
+    if (floor_ > 4096 && floor_ * 2 > size()) compact();
+  }
+
+  // Most recent occurrences of the longest suffix of `ctx` that has any (only
+  // occurrences followed by a token of their sequence count). With all_orders,
+  // shorter matches found on the lower orders' chains are added too (each end
+  // once, with its exact match length), up to max_occ per order.
+  std::vector<Occurrence> occurrences(const int32_t* ctx, int64_t ctx_len, int max_occ, int64_t exclude_end,
+                                      int max_match, bool all_orders = false) const {
+    std::vector<Occurrence> found;
+    std::vector<int32_t> seen;
+    int64_t limit = std::min<int64_t>(ctx_len, max_match);
+    int64_t last = size() - 1;
+    for (int oi = static_cast<int>(orders_.size()) - 1; oi >= 0; --oi) {
+      int order = orders_[oi];
+      if (order > limit) continue;
+      const int32_t* head = heads_[oi].find(hash_of(ctx + ctx_len - order, order));
+      if (head == nullptr) continue;
+      int32_t pos = *head;
+      int walked = 0;
+      int taken = 0;
+      while (pos >= floor_ && taken < max_occ && walked < 4 * max_occ) {
+        ++walked;
+        if (pos != exclude_end && pos < last && toks_[pos + 1] != BOUNDARY &&
+            std::find(seen.begin(), seen.end(), pos) == seen.end()) {
+          int n = match_len(pos, ctx, ctx_len, static_cast<int>(limit));
+          if (n >= order) {  // n < order: a hash collision
+            found.push_back({pos, n});
+            seen.push_back(pos);
+            ++taken;
+          }
+        }
+        pos = prev_[oi][pos];
+      }
+      if (!found.empty() && !all_orders) return found;
+    }
+    return found;
+  }
+
+  int32_t at(int64_t pos) const { return toks_[pos]; }
+
+  size_t memory_bytes() const {
+    size_t total = toks_.capacity() * sizeof(int32_t) + hash_.capacity() * sizeof(uint64_t);
+    for (const auto& p : prev_) total += p.capacity() * sizeof(int32_t);
+    for (const auto& h : heads_) total += h.capacity_bytes();
+    return total;
+  }
+
+ private:
+  uint64_t hash_of(const int32_t* gram, int n) const {
+    uint64_t h = 0;
+    for (int i = 0; i < n; ++i) h = h * BASE + static_cast<uint64_t>(static_cast<int64_t>(gram[i]) + 2);
+    return h | 1;  // never the empty key
+  }
+
+  uint64_t gram_hash(int64_t end, int order) const {
+    return (hash_[end + 1] - hash_[end + 1 - order] * pow_[order]) | 1;
+  }
+
+  int match_len(int64_t end, const int32_t* ctx, int64_t ctx_len, int limit) const {
+    int n = 0;
+    while (n < limit && end - n >= floor_ && toks_[end - n] == ctx[ctx_len - 1 - n]) ++n;
+    return n;
+  }
+
+  void push(int32_t tok) {
+    toks_.push_back(tok);
+    hash_.push_back(hash_.back() * BASE + static_cast<uint64_t>(static_cast<int64_t>(tok) + 2));
+    int64_t pos = size() - 1;
+    if (tok == BOUNDARY) {
+      for (auto& p : prev_) p.push_back(-1);
+      return;
+    }
+    int64_t avail = pos - seq_start_ + 1;
+    for (size_t oi = 0; oi < orders_.size(); ++oi) {
+      int order = orders_[oi];
+      if (order > avail) {
+        prev_[oi].push_back(-1);
+        continue;
+      }
+      uint64_t key = gram_hash(pos, order);
+      const int32_t* head = heads_[oi].find(key);
+      prev_[oi].push_back(head ? *head : -1);
+      heads_[oi].put(key, static_cast<int32_t>(pos));
+    }
+  }
+
+  void pop() {
+    int64_t pos = size() - 1;
+    int32_t tok = toks_[pos];
+    if (tok == BOUNDARY) {
+      // The sequence before the boundary becomes the open one again.
+      int64_t start = pos;
+      while (start > 0 && toks_[start - 1] != BOUNDARY) --start;
+      seq_start_ = start;
+    } else {
+      int64_t avail = pos - seq_start_ + 1;
+      for (size_t oi = 0; oi < orders_.size(); ++oi) {
+        int order = orders_[oi];
+        if (order > avail) continue;
+        uint64_t key = gram_hash(pos, order);
+        const int32_t* head = heads_[oi].find(key);
+        if (head != nullptr && *head == pos) {
+          int32_t before = prev_[oi][pos];
+          if (before >= 0)
+            heads_[oi].put(key, before);
+          else
+            heads_[oi].erase(key);
+        }
+      }
+    }
+    for (auto& p : prev_) p.pop_back();
+    toks_.pop_back();
+    hash_.pop_back();
+  }
+
+  void compact() {
+    std::vector<int32_t> keep(toks_.begin() + floor_, toks_.end());
+    // The floor may cut a sequence; its remainder is dropped, so no continuation starts mid-way.
+    bool at_sequence_start = floor_ == 0 || toks_[floor_ - 1] == BOUNDARY;
+    if (!at_sequence_start) {
+      auto boundary = std::find(keep.begin(), keep.end(), BOUNDARY);
+      if (boundary != keep.end()) keep.erase(keep.begin(), boundary + 1);
+    }
+    toks_.clear();
+    hash_.assign(1, 0);
+    for (auto& p : prev_) p.clear();
+    for (auto& h : heads_) h.clear();
+    floor_ = 0;
+    seq_start_ = 0;
+    for (int32_t t : keep) {
+      push(t);
+      if (t == BOUNDARY) seq_start_ = size();
+    }
+  }
+
+  std::vector<int> orders_;
+  std::vector<uint64_t> pow_;
+  std::vector<int32_t> toks_;
+  std::vector<uint64_t> hash_;  // hash_[i]: rolling hash of toks_[0, i)
+  std::vector<std::vector<int32_t>> prev_;
+  std::vector<FlatMap> heads_;
+  int64_t floor_ = 0;
+  int64_t seq_start_ = 0;
+};
+
+struct DraftParams {
+  int max_depth = 16;
+  double factor = 2.0;
+  double offset = 1.0;
+  double min_prob = 0.05;
+  int max_occurrences = 32;
+  int max_match = 32;
+  // Merged mode: one frequency tree over the session's and the shared index's
+  // occurrences, each weighted by length_decay^(longest - its match length) *
+  // recency_decay^(its rank by recency) (* shared_weight for the shared index).
+  bool merge = false;
+  double length_decay = 0.0;  // 0: only the longest matches count
+  double recency_decay = 1.0;
+  double shared_weight = 1.0;
+};
+
+struct Draft {
+  std::vector<int32_t> tokens;
+  std::vector<int32_t> parents;
+  std::vector<double> probs;
+  int match_len = 0;
+  double expected() const {
+    double s = 0;
+    for (double p : probs) s += p;
+    return s;
+  }
+};
+
+struct TrieNode {
+  int32_t token;
+  double weight;
+  int32_t first_child;
+  int32_t next_sibling;
+};
+
+struct Weighted {
+  const TokenIndex* index;
+  int32_t end;
+  double weight;
+};
+
+// Frequency tree of the occurrences' continuations, expanded best first.
+Draft grow_draft(const std::vector<Weighted>& occs, int max_depth, int budget, double min_prob, int match_len) {
+  Draft draft;
+  draft.match_len = match_len;
+  if (occs.empty() || budget <= 0 || max_depth <= 0) return draft;
+  std::vector<TrieNode> trie;
+  trie.push_back({-1, 0.0, -1, -1});
+  for (const auto& occ : occs) {
+    const TokenIndex& index = *occ.index;
+    int64_t size = index.size();
+    int32_t node = 0;
+    for (int d = 1; d <= max_depth; ++d) {
+      int64_t pos = occ.end + d;
+      if (pos >= size) break;
+      int32_t tok = index.at(pos);
+      if (tok == BOUNDARY) break;
+      int32_t child = trie[node].first_child;
+      while (child >= 0 && trie[child].token != tok) child = trie[child].next_sibling;
+      if (child < 0) {
+        child = static_cast<int32_t>(trie.size());
+        trie.push_back({tok, 0.0, -1, trie[node].first_child});
+        trie[node].first_child = child;
+      }
+      trie[child].weight += occ.weight;
+      node = child;
+    }
+  }
+  struct Item {
+    double prob;
+    int32_t serial;
+    int32_t trie_node;
+    int32_t parent;
+    bool operator<(const Item& o) const { return prob < o.prob || (prob == o.prob && serial > o.serial); }
+  };
+  std::priority_queue<Item> heap;
+  int32_t serial = 0;
+  auto push_children = [&](int32_t node, int32_t parent, double parent_prob) {
+    double total = 0;
+    for (int32_t c = trie[node].first_child; c >= 0; c = trie[c].next_sibling) total += trie[c].weight;
+    if (total <= 0) return;
+    for (int32_t c = trie[node].first_child; c >= 0; c = trie[c].next_sibling) {
+      double p = parent_prob * trie[c].weight / total;
+      if (p >= min_prob) heap.push({p, serial++, c, parent});
+    }
+  };
+  push_children(0, -1, 1.0);
+  while (!heap.empty() && static_cast<int>(draft.tokens.size()) < budget) {
+    Item it = heap.top();
+    heap.pop();
+    draft.tokens.push_back(trie[it.trie_node].token);
+    draft.parents.push_back(it.parent);
+    draft.probs.push_back(it.prob);
+    push_children(it.trie_node, static_cast<int32_t>(draft.tokens.size()) - 1, it.prob);
+  }
+  return draft;
+}
+
+int depth_for(const DraftParams& p, int match_len) {
+  return std::min(p.max_depth, static_cast<int>(std::floor(p.factor * match_len + p.offset)));
+}
+
+Draft draft_from(const TokenIndex& index, const int32_t* ctx, int64_t ctx_len, int64_t exclude_end, int budget,
+                 const DraftParams& p) {
+  auto occs = index.occurrences(ctx, ctx_len, p.max_occurrences, exclude_end, p.max_match);
+  if (occs.empty()) return Draft{};
+  int best = 0;
+  for (const auto& o : occs) best = std::max(best, static_cast<int>(o.match_len));
+  // The deepest matched node of a suffix tree holds only the longest matches.
+  std::vector<Weighted> deepest;
+  for (const auto& o : occs)
+    if (o.match_len == best) deepest.push_back({&index, o.end, 1.0});
+  return grow_draft(deepest, depth_for(p, best), budget, p.min_prob, best);
+}
+
+void add_weighted(std::vector<Weighted>& out, const TokenIndex& index, const std::vector<Occurrence>& occs,
+                  int longest, double source_weight, const DraftParams& p) {
+  // Occurrences come most recent first within each order; rank them by position instead.
+  std::vector<Occurrence> sorted(occs);
+  std::sort(sorted.begin(), sorted.end(), [](const Occurrence& a, const Occurrence& b) { return a.end > b.end; });
+  double recency = 1.0;
+  for (const auto& o : sorted) {
+    double w = source_weight * recency;
+    if (o.match_len < longest) w *= p.length_decay > 0 ? std::pow(p.length_decay, longest - o.match_len) : 0.0;
+    if (w > 0) out.push_back({&index, o.end, w});
+    recency *= p.recency_decay;
+  }
+}
+
+Draft propose_merged(const TokenIndex& session, const TokenIndex* shared, const int32_t* ctx, int64_t ctx_len,
+                     int budget, const DraftParams& p) {
+  bool all_orders = p.length_decay > 0;
+  auto own = session.occurrences(ctx, ctx_len, p.max_occurrences, session.size() - 1, p.max_match, all_orders);
+  std::vector<Occurrence> other;
+  if (shared != nullptr && shared->live_tokens() > 0)
+    other = shared->occurrences(ctx, ctx_len, p.max_occurrences, -1, p.max_match, all_orders);
+  int longest = 0;
+  for (const auto& o : own) longest = std::max(longest, static_cast<int>(o.match_len));
+  for (const auto& o : other) longest = std::max(longest, static_cast<int>(o.match_len));
+  if (longest == 0) return Draft{};
+  std::vector<Weighted> weighted;
+  add_weighted(weighted, session, own, longest, 1.0, p);
+  if (shared != nullptr) add_weighted(weighted, *shared, other, longest, p.shared_weight, p);
+  return grow_draft(weighted, depth_for(p, longest), budget, p.min_prob, longest);
+}
+
+// Draft for a session: its own index (context = its tail) and optionally a shared
+// index of earlier responses. Unmerged (SuffixDecoding's rule): the tree promising
+// more accepted tokens wins; merged: one tree over both.
+Draft propose(const TokenIndex& session, const TokenIndex* shared, int budget, const DraftParams& p) {
+  const auto& toks = session.tokens();
+  int64_t n = static_cast<int64_t>(toks.size());
+  if (n == 0 || budget <= 0) return Draft{};
+  int64_t ctx_len = std::min<int64_t>(n, p.max_match);
+  const int32_t* ctx = toks.data() + (n - ctx_len);
+  if (p.merge) return propose_merged(session, shared, ctx, ctx_len, budget, p);
+  Draft best = draft_from(session, ctx, ctx_len, n - 1, budget, p);
+  if (shared != nullptr && shared->live_tokens() > 0) {
+    Draft other = draft_from(*shared, ctx, ctx_len, -1, budget, p);
+    if (other.expected() > best.expected()) best = std::move(other);
+  }
+  return best;
+}
+
+py::tuple to_python(const Draft& d) { return py::make_tuple(d.tokens, d.parents, d.probs, d.match_len); }
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "Compiled core of QuickDraft's suffix drafters (token index, draft-tree growth).";
+  m.attr("BOUNDARY") = BOUNDARY;
+
+  py::class_<DraftParams>(m, "DraftParams")
+      .def(py::init<>())
+      .def_readwrite("max_depth", &DraftParams::max_depth)
+      .def_readwrite("factor", &DraftParams::factor)
+      .def_readwrite("offset", &DraftParams::offset)
+      .def_readwrite("min_prob", &DraftParams::min_prob)
+      .def_readwrite("max_occurrences", &DraftParams::max_occurrences)
+      .def_readwrite("max_match", &DraftParams::max_match)
+      .def_readwrite("merge", &DraftParams::merge)
+      .def_readwrite("length_decay", &DraftParams::length_decay)
+      .def_readwrite("recency_decay", &DraftParams::recency_decay)
+      .def_readwrite("shared_weight", &DraftParams::shared_weight);
+
+  py::class_<TokenIndex>(m, "TokenIndex")
+      .def(py::init<std::vector<int>>(), py::arg("orders") = std::vector<int>{1, 2, 3, 4, 6, 8, 12, 16})
+      .def("__len__", &TokenIndex::size)
+      .def_property_readonly("floor", &TokenIndex::floor)
+      .def_property_readonly("live_tokens", &TokenIndex::live_tokens)
+      .def_property_readonly("tokens", [](const TokenIndex& t) { return t.tokens(); })
+      .def("tail", [](const TokenIndex& t, int64_t n) {
+        const auto& toks = t.tokens();
+        int64_t start = std::max<int64_t>(0, static_cast<int64_t>(toks.size()) - n);
+        return std::vector<int32_t>(toks.begin() + start, toks.end());
+      })
+      .def("since", [](const TokenIndex& t, int64_t start) {
+        const auto& toks = t.tokens();
+        start = std::clamp<int64_t>(start, 0, static_cast<int64_t>(toks.size()));
+        return std::vector<int32_t>(toks.begin() + start, toks.end());
+      })
+      .def("rebase", &TokenIndex::rebase)
+      .def("start_sequence", &TokenIndex::start_sequence)
+      .def("extend", &TokenIndex::extend)
+      .def("truncate", &TokenIndex::truncate)
+      .def("evict_before", &TokenIndex::evict_before)
+      .def("memory_bytes", &TokenIndex::memory_bytes)
+      .def(
+          "occurrences",
+          [](const TokenIndex& t, const std::vector<int32_t>& ctx, int max_occ, int64_t exclude_end, int max_match) {
+            std::vector<std::pair<int32_t, int32_t>> out;
+            for (const auto& o : t.occurrences(ctx.data(), static_cast<int64_t>(ctx.size()), max_occ, exclude_end,
+                                               max_match))
+              out.emplace_back(o.end, o.match_len);
+            return out;
+          },
+          py::arg("context"), py::arg("max_occurrences"), py::arg("exclude_end") = -1, py::arg("max_match") = 32)
+      .def("continuation", [](const TokenIndex& t, int64_t end, int depth) {
+        std::vector<int32_t> out;
+        for (int64_t pos = end + 1; pos < t.size() && static_cast<int>(out.size()) < depth; ++pos) {
+          if (t.at(pos) == BOUNDARY) break;
+          out.push_back(t.at(pos));
+        }
+        return out;
+      });
+
+  m.def(
+      "propose",
+      [](const TokenIndex& session, const TokenIndex* shared, int budget, const DraftParams& p) {
+        return to_python(propose(session, shared, budget, p));
+      },
+      py::arg("session"), py::arg("shared").none(true), py::arg("budget"), py::arg("params"),
+      "Draft tree (tokens, parents, probs, match_len) continuing the session's tokens.");
+}
