@@ -23,17 +23,26 @@ from quickdraft.suffix_cache.draft import DraftTree
 
 @dataclass(slots=True)
 class SuffixParams:
+    """Defaults chosen on a third of the dev traces and checked on the other two thirds
+    (bench/RESULTS.md); ``merge=False, length_decay=0, min_prob=0.05, max_occurrences=32``
+    is SuffixDecoding's own rule."""
+
     max_depth: int = 16          # hard cap on draft depth
     factor: float = 2.0          # depth <= factor * match_len + offset
     offset: float = 1.0
-    min_prob: float = 0.05       # prune nodes whose estimated path probability is lower
-    max_occurrences: int = 32    # occurrences of the match used to estimate frequencies
+    min_prob: float = 0.02       # prune nodes whose estimated path probability is lower
+    max_occurrences: int = 16    # most recent occurrences per n-gram order used for frequencies
+    merge: bool = True           # one tree over session and shared occurrences (not the better of two)
+    length_decay: float = 0.5    # weight of an occurrence: length_decay ** (longest match - its match)
+    recency_decay: float = 1.0   # ... times recency_decay ** (its rank by recency)
+    shared_weight: float = 0.5   # ... times this for occurrences in the tenant's earlier responses
     global_max_tokens: int = 4_000_000  # response tokens kept per scope before eviction
 
     def core(self) -> _core.DraftParams:
         p = _core.DraftParams()
-        p.max_depth, p.factor, p.offset = self.max_depth, self.factor, self.offset
-        p.min_prob, p.max_occurrences = self.min_prob, self.max_occurrences
+        for name in ("max_depth", "factor", "offset", "min_prob", "max_occurrences", "merge", "length_decay",
+                     "recency_decay", "shared_weight"):
+            setattr(p, name, getattr(self, name))
         return p
 
 

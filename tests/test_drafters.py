@@ -127,3 +127,32 @@ def test_every_drafter_returns_a_valid_tree(name, prompt, steps, budget):
     d.end_call(key)
     d.begin_call(key, prompt + [1])
     d.propose(key, budget).validate()
+
+
+def test_merged_tree_hedges_between_session_and_earlier_responses():
+    d = SuffixDrafter()
+    earlier = SessionKey(A, "earlier")
+    d.begin_call(earlier, [0])
+    d.accept(earlier, [40, 41, 42, 43])
+    d.end_call(earlier)
+    key = SessionKey(A, "now")
+    d.begin_call(key, [40, 41, 50, 51, 9, 40, 41])
+    tree = d.propose(key, 8)
+    roots = {t for t, p in zip(tree.token_ids, tree.parents, strict=True) if p == -1}
+    assert roots == {42, 50}  # the shared response's continuation and the session's, as siblings
+    # The session's own occurrence weighs more than the shared one (shared_weight < 1).
+    assert tree.token_ids[0] == 50
+
+
+def test_suffixdecoding_rule_picks_one_source():
+    from quickdraft.suffix_cache.suffix import SuffixParams
+
+    d = SuffixDrafter(SuffixParams(merge=False, length_decay=0.0))
+    earlier = SessionKey(A, "earlier")
+    d.begin_call(earlier, [0])
+    d.accept(earlier, [40, 41, 42, 43])
+    d.end_call(earlier)
+    key = SessionKey(A, "now")
+    d.begin_call(key, [40, 41, 50, 51, 9, 40, 41])
+    tree = d.propose(key, 8)
+    assert {t for t, p in zip(tree.token_ids, tree.parents, strict=True) if p == -1} in ({42}, {50})
