@@ -8,6 +8,8 @@ setup(
         Pybind11Extension(
             "quickdraft.suffix_cache._core",
             ["suffix_cache/_core.cpp"],
+            include_dirs=["suffix_cache"],
+            depends=["suffix_cache/csrc/ngram_table.h"],
             cxx_std=17,
             extra_compile_args=["-O3"],
         )

@@ -206,7 +206,7 @@ def replay(
     paths: Annotated[list[pathlib.Path], typer.Argument(help=".traj.json files or folders of them")],
     oracle: Annotated[bool, typer.Option("--oracle", help="draft against the recorded responses, no model")] = False,
     proxy: Annotated[str, typer.Option(help="HOST:PORT of a running proxy (live replay)")] = None,
-    drafter: Annotated[str, typer.Option(help="suffix or pld (oracle: default suffix; live: server default)")] = "",
+    drafter: Annotated[str, typer.Option(help="suffix, stand, aded, pld or hybrid (default: suffix)")] = "",
     tokenizer: Annotated[str, typer.Option(help="tokenizer (catalog name or path)")] = "smollm2-135m",
     budget: Annotated[int, typer.Option(help="oracle: draft tree nodes per step")] = 8,
     max_calls: Annotated[int, typer.Option(help="live: calls to send")] = 20,

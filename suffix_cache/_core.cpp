@@ -24,6 +24,8 @@
 #include <stdexcept>
 #include <vector>
 
+#include "csrc/ngram_table.h"
+
 namespace py = pybind11;
 
 namespace {
@@ -481,6 +483,69 @@ Draft propose(const TokenIndex& session, const TokenIndex* shared, int budget, c
   return best;
 }
 
+// Union of several drafters' trees: a node's probability is the highest of its
+// drafters' (scaled, capped at 1) estimates; the best `budget` nodes are kept.
+// Scaled path probabilities never exceed their parent's, so sorting by
+// probability (then depth) keeps every parent ahead of its children.
+Draft merge_trees(const std::vector<std::tuple<std::vector<int32_t>, std::vector<int32_t>, std::vector<double>>>& trees,
+                  const std::vector<double>& scales, int budget) {
+  struct Node {
+    int32_t token;
+    int32_t parent;
+    int depth;
+    double prob;
+  };
+  std::vector<Node> nodes;
+  std::vector<std::pair<uint64_t, int32_t>> by_edge;  // (parent, token) -> node, small: linear scan is fine
+  auto find_edge = [&](int32_t parent, int32_t token) -> int32_t {
+    uint64_t k = (static_cast<uint64_t>(static_cast<uint32_t>(parent)) << 32) | static_cast<uint32_t>(token);
+    for (const auto& e : by_edge)
+      if (e.first == k) return e.second;
+    return -1;
+  };
+  for (size_t t = 0; t < trees.size(); ++t) {
+    const auto& [tokens, parents, probs] = trees[t];
+    double scale = t < scales.size() ? scales[t] : 1.0;
+    std::vector<int32_t> mapped(tokens.size(), -1);
+    for (size_t i = 0; i < tokens.size(); ++i) {
+      int32_t parent = parents[i] < 0 ? -1 : mapped[parents[i]];
+      double p = std::min(1.0, (i < probs.size() ? probs[i] : 1.0) * scale);
+      int32_t at = find_edge(parent, tokens[i]);
+      if (at < 0) {
+        at = static_cast<int32_t>(nodes.size());
+        nodes.push_back({tokens[i], parent, parent < 0 ? 1 : nodes[parent].depth + 1, p});
+        uint64_t k = (static_cast<uint64_t>(static_cast<uint32_t>(parent)) << 32) | static_cast<uint32_t>(tokens[i]);
+        by_edge.push_back({k, at});
+      } else {
+        nodes[at].prob = std::max(nodes[at].prob, p);
+      }
+      mapped[i] = at;
+    }
+  }
+  // Parents must not rank below children after the max: lift each parent to its best child.
+  for (int32_t i = static_cast<int32_t>(nodes.size()) - 1; i >= 0; --i)
+    if (nodes[i].parent >= 0) nodes[nodes[i].parent].prob = std::max(nodes[nodes[i].parent].prob, nodes[i].prob);
+  std::vector<int32_t> order(nodes.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = static_cast<int32_t>(i);
+  std::sort(order.begin(), order.end(), [&](int32_t a, int32_t b) {
+    if (nodes[a].prob != nodes[b].prob) return nodes[a].prob > nodes[b].prob;
+    if (nodes[a].depth != nodes[b].depth) return nodes[a].depth < nodes[b].depth;
+    return a < b;
+  });
+  Draft out;
+  std::vector<int32_t> out_index(nodes.size(), -1);
+  for (int32_t i : order) {
+    if (static_cast<int>(out.tokens.size()) >= budget) break;
+    int32_t parent = nodes[i].parent;
+    if (parent >= 0 && out_index[parent] < 0) continue;  // its parent did not make the cut
+    out_index[i] = static_cast<int32_t>(out.tokens.size());
+    out.tokens.push_back(nodes[i].token);
+    out.parents.push_back(parent < 0 ? -1 : out_index[parent]);
+    out.probs.push_back(nodes[i].prob);
+  }
+  return out;
+}
+
 py::tuple to_python(const Draft& d) { return py::make_tuple(d.tokens, d.parents, d.probs, d.match_len); }
 
 }  // namespace
@@ -542,6 +607,60 @@ PYBIND11_MODULE(_core, m) {
         }
         return out;
       });
+
+  m.def(
+      "merge_trees",
+      [](const std::vector<std::tuple<std::vector<int32_t>, std::vector<int32_t>, std::vector<double>>>& trees,
+         const std::vector<double>& scales, int budget) { return to_python(merge_trees(trees, scales, budget)); },
+      py::arg("trees"), py::arg("scales"), py::arg("budget"),
+      "Union of draft trees (tokens, parents, probs), best `budget` nodes by scaled probability.");
+
+  py::class_<qd::NgramTable>(m, "NgramTable")
+      .def(py::init<int, int, int64_t>(), py::arg("max_order") = 4, py::arg("width") = 8,
+           py::arg("max_entries") = 2'000'000)
+      .def_property_readonly("entries", &qd::NgramTable::entries)
+      .def_property_readonly("max_order", &qd::NgramTable::max_order)
+      .def("observe_run", &qd::NgramTable::observe_run, py::arg("context"), py::arg("run"), py::arg("top_ids"),
+           py::arg("mass"), py::arg("k"), py::arg("forget") = 1.0f,
+           "Learn tokens that followed `context` (with the target's top-k masses when k > 0).")
+      .def("feedback",
+           [](qd::NgramTable& t, const std::vector<int32_t>& ctx, int32_t token, bool accepted) {
+             t.feedback(ctx.data(), static_cast<int64_t>(ctx.size()), token, accepted);
+           })
+      .def("distribution",
+           [](const qd::NgramTable& t, const std::vector<int32_t>& ctx) {
+             std::vector<std::pair<int32_t, float>> out;
+             const qd::NgramEntry* e = t.longest(ctx.data(), static_cast<int64_t>(ctx.size()));
+             if (e != nullptr)
+               for (const auto& nt : e->next) out.emplace_back(nt.token, nt.mass / e->total);
+             return out;
+           })
+      .def(
+          "draft_stand",
+          [](const qd::NgramTable& t, const std::vector<int32_t>& ctx, int budget, int max_depth, double min_prob,
+             int branch, double temperature, uint64_t seed) {
+            auto out = t.grow(ctx.data(), static_cast<int64_t>(ctx.size()), budget, max_depth, min_prob, branch,
+                              temperature, seed,
+                              [](const qd::NgramEntry&, const qd::NextToken& nt) { return double(nt.mass); });
+            return py::make_tuple(out.tokens, out.parents, out.probs);
+          },
+          "Draft tree from target-probability n-grams; temperature > 0 samples children with Gumbel-top-k.")
+      .def(
+          "draft_aded",
+          [](const qd::NgramTable& t, const std::vector<int32_t>& ctx, int budget, int max_depth, double min_prob,
+             int branch, double explore) {
+            auto score = [explore](const qd::NgramEntry& e, const qd::NextToken& nt) {
+              double tried = 0;
+              for (const auto& o : e.next) tried += o.drafted;
+              double rate = (nt.accepted + 1.0) / (nt.drafted + 2.0);
+              double bonus = explore * std::sqrt(std::log(tried + 2.0) / (nt.drafted + 1.0));
+              return double(nt.mass) * (rate + bonus);
+            };
+            auto out = t.grow(ctx.data(), static_cast<int64_t>(ctx.size()), budget, max_depth, min_prob, branch,
+                              0.0, 0, score);
+            return py::make_tuple(out.tokens, out.parents, out.probs);
+          },
+          "Draft tree from the adaptive tri-gram matrix, scored by acceptance with an exploration bonus (UCB).");
 
   m.def(
       "propose",

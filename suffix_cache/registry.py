@@ -4,15 +4,20 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from quickdraft.suffix_cache.aded import AdedDrafter
 from quickdraft.suffix_cache.base import Drafter
+from quickdraft.suffix_cache.hybrid import HybridDrafter
 from quickdraft.suffix_cache.pld import PromptLookupDrafter
+from quickdraft.suffix_cache.stand import StandDrafter
 from quickdraft.suffix_cache.suffix import SuffixDrafter
 
 DRAFTERS: dict[str, Callable[[], Drafter]] = {
     "suffix": SuffixDrafter,
+    "stand": StandDrafter,
+    "aded": AdedDrafter,
     "pld": PromptLookupDrafter,
+    "hybrid": HybridDrafter,
 }
-DEFAULT_DRAFTER = "suffix"
 
 
 class UnknownDrafterError(ValueError):

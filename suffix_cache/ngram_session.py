@@ -1,0 +1,63 @@
+"""Shared plumbing of the n-gram drafters: a table per scope, a context tail per session."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from quickdraft.suffix_cache import _core
+from quickdraft.suffix_cache.base import PositionStats, Scope, SessionKey, common_prefix_len
+
+
+@dataclass(slots=True)
+class TailSession:
+    tail: list[int] = field(default_factory=list)   # the last tokens of the history
+    history_len: int = 0
+    prompt_seen: list[int] = field(default_factory=list)  # what begin_call last learned from
+
+
+class NgramState:
+    """One n-gram table per scope and a bounded context tail per session."""
+
+    def __init__(self, max_order: int, width: int, max_entries: int) -> None:
+        self.max_order, self.width, self.max_entries = max_order, width, max_entries
+        self.tables: dict[Scope, _core.NgramTable] = {}
+        self.sessions: dict[SessionKey, TailSession] = {}
+        self.keep = max(32, 2 * max_order)
+
+    def table(self, scope: Scope) -> _core.NgramTable:
+        table = self.tables.get(scope)
+        if table is None:
+            table = self.tables[scope] = _core.NgramTable(self.max_order, self.width, self.max_entries)
+        return table
+
+    def begin(self, key: SessionKey, prompt: Sequence[int]) -> tuple[TailSession, list[int]]:
+        """The session, and the prompt tokens it has not learned before (the new part)."""
+        session = self.sessions.get(key)
+        if session is None:
+            session = self.sessions[key] = TailSession()
+        keep = common_prefix_len(session.prompt_seen, prompt)
+        new = list(prompt[keep:])
+        session.prompt_seen = list(prompt)
+        session.tail = list(prompt[-self.keep:])
+        session.history_len = len(prompt)
+        return session, new
+
+    def learn(self, key: SessionKey, context: list[int], tokens: Sequence[int],
+              stats: Sequence[PositionStats] | None, forget: float) -> None:
+        """Learn `tokens` following `context` (target top-k masses when stats are given)."""
+        table = self.table(key.scope)
+        if stats and len(stats) >= len(tokens):
+            k = min(len(s.top_ids) for s in stats[: len(tokens)])
+            ids = [t for s in stats[: len(tokens)] for t in s.top_ids[:k]]
+            mass = [2.718281828459045 ** lp for s in stats[: len(tokens)] for lp in s.top_logprobs[:k]]
+            table.observe_run(context[-self.max_order:], list(tokens), ids, mass, k, forget)
+        else:
+            table.observe_run(context[-self.max_order:], list(tokens), [], [], 0, forget)
+
+    def advance(self, session: TailSession, tokens: Sequence[int]) -> None:
+        session.tail.extend(tokens)
+        session.history_len += len(tokens)
+        session.prompt_seen.extend(tokens)
+        if len(session.tail) > self.keep:
+            del session.tail[: len(session.tail) - self.keep]

@@ -1,0 +1,95 @@
+"""STAND, ADED and the hybrid: their defining behaviour."""
+
+import math
+
+from quickdraft.suffix_cache._core import NgramTable
+from quickdraft.suffix_cache.aded import AdedDrafter, AdedParams
+from quickdraft.suffix_cache.base import PositionStats, Scope, SessionKey
+from quickdraft.suffix_cache.hybrid import Calibration, HybridDrafter
+from quickdraft.suffix_cache.stand import StandDrafter, StandParams
+
+A = Scope("tenant-a", "tok")
+B = Scope("tenant-b", "tok")
+
+
+def as_dict(pairs):
+    return {t: round(p, 3) for t, p in pairs}
+
+
+def test_stand_keeps_the_targets_probabilities():
+    d = StandDrafter(StandParams(learn_prompt=False))
+    key = SessionKey(A, "s")
+    d.begin_call(key, [1, 2])
+    stats = [PositionStats((5, 6), (math.log(0.7), math.log(0.3)), 0.6)]
+    d.accept(key, [5], stats)
+    table = d.state.tables[A]
+    assert as_dict(table.distribution([1, 2])) == {5: 0.7, 6: 0.3}
+    # A second verified visit of the same context averages in the new distribution.
+    d.begin_call(key, [1, 2])
+    d.accept(key, [6], [PositionStats((6, 5), (math.log(0.9), math.log(0.1)), 0.3)])
+    assert as_dict(table.distribution([1, 2])) == {5: 0.4, 6: 0.6}
+
+
+def test_stand_learns_one_hot_without_stats_and_drafts_from_it():
+    d = StandDrafter()
+    key = SessionKey(A, "s")
+    d.begin_call(key, [7, 8, 9, 7, 8])
+    tree = d.propose(key, 4)
+    assert tree.token_ids[0] == 9 and tree.probs[0] == 1.0
+    assert d.propose(SessionKey(B, "s"), 4).token_ids == []  # nothing learned for another tenant
+
+
+def test_stand_gumbel_top_k_samples_children_in_proportion_to_their_mass():
+    table = NgramTable(2, 8, 1000)
+    table.observe_run([1], [2], [2, 3], [0.75, 0.25], 2)
+    firsts = [table.draft_stand([1], 1, 1, 0.0, 1, 1.0, seed)[0][0] for seed in range(2000)]
+    share = firsts.count(2) / len(firsts)
+    assert 0.70 < share < 0.80  # Gumbel-max draws the first child with probability 0.75
+    assert table.draft_stand([1], 1, 1, 0.0, 1, 0.0, 0)[0] == [2]  # deterministic without temperature
+
+
+def test_aded_adapts_to_recent_text():
+    d = AdedDrafter(AdedParams(forget=0.8))
+    key = SessionKey(A, "s")
+    d.begin_call(key, [1, 2, 3] * 6)
+    first = as_dict(d.state.tables[A].distribution([1, 2]))
+    assert max(first, key=first.get) == 3
+    d.begin_call(key, [1, 2, 3] * 6 + [1, 2, 4] * 4)
+    later = as_dict(d.state.tables[A].distribution([1, 2]))
+    assert max(later, key=later.get) == 4  # recent counts outweigh faded older ones
+
+
+def test_aded_feedback_moves_away_from_rejected_candidates():
+    d = AdedDrafter(AdedParams(forget=1.0, explore=0.0))
+    key = SessionKey(A, "s")
+    d.begin_call(key, [1, 2, 3, 1, 2, 3, 1, 2, 4, 1, 2, 4, 1, 2])
+    for _ in range(6):
+        tree = d.propose(key, 2)
+        assert tree.token_ids
+        # The target keeps answering 4 after "1 2".
+        d.accept(key, [4])
+        d.begin_call(key, [1, 2, 3, 1, 2, 3, 1, 2, 4, 1, 2, 4, 1, 2])
+    assert d.propose(key, 1).token_ids == [4]
+
+
+def test_hybrid_merges_members_and_calibrates():
+    d = HybridDrafter()
+    key = SessionKey(A, "s")
+    d.begin_call(key, [5, 6, 7, 8, 1, 5, 6])
+    tree = d.propose(key, 8)
+    tree.validate()
+    assert tree.token_ids[0] == 7
+    d.accept(key, [7, 8, 2])
+    d.end_call(key)
+    cal = d._calibration[(A, "suffix")]
+    assert sum(cal.drafted) > 0 and sum(cal.accepted) > 0
+
+
+def test_calibration_learns_acceptance_rates_per_bin():
+    from quickdraft.suffix_cache.draft import DraftTree
+
+    cal = Calibration()
+    tree = DraftTree([1, 2], [-1, -1], [0.9, 0.9])
+    for _ in range(200):
+        cal.update(tree, [0])  # of two nodes at 0.9, only one is ever accepted
+    assert abs(cal.calibrated([0.9])[0] - 0.5) < 0.05
