@@ -41,6 +41,10 @@ class LiveReport:
     mismatched_calls: int
     max_new_tokens: int
     wall_s: float
+    # With --redis-url: commands the Redis server executed during the replay, per output token
+    # (speculative and plain runs together), from its INFO commandstats.
+    redis_commands: int | None = None
+    redis_commands_per_token: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -56,11 +60,13 @@ def replay_live(
     tokenizer_name: str = "smollm2-135m",
     api_key: str | None = None,
     progress: bool = True,
+    redis_url: str | None = None,
 ) -> LiveReport:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     started = time.perf_counter()
     tok = load_tokenizer(tokenizer_name)
+    redis_before = _redis_commands(redis_url) if redis_url else None
     with QuickDraftClient(proxy, api_key) as client:
         listing = client.list_models()
         served = listing.default_model if model == "auto" else model
@@ -114,6 +120,9 @@ def replay_live(
     tps_spec = spec_tokens / max(spec_s, 1e-9)
     tps_plain = plain_tokens / max(plain_s, 1e-9)
     steps_ = max(steps, 1)
+    redis_commands = None
+    if redis_before is not None:
+        redis_commands = _redis_commands(redis_url) - redis_before - 1  # minus our own first INFO
     return LiveReport(
         proxy=proxy,
         model=served,
@@ -133,4 +142,16 @@ def replay_live(
         mismatched_calls=mismatched,
         max_new_tokens=max_new_tokens,
         wall_s=round(time.perf_counter() - started, 1),
+        redis_commands=redis_commands,
+        redis_commands_per_token=(
+            round(redis_commands / max(spec_tokens + plain_tokens, 1), 4) if redis_commands is not None else None
+        ),
     )
+
+
+def _redis_commands(url: str) -> int:
+    """Commands the server has executed since its start (all clients), from INFO commandstats."""
+    import redis
+
+    stats = redis.Redis.from_url(url).info("commandstats")
+    return sum(int(v["calls"]) for v in stats.values())

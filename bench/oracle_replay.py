@@ -10,8 +10,10 @@ recorded response, and adds one bonus token.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import pathlib
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -91,6 +93,35 @@ def tokenized_calls(file: pathlib.Path, tok, tok_id: str) -> list[tuple[str, lis
     return out
 
 
+class _SharedLogThread:
+    """The Redis response log on its own event loop, so the synchronous replay can publish to it."""
+
+    def __init__(self, url: str, drafter: Drafter) -> None:
+        from quickdraft.suffix_cache.redis_log import LogSettings, ResponseLog
+
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        from quickdraft.settings import Settings
+
+        settings = Settings()
+        self.log = ResponseLog(LogSettings(url, prefix=settings.redis_prefix, max_tokens=settings.redis_max_tokens),
+                               apply=drafter.learn_response)
+        self._call(self.log.start())
+
+    def _call(self, coro):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
+
+    def publish(self, scope: Scope, tokens: list[int]) -> None:
+        self.loop.call_soon_threadsafe(self.log.publish, scope, tokens)
+
+    def close(self) -> None:
+        self._call(self.log.flush(60))
+        self._call(self.log.close())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=10)
+
+
 def replay_oracle(
     paths: Sequence[str | pathlib.Path],
     drafter_name: str = "suffix",
@@ -99,12 +130,16 @@ def replay_oracle(
     tenant: str = "default",
     drafter: Drafter | None = None,
     progress: bool = True,
+    redis_url: str | None = None,
 ) -> OracleReport:
+    """Replay trajectories through a drafter; with ``redis_url`` its learned state lives in Redis
+    as the proxy's does (replayed at start, every response appended)."""
     files = trajectory_files(paths)
     tok = load_tokenizer(tokenizer_name)
     tok_id = tokenizer_id(tok)
     scope = Scope(tenant, tok_id)
     drafter = drafter or make_drafter(drafter_name)
+    shared = _SharedLogThread(redis_url, drafter) if redis_url else None
     calls = steps = out = accepted = drafted = 0
     draft_s = prepare_s = 0.0
     started = time.perf_counter()
@@ -139,9 +174,13 @@ def replay_oracle(
                 t0 = time.perf_counter()
                 drafter.end_call(key)
                 prepare_s += time.perf_counter() - t0
+                if shared is not None:
+                    shared.publish(scope, response)
                 calls += 1
             drafter.drop_session(SessionKey(scope, file.name.removesuffix(".traj.json")))
             bar.update(task, advance=1, tps=f"{out / max(steps, 1):.3f}")
+    if shared is not None:
+        shared.close()
     steps_ = max(steps, 1)
     return OracleReport(
         drafter=drafter_name,

@@ -19,13 +19,24 @@ from quickdraft.settings import Settings
 log = logging.getLogger(__name__)
 
 PROXY_SERVICE = "quickdraft.v1.DecodeProxy"
+# Reports whether the shared drafting state (Redis) is reachable; the proxy serves either way.
+SHARED_STATE_SERVICE = "quickdraft.v1.SharedState"
 HEALTH_INTERVAL_S = 2.0
 
 
-async def _watch_workers(pool: WorkerPool, health: health_aio.HealthServicer) -> None:
+async def _watch_workers(service: DecodeProxyService, pool: WorkerPool, health: health_aio.HealthServicer) -> None:
     """Keep health in step with the workers: SERVING once every configured worker is up."""
     status = None
+    shared = None
     while True:
+        log_ = service.shared_log
+        now_shared = log_ is None or log_.healthy
+        if now_shared != shared:
+            await health.set(SHARED_STATE_SERVICE, health_pb2.HealthCheckResponse.SERVING if now_shared
+                             else health_pb2.HealthCheckResponse.NOT_SERVING)
+            if shared is not None:
+                log.warning("shared drafting state: %s", "reachable" if now_shared else "Redis unreachable")
+            shared = now_shared
         await pool.refresh()
         serving = bool(pool.workers) and all(w.healthy for w in pool.workers)
         new = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -58,7 +69,8 @@ async def serve_proxy(settings: Settings, ready: asyncio.Event | None = None) ->
         raise OSError(f"cannot listen on {address}")
     await server.start()
     log.info("proxy listening on %s (workers: %s)", address, ", ".join(settings.workers) or "none")
-    watcher = asyncio.create_task(_watch_workers(pool, health))
+    await service.start()
+    watcher = asyncio.create_task(_watch_workers(service, pool, health))
     if ready is not None:
         ready.set()
     try:
@@ -68,4 +80,5 @@ async def serve_proxy(settings: Settings, ready: asyncio.Event | None = None) ->
         with contextlib.suppress(asyncio.CancelledError):
             await watcher
         await server.stop(grace=2)
+        await service.close()
         await pool.close()

@@ -19,6 +19,7 @@ from quickdraft.proxy.worker_pool import WorkerPool
 from quickdraft.routing.router import Router
 from quickdraft.settings import Settings
 from quickdraft.suffix_cache.base import Drafter, Scope, SessionKey
+from quickdraft.suffix_cache.redis_log import LogSettings, ResponseLog
 from quickdraft.suffix_cache.registry import DRAFTERS, make_drafter
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,24 @@ class DecodeProxyService:
         self.sessions = SessionTable(settings.max_sessions_per_tenant)
         self.drafters: dict[str, Drafter] = {name: make_drafter(name) for name in DRAFTERS}
         self.admission = Admission(settings.max_concurrent_requests, settings.max_concurrent_per_tenant)
+        self.shared_log: ResponseLog | None = None
+        if settings.redis_url:
+            self.shared_log = ResponseLog(
+                LogSettings(settings.redis_url, prefix=settings.redis_prefix, max_tokens=settings.redis_max_tokens),
+                apply=self._learn_remote,
+            )
+
+    async def start(self) -> None:
+        if self.shared_log is not None:
+            await self.shared_log.start()
+
+    async def close(self) -> None:
+        if self.shared_log is not None:
+            await self.shared_log.close()
+
+    def _learn_remote(self, scope: Scope, tokens: list[int]) -> None:
+        for drafter in self.drafters.values():
+            drafter.learn_response(scope, tokens)
 
     # -- request checks --------------------------------------------------------
     def tenant_of(self, metadata: tuple[tuple[str, str], ...] | None) -> str:
@@ -188,6 +207,7 @@ class DecodeProxyService:
                         break
             finally:
                 drafter.end_call(key)
+                self._share(drafter, key, session.history[len(prompt):])
             tail = text.finish()
             st = loop.stats
             usage = pb.Usage(
@@ -207,6 +227,16 @@ class DecodeProxyService:
                 text=tail, finish_reason=finish or "stop", usage=usage, model=params.model,
                 session_id=session.session_id,
             )
+
+    def _share(self, used: Drafter, key: SessionKey, response: list[int]) -> None:
+        """Every drafter learns the response (the one that drafted has already); other replicas too."""
+        if not response:
+            return
+        for drafter in self.drafters.values():
+            if drafter is not used:
+                drafter.learn_response(key.scope, response)
+        if self.shared_log is not None:
+            self.shared_log.publish(key.scope, response)
 
     def _forget(self, session: Session) -> None:
         for drafter in self.drafters.values():

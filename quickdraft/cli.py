@@ -129,18 +129,10 @@ def serve(
     s = load_settings(config, workers=worker_addr or None, grpc_port=grpc_port, host=host, redis_url=redis_url)
     if not s.workers:
         raise typer.BadParameter("give at least one --worker HOST:PORT (or set QUICKDRAFT_WORKERS)")
-    _warn_unused_redis(s)
     from quickdraft.proxy.server import serve_proxy
 
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve_proxy(s))
-
-
-def _warn_unused_redis(s: Settings) -> None:
-    if s.redis_url:
-        logging.getLogger("quickdraft").warning(
-            "--redis-url is accepted but drafting state is still in-process (Redis backing is not built yet)"
-        )
 
 
 def _spawn_worker(s: Settings, model: str, port: int, config: str | None) -> subprocess.Popen:
@@ -175,7 +167,6 @@ def up(
     _logging()
     _terminate_on_sigterm()
     s = load_settings(config, grpc_port=grpc_port, host=host, redis_url=redis_url)
-    _warn_unused_redis(s)
     models = model or [s.default_model]
     procs: list[subprocess.Popen] = []
     addresses = []
@@ -212,6 +203,9 @@ def replay(
     max_calls: Annotated[int, typer.Option(help="live: calls to send")] = 20,
     max_new_tokens: Annotated[int, typer.Option(help="live: completion budget per call")] = 128,
     model: Annotated[str, typer.Option(help="live: model to ask for")] = "auto",
+    redis_url: Annotated[str, typer.Option(
+        help="oracle: keep drafting state in this Redis, as the proxy does; live: count its commands per token"
+    )] = None,
     json_out: Annotated[pathlib.Path, typer.Option("--json", help="write the figures here")] = None,
 ) -> None:
     """Replay agent trajectories: --oracle for drafting quality, --proxy for live speed."""
@@ -225,12 +219,12 @@ def replay(
         name = drafter or "suffix"
         if name not in DRAFTERS:
             raise typer.BadParameter(f"unknown drafter {name!r}; use one of {sorted(DRAFTERS)}")
-        report = replay_oracle(paths, name, tokenizer, budget=budget)
+        report = replay_oracle(paths, name, tokenizer, budget=budget, redis_url=redis_url)
     else:
         from quickdraft.bench.live_replay import replay_live
 
         report = replay_live(paths, proxy, max_calls=max_calls, max_new_tokens=max_new_tokens, model=model,
-                             drafter=drafter, tokenizer_name=tokenizer)
+                             drafter=drafter, tokenizer_name=tokenizer, redis_url=redis_url)
     _write_json(json_out, report.to_dict())
 
 

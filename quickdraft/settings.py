@@ -35,6 +35,8 @@ class Settings(BaseSettings):
     max_concurrent_per_tenant: int = Field(64, ge=1, description="requests in flight per tenant")
     max_sessions_per_tenant: int = Field(1024, ge=1, description="session histories kept per tenant (LRU)")
     redis_url: str | None = Field(None, description="Redis for shared drafting state; none: in-process")
+    redis_prefix: str = Field("qd", description="prefix of every Redis key QuickDraft writes")
+    redis_max_tokens: int = Field(4_000_000, ge=1, description="response tokens kept per tenant in Redis")
     database_url: str = Field("sqlite:///~/.cache/quickdraft/quickdraft.db", description="SQL records")
 
     # -- worker ---------------------------------------------------------------

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from quickdraft.suffix_cache.base import Drafter, PositionStats, SessionKey
+from quickdraft.suffix_cache.base import Drafter, PositionStats, Scope, SessionKey
 from quickdraft.suffix_cache.draft import DraftTree
 from quickdraft.suffix_cache.ngram_session import NgramState
 
@@ -91,3 +91,6 @@ class AdedDrafter(Drafter):
     def drop_session(self, key: SessionKey) -> None:
         self.state.sessions.pop(key, None)
         self._last.pop(key, None)
+
+    def learn_response(self, scope: Scope, response: Sequence[int]) -> None:
+        self.state.table(scope).observe_run([], list(response), [], [], 0, self.params.forget)

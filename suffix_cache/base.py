@@ -82,3 +82,6 @@ class Drafter(ABC):
     @abstractmethod
     def drop_session(self, key: SessionKey) -> None:
         """Forget the session's own state (scope-wide learning stays)."""
+
+    def learn_response(self, scope: Scope, response: Sequence[int]) -> None:  # noqa: B027 (optional hook)
+        """Learn a response produced elsewhere (another replica, or a restart's replay)."""

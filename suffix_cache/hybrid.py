@@ -110,3 +110,7 @@ class HybridDrafter(Drafter):
         self._last.pop(key, None)
         for m in self.members:
             m.drop_session(key)
+
+    def learn_response(self, scope: Scope, response: Sequence[int]) -> None:
+        for m in self.members:
+            m.learn_response(scope, response)

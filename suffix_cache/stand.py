@@ -19,7 +19,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from quickdraft.suffix_cache.base import Drafter, PositionStats, SessionKey
+from quickdraft.suffix_cache.base import Drafter, PositionStats, Scope, SessionKey
 from quickdraft.suffix_cache.draft import DraftTree
 from quickdraft.suffix_cache.ngram_session import NgramState
 
@@ -71,3 +71,6 @@ class StandDrafter(Drafter):
 
     def drop_session(self, key: SessionKey) -> None:
         self.state.sessions.pop(key, None)
+
+    def learn_response(self, scope: Scope, response: Sequence[int]) -> None:
+        self.state.table(scope).observe_run([], list(response), [], [], 0, 1.0)

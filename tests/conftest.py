@@ -67,13 +67,32 @@ def worker_address(tmp_path_factory) -> Iterator[str]:
     stop(proc)
 
 
+SHARED_REDIS = "redis://127.0.0.1:6379/0"
+
+
 @pytest.fixture(scope="session")
-def proxy_address(worker_address, tmp_path_factory) -> Iterator[str]:
+def redis_prefix() -> Iterator[str]:
+    """A key prefix of this test session's own on the shared Redis, removed afterwards."""
+    import uuid
+
+    import redis
+
+    prefix = f"qdtest-{uuid.uuid4().hex[:8]}"
+    yield prefix
+    client = redis.Redis.from_url(SHARED_REDIS)
+    for key in client.scan_iter(match=f"{prefix}:*"):
+        client.delete(key)
+
+
+@pytest.fixture(scope="session")
+def proxy_address(worker_address, redis_prefix, tmp_path_factory) -> Iterator[str]:
+    """The proxy keeps its drafting state in the real Redis, as in production."""
     from quickdraft.cli import wait_serving
 
     port = free_port()
     log = tmp_path_factory.mktemp("proxy") / "proxy.log"
-    proc = start(["serve", "--worker", worker_address, "--grpc-port", str(port)], log)
+    os.environ["QUICKDRAFT_REDIS_PREFIX"] = redis_prefix
+    proc = start(["serve", "--worker", worker_address, "--grpc-port", str(port), "--redis-url", SHARED_REDIS], log)
     address = f"127.0.0.1:{port}"
     try:
         wait_serving(address, timeout=120, proc=proc)

@@ -14,9 +14,11 @@ LIVE_KEYS = {"calls", "skipped_calls", "steps", "output_tokens", "tokens_per_ste
              "outputs_identical"}
 
 
-def quickdraft(*args, timeout=900):
+def quickdraft(*args, timeout=900, env=None):
+    import os
+
     return subprocess.run([sys.executable, "-m", "quickdraft", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
+                          timeout=timeout, cwd=ROOT, env={**os.environ, **(env or {})})
 
 
 def test_generated_grpc_code_matches_the_proto():
@@ -43,6 +45,33 @@ def test_oracle_replay_writes_every_key(tmp_path, drafter):
     assert data["drafted_per_step"] <= 8
     # Copy-based drafting on agent traces beats one token per step by a wide margin.
     assert data["tokens_per_step"] > (1.8 if drafter == "suffix" else 1.2)
+
+
+def test_oracle_replay_with_redis_shares_state_between_processes(tmp_path):
+    """A second process pointed at the same Redis starts with what the first one learned."""
+    import uuid
+
+    import redis
+
+    db = "redis://127.0.0.1:6379/0"
+    prefix = f"qdtest-{uuid.uuid4().hex[:8]}"
+    env_prefix = {"QUICKDRAFT_REDIS_PREFIX": prefix}
+    files = list(map(str, trace_files(2)))
+    try:
+        figures = []
+        for run in ("in-process", "first", "second"):
+            out = tmp_path / f"{run}.json"
+            extra = [] if run == "in-process" else ["--redis-url", db]
+            done = quickdraft("replay", *files, "--oracle", "--json", str(out), *extra, env=env_prefix)
+            assert done.returncode == 0, done.stderr
+            figures.append(json.loads(out.read_text())["tokens_per_step"])
+        in_process, first, second = figures
+        assert first == pytest.approx(in_process, rel=0.01)
+        assert second > 1.5 * first  # warm: it has every response already
+    finally:
+        client = redis.Redis.from_url(db)
+        for key in client.scan_iter(match=f"{prefix}:*"):
+            client.delete(key)
 
 
 def test_replay_rejects_an_unknown_drafter():

@@ -129,6 +129,21 @@ def test_bad_requests_get_invalid_argument_with_a_reason(client, proxy_address):
     assert client.generate([{"role": "user", "content": "hi"}], max_tokens=2).usage.completion_tokens > 0
 
 
+def test_shared_state_health_reports_redis(proxy_address):
+    with grpc.insecure_channel(proxy_address) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service="quickdraft.v1.SharedState"), timeout=5)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_responses_reach_the_shared_log(client, redis_prefix):
+    import redis
+
+    client.generate([{"role": "user", "content": "Say hello in French."}], max_tokens=8, session_id="log")
+    keys = [k.decode() for k in redis.Redis.from_url("redis://127.0.0.1:6379/0").scan_iter(match=f"{redis_prefix}:*")]
+    assert any(k.startswith(f"{redis_prefix}:{{default|") and k.endswith("}:log") for k in keys)
+
+
 def test_health_and_reflection(proxy_address, worker_address):
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 

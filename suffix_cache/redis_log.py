@@ -1,0 +1,317 @@
+"""Shared, durable drafting state in Redis: an append-only log of responses per scope.
+
+Representation. Every scope (tenant, tokenizer) has one Redis Stream,
+``{prefix}:{<tenant>|<tokenizer>}:log``; each entry is one response a replica
+learned: its token ids packed as little-endian int32 (``t``), the replica that
+produced it (``o``) and that replica's sequence number (``s``). The braces are
+a hash tag, so every key of a scope lives in one Redis Cluster slot. The drafters'
+in-memory structures (suffix index, n-gram tables) are derived state: a replica
+replays the log into them at start and tails it while running, so what any
+replica learns drafts for every other within the tail's poll interval, and a
+restarted replica starts warm. The hot path never touches Redis: a response is
+applied in memory at once and queued; a writer task appends queued responses in
+pipelined batches, one command per response.
+
+Bounds. Each replica keeps the responses it holds (its own and replayed ones) up
+to ``max_tokens`` per scope, oldest evicted first; the stream is trimmed to the
+oldest response still held (``XTRIM MINID``) and to ``max_age_s``. Every replica
+applies the same rule to the same entries, so the in-memory indexes and Redis
+follow one bound without coordinating.
+
+Failures. With Redis unreachable the replica keeps serving from memory, queues
+what it learns (bounded), reports itself unhealthy, and retries; when Redis is
+back the queue is flushed and the tail resumes. A Redis that comes back empty
+(the development machines keep nothing on disk) is noticed by its new run id and
+re-seeded from the replicas' memory: one replica takes a short lock and re-appends
+the responses it holds that the stream lacks; entries a replica already applied
+are recognised by (origin, sequence) and not applied twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from array import array
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from urllib.parse import quote, unquote
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from quickdraft.suffix_cache.base import Scope
+
+log = logging.getLogger(__name__)
+
+UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+@dataclass(frozen=True, slots=True)
+class LogSettings:
+    url: str
+    prefix: str = "qd"
+    max_tokens: int = 4_000_000     # response tokens kept per scope (memory and Redis)
+    max_age_s: float = 30 * 86400
+    queue_limit: int = 100_000      # responses queued while Redis is unreachable
+    block_ms: int = 200             # tail poll interval
+    rescan_s: float = 2.0           # how often other replicas' new scopes are looked for
+
+
+@dataclass(slots=True)
+class _Held:
+    origin: str
+    seq: int
+    tokens: bytes
+    stream_id: bytes | None = None  # None until the entry is in Redis
+
+
+@dataclass(slots=True)
+class _ScopeLog:
+    key: str
+    held: deque[_Held] = field(default_factory=deque)
+    held_tokens: int = 0
+    last_id: bytes = b"0-0"         # tail position
+    applied: set[tuple[str, int]] = field(default_factory=set)
+
+
+def pack(tokens: Sequence[int]) -> bytes:
+    return array("i", tokens).tobytes()
+
+
+def unpack(data: bytes) -> list[int]:
+    out = array("i")
+    out.frombytes(data)
+    return out.tolist()
+
+
+class ResponseLog:
+    """One replica's view of the shared response logs."""
+
+    def __init__(self, settings: LogSettings, apply: Callable[[Scope, list[int]], None],
+                 replica_id: str | None = None) -> None:
+        self.settings = settings
+        self.apply = apply
+        self.replica_id = replica_id or uuid.uuid4().hex[:12]
+        self.redis = aioredis.from_url(settings.url, socket_timeout=5, socket_connect_timeout=2)
+        self._scopes: dict[Scope, _ScopeLog] = {}
+        self._queue: deque[tuple[Scope, _Held]] = deque()
+        self._seq = 0
+        self._tasks: list[asyncio.Task] = []
+        self._wake = asyncio.Event()
+        self.healthy = False
+        self._server_run_id: str | None = None
+        self.dropped = 0           # responses lost from the queue (limit reached while Redis was down)
+        self.reseeds = 0
+        self.applied_remote = 0
+
+    # -- keys ----------------------------------------------------------------
+    def key_for(self, scope: Scope) -> str:
+        return f"{self.settings.prefix}:{{{quote(scope.tenant, safe='')}|{quote(scope.tokenizer, safe='')}}}:log"
+
+    def scope_of(self, key: str) -> Scope | None:
+        head = f"{self.settings.prefix}:{{"
+        if not (key.startswith(head) and key.endswith("}:log")):
+            return None
+        tenant, _, tokenizer = key[len(head):-len("}:log")].partition("|")
+        return Scope(unquote(tenant), unquote(tokenizer))
+
+    def _scope(self, scope: Scope) -> _ScopeLog:
+        state = self._scopes.get(scope)
+        if state is None:
+            state = self._scopes[scope] = _ScopeLog(self.key_for(scope))
+        return state
+
+    # -- life cycle ------------------------------------------------------------
+    async def start(self) -> None:
+        """Replay every scope's log into memory (if Redis answers), then tail and write in the background."""
+        try:
+            await self._check_server()
+            await self._discover()
+            await self._read_new(block_ms=None)
+            self.healthy = True
+        except UNREACHABLE as exc:
+            log.warning("Redis at %s is unreachable (%s): starting cold, will catch up", self.settings.url, exc)
+        self._tasks = [asyncio.create_task(self._writer()), asyncio.create_task(self._tail())]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        if self._tasks:
+            # A blocking XREAD being cancelled can take a while to unwind inside the client; don't wait on it.
+            await asyncio.wait(self._tasks, timeout=2)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._flush(), timeout=5)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.redis.aclose(), timeout=2)
+
+    async def flush(self, timeout: float = 10.0) -> bool:
+        """Wait until every queued response is in Redis (for tests and orderly shutdown)."""
+        deadline = time.monotonic() + timeout
+        while self._queue and time.monotonic() < deadline:
+            self._wake.set()
+            await asyncio.sleep(0.02)
+        return not self._queue
+
+    # -- learning ----------------------------------------------------------------
+    def publish(self, scope: Scope, tokens: Sequence[int]) -> None:
+        """A response this replica learned (already applied in memory by the caller)."""
+        if not tokens:
+            return
+        self._seq += 1
+        held = _Held(self.replica_id, self._seq, pack(tokens))
+        state = self._scope(scope)
+        state.applied.add((held.origin, held.seq))
+        self._hold(state, held)
+        if len(self._queue) >= self.settings.queue_limit:
+            self._queue.popleft()
+            self.dropped += 1
+        self._queue.append((scope, held))
+        self._wake.set()
+
+    def _hold(self, state: _ScopeLog, held: _Held) -> None:
+        state.held.append(held)
+        state.held_tokens += len(held.tokens) // 4
+        while state.held_tokens > self.settings.max_tokens and len(state.held) > 1:
+            old = state.held.popleft()
+            state.held_tokens -= len(old.tokens) // 4
+            state.applied.discard((old.origin, old.seq))
+
+    # -- background tasks --------------------------------------------------------
+    async def _writer(self) -> None:
+        backoff = 0.1
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self._flush()
+                backoff = 0.1
+            except UNREACHABLE as exc:
+                if self.healthy:
+                    log.warning("Redis write failed (%s); %d responses queued", exc, len(self._queue))
+                self.healthy = False
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                self._wake.set()
+
+    async def _flush(self) -> None:
+        while self._queue:
+            batch = list(self._queue)[:256]
+            pipe = self.redis.pipeline(transaction=False)
+            for scope, held in batch:
+                pipe.xadd(self.key_for(scope), {"o": held.origin, "s": held.seq, "t": held.tokens})
+            ids = await pipe.execute()
+            for (_, held), stream_id in zip(batch, ids, strict=True):
+                held.stream_id = stream_id
+                self._queue.popleft()
+            await self._trim({scope for scope, _ in batch})
+
+    async def _trim(self, scopes: set[Scope]) -> None:
+        pipe = self.redis.pipeline(transaction=False)
+        for scope in scopes:
+            state = self._scope(scope)
+            oldest = next((h.stream_id for h in state.held if h.stream_id is not None), None)
+            if oldest is not None:
+                pipe.xtrim(state.key, minid=oldest, approximate=False)
+            age_floor = int((time.time() - self.settings.max_age_s) * 1000)
+            pipe.xtrim(state.key, minid=f"{age_floor}-0", approximate=False)
+        await pipe.execute()
+
+    async def _tail(self) -> None:
+        last_scan = 0.0
+        while True:
+            try:
+                if time.monotonic() - last_scan > self.settings.rescan_s:
+                    await self._discover()
+                    last_scan = time.monotonic()
+                if not self.healthy:
+                    await self._check_server()
+                    log.info("Redis at %s is reachable again", self.settings.url)
+                    self.healthy = True
+                    self._wake.set()
+                await self._read_new(block_ms=self.settings.block_ms)
+            except asyncio.CancelledError:
+                raise
+            except UNREACHABLE:
+                self.healthy = False
+                await asyncio.sleep(0.5)
+            except RedisError as exc:  # a server-side error: report and keep going
+                log.warning("Redis tail error: %s", exc)
+                await asyncio.sleep(0.5)
+
+    async def _discover(self) -> None:
+        """Find scopes that other replicas created."""
+        pattern = f"{self.settings.prefix}:{{*}}:log"
+        async for raw in self.redis.scan_iter(match=pattern, count=1000):
+            key = raw.decode() if isinstance(raw, bytes) else raw
+            scope = self.scope_of(key)
+            if scope is not None:
+                self._scope(scope)
+
+    async def _check_server(self) -> None:
+        """After a Redis restart, put back what it lost (it may keep nothing on disk)."""
+        info = await self.redis.info("server")
+        run_id = str(info.get("run_id"))
+        restarted = self._server_run_id is not None and run_id != self._server_run_id
+        self._server_run_id = run_id
+        if restarted:
+            for scope, state in self._scopes.items():
+                await self._reseed(scope, state)
+
+    async def _reseed(self, scope: Scope, state: _ScopeLog) -> None:
+        """Re-append the responses this replica holds that the stream lost (one replica at a time)."""
+        if not await self.redis.set(f"{state.key}:reseed", self.replica_id, nx=True, ex=30):
+            state.last_id = b"0-0"  # another replica is re-seeding: read the stream again from its start
+            return
+        present = set()
+        for _, fields in await self.redis.xrange(state.key):
+            present.add((fields[b"o"].decode(), int(fields[b"s"])))
+        queued = {id(h) for _, h in self._queue}
+        missing = [h for h in state.held if (h.origin, h.seq) not in present and id(h) not in queued]
+        if missing:
+            log.warning("Redis lost %d responses of tenant %r (restarted empty?): re-seeding them",
+                        len(missing), scope.tenant)
+            pipe = self.redis.pipeline(transaction=False)
+            for held in missing:
+                pipe.xadd(state.key, {"o": held.origin, "s": held.seq, "t": held.tokens})
+            for held, stream_id in zip(missing, await pipe.execute(), strict=True):
+                held.stream_id = stream_id
+            self.reseeds += 1
+        state.last_id = b"0-0"
+
+    async def _read_new(self, block_ms: int | None) -> None:
+        if not self._scopes:
+            if block_ms:
+                await asyncio.sleep(block_ms / 1000)
+            return
+        streams = {state.key: state.last_id for state in self._scopes.values()}
+        by_key = {state.key: (scope, state) for scope, state in self._scopes.items()}
+        while True:
+            reply = await self.redis.xread(streams, count=1000, block=block_ms)
+            if not reply:
+                return
+            for raw_key, entries in reply:
+                key = raw_key.decode() if isinstance(raw_key, bytes) else raw_key
+                scope, state = by_key[key]
+                for stream_id, fields in entries:
+                    state.last_id = stream_id
+                    streams[key] = stream_id
+                    origin = fields[b"o"].decode()
+                    seq = int(fields[b"s"])
+                    if (origin, seq) in state.applied:
+                        for held in state.held:  # our own entry (or a re-seeded copy): note where it is
+                            if held.origin == origin and held.seq == seq and held.stream_id is None:
+                                held.stream_id = stream_id
+                        continue
+                    held = _Held(origin, seq, fields[b"t"], stream_id)
+                    state.applied.add((origin, seq))
+                    self._hold(state, held)
+                    self.apply(scope, unpack(held.tokens))
+                    self.applied_remote += 1
+            if block_ms is not None:
+                return  # one blocking read per tail iteration; replay (None) drains everything

@@ -1,0 +1,182 @@
+"""The Redis-backed response log against real Redis servers."""
+
+import asyncio
+import shutil
+import subprocess
+import time
+import uuid
+
+import pytest
+import redis
+from conftest import free_port
+
+from quickdraft.suffix_cache.base import Scope, SessionKey
+from quickdraft.suffix_cache.redis_log import LogSettings, ResponseLog
+from quickdraft.suffix_cache.suffix import SuffixDrafter
+
+SHARED_REDIS = "redis://127.0.0.1:6379/0"
+A = Scope("tenant-a", "tok-1")
+B = Scope("tenant-b", "tok-1")
+
+
+class Replica:
+    """A drafter whose scope-wide learning is backed by a ResponseLog, as in the proxy."""
+
+    def __init__(self, url: str, prefix: str, **kw) -> None:
+        self.drafter = SuffixDrafter()
+        self.log = ResponseLog(LogSettings(url, prefix=prefix, block_ms=50, rescan_s=0.2, **kw),
+                               apply=self.drafter.learn_response)
+
+    def learn(self, scope: Scope, tokens: list[int]) -> None:
+        self.drafter.learn_response(scope, tokens)
+        self.log.publish(scope, tokens)
+
+    def drafts(self, scope: Scope, context: list[int]) -> list[int]:
+        key = SessionKey(scope, f"probe-{uuid.uuid4().hex}")
+        self.drafter.begin_call(key, context)
+        tree = self.drafter.propose(key, 8)
+        self.drafter.drop_session(key)
+        return tree.token_ids
+
+
+async def eventually(predicate, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        await asyncio.sleep(0.05)
+    return predicate()
+
+
+@pytest.fixture
+def prefix():
+    name = f"qdtest-{uuid.uuid4().hex[:8]}"
+    yield name
+    client = redis.Redis.from_url(SHARED_REDIS)
+    for key in client.scan_iter(match=f"{name}:*"):
+        client.delete(key)
+
+
+ANSWER = [900, 901, 902, 903, 904, 905]
+
+
+async def test_what_one_replica_learns_drafts_for_another(prefix):
+    one, two = Replica(SHARED_REDIS, prefix), Replica(SHARED_REDIS, prefix)
+    await one.log.start()
+    await two.log.start()
+    try:
+        one.learn(A, ANSWER)
+        assert await eventually(lambda: two.drafts(A, [1, 900, 901])[:4] == [902, 903, 904, 905], timeout=3)
+    finally:
+        await one.log.close()
+        await two.log.close()
+
+
+async def test_a_restarted_replica_starts_warm(prefix):
+    first = Replica(SHARED_REDIS, prefix)
+    await first.log.start()
+    for i in range(20):
+        first.learn(A, [1000 + i, 2000 + i, 3000 + i, 4000 + i])
+    assert await first.log.flush()
+    await first.log.close()
+    restarted = Replica(SHARED_REDIS, prefix)
+    await restarted.log.start()  # replays the log before serving
+    try:
+        assert all(restarted.drafts(A, [5, 1000 + i, 2000 + i])[:2] == [3000 + i, 4000 + i] for i in range(20))
+    finally:
+        await restarted.log.close()
+
+
+async def test_tenants_never_draft_from_each_other(prefix):
+    one, two = Replica(SHARED_REDIS, prefix), Replica(SHARED_REDIS, prefix)
+    await one.log.start()
+    await two.log.start()
+    try:
+        one.learn(A, ANSWER)
+        assert await eventually(lambda: two.drafts(A, [1, 900, 901]) != [])
+        assert two.drafts(B, [1, 900, 901]) == [] and one.drafts(B, [1, 900, 901]) == []
+        keys = {k.decode() for k in redis.Redis.from_url(SHARED_REDIS).scan_iter(match=f"{prefix}:*")}
+        assert keys == {one.log.key_for(A)}
+    finally:
+        await one.log.close()
+        await two.log.close()
+
+
+async def test_eviction_keeps_redis_and_memory_under_the_bound(prefix):
+    replica = Replica(SHARED_REDIS, prefix, max_tokens=60)
+    replica.drafter.params.global_max_tokens = 60
+    await replica.log.start()
+    try:
+        for i in range(50):
+            replica.learn(A, [5000 + i] * 10)
+        assert await replica.log.flush()
+        client = redis.Redis.from_url(SHARED_REDIS)
+        assert client.xlen(replica.log.key_for(A)) <= 6  # 6 responses of 10 tokens
+        assert replica.drafter.responses(A).live_tokens <= 60 + 6  # + one boundary marker per response
+        assert replica.drafts(A, [1, 5049]) and not replica.drafts(A, [1, 5000])  # oldest gone
+    finally:
+        await replica.log.close()
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    """A redis-server of the test's own on a free port (the shared one is never stopped)."""
+    port = free_port()
+    binary = shutil.which("redis-server")
+    assert binary, "redis-server is needed"
+    cmd = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+           "--dir", str(tmp_path)]
+
+    def start():
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+        client = redis.Redis(port=port)
+        for _ in range(100):
+            try:
+                client.ping()
+                return proc
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    server = {"proc": start()}
+
+    def stop():
+        server["proc"].terminate()
+        server["proc"].wait(timeout=10)
+
+    def restart():
+        server["proc"] = start()
+
+    yield f"redis://127.0.0.1:{port}/0", stop, restart
+    if server["proc"].poll() is None:
+        stop()
+
+
+async def test_redis_stopped_and_restarted_during_a_run(own_redis):
+    url, stop, restart = own_redis
+    replica = Replica(url, "qd")
+    await replica.log.start()
+    try:
+        replica.learn(A, [100, 101, 102, 103])
+        assert await replica.log.flush()
+        stop()
+        # Redis is gone: the replica keeps learning and drafting from memory, and says it is degraded.
+        replica.learn(A, [200, 201, 202, 203])
+        assert await eventually(lambda: not replica.log.healthy)
+        assert replica.drafts(A, [1, 200, 201])[:2] == [202, 203]
+        restart()  # comes back empty (nothing on disk)
+        assert await eventually(lambda: replica.log.healthy, timeout=10)
+        assert await replica.log.flush()
+        # Both what was learned before the outage (re-seeded) and during it reach a new replica.
+        newcomer = Replica(url, "qd")
+
+        async def both_known():
+            await newcomer.log.start()
+            return newcomer.drafts(A, [1, 100, 101])[:2] == [102, 103] and \
+                newcomer.drafts(A, [1, 200, 201])[:2] == [202, 203]
+
+        assert await eventually(lambda: replica.log.reseeds >= 1, timeout=10)
+        assert await both_known()
+        await newcomer.log.close()
+    finally:
+        await replica.log.close()
