@@ -59,7 +59,7 @@ class LogSettings:
     max_tokens: int = 4_000_000     # response tokens kept per scope (memory and Redis)
     max_age_s: float = 30 * 86400
     queue_limit: int = 100_000      # responses queued while Redis is unreachable
-    block_ms: int = 200             # tail poll interval
+    block_ms: int = 1000            # longest wait of one XREAD; new entries end it at once
     rescan_s: float = 2.0           # how often other replicas' new scopes are looked for
 
 

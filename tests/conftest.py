@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import pathlib
+import shutil
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 
 import pytest
+import redis
 
 from quickdraft.cli import _die_with_parent
 
@@ -34,10 +37,11 @@ def trace_files(n: int) -> list[pathlib.Path]:
     return files[:n]
 
 
-def start(args: list[str], log: pathlib.Path) -> subprocess.Popen:
-    handle = log.open("w")
+def start(args: list[str], log: pathlib.Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    handle = log.open("a")
     return subprocess.Popen([sys.executable, "-m", "quickdraft", *args], stdout=handle, stderr=subprocess.STDOUT,
-                            start_new_session=True, preexec_fn=_die_with_parent)
+                            start_new_session=True, preexec_fn=_die_with_parent,
+                            env={**os.environ, **(env or {})})
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -75,8 +79,6 @@ def redis_prefix() -> Iterator[str]:
     """A key prefix of this test session's own on the shared Redis, removed afterwards."""
     import uuid
 
-    import redis
-
     prefix = f"qdtest-{uuid.uuid4().hex[:8]}"
     yield prefix
     client = redis.Redis.from_url(SHARED_REDIS)
@@ -91,8 +93,8 @@ def proxy_address(worker_address, redis_prefix, tmp_path_factory) -> Iterator[st
 
     port = free_port()
     log = tmp_path_factory.mktemp("proxy") / "proxy.log"
-    os.environ["QUICKDRAFT_REDIS_PREFIX"] = redis_prefix
-    proc = start(["serve", "--worker", worker_address, "--grpc-port", str(port), "--redis-url", SHARED_REDIS], log)
+    proc = start(["serve", "--worker", worker_address, "--grpc-port", str(port), "--redis-url", SHARED_REDIS], log,
+                 env={"QUICKDRAFT_REDIS_PREFIX": redis_prefix})
     address = f"127.0.0.1:{port}"
     try:
         wait_serving(address, timeout=120, proc=proc)
@@ -109,3 +111,37 @@ def client(proxy_address):
 
     with QuickDraftClient(proxy_address) as c:
         yield c
+
+
+@pytest.fixture
+def own_redis(tmp_path):
+    """A redis-server of the test's own on a free port (the shared one is never stopped)."""
+    port = free_port()
+    binary = shutil.which("redis-server")
+    assert binary, "redis-server is needed"
+    cmd = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+           "--dir", str(tmp_path)]
+
+    def launch():
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+        client = redis.Redis(port=port)
+        for _ in range(100):
+            try:
+                client.ping()
+                return proc
+            except redis.ConnectionError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    server = {"proc": launch()}
+
+    def stop():
+        server["proc"].terminate()
+        server["proc"].wait(timeout=10)
+
+    def restart():
+        server["proc"] = launch()
+
+    yield f"redis://127.0.0.1:{port}/0", stop, restart
+    if server["proc"].poll() is None:
+        stop()

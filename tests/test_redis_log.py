@@ -1,14 +1,11 @@
 """The Redis-backed response log against real Redis servers."""
 
 import asyncio
-import shutil
-import subprocess
 import time
 import uuid
 
 import pytest
 import redis
-from conftest import free_port
 
 from quickdraft.suffix_cache.base import Scope, SessionKey
 from quickdraft.suffix_cache.redis_log import LogSettings, ResponseLog
@@ -116,40 +113,6 @@ async def test_eviction_keeps_redis_and_memory_under_the_bound(prefix):
         assert replica.drafts(A, [1, 5049]) and not replica.drafts(A, [1, 5000])  # oldest gone
     finally:
         await replica.log.close()
-
-
-@pytest.fixture
-def own_redis(tmp_path):
-    """A redis-server of the test's own on a free port (the shared one is never stopped)."""
-    port = free_port()
-    binary = shutil.which("redis-server")
-    assert binary, "redis-server is needed"
-    cmd = [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-           "--dir", str(tmp_path)]
-
-    def start():
-        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
-        client = redis.Redis(port=port)
-        for _ in range(100):
-            try:
-                client.ping()
-                return proc
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server did not start")
-
-    server = {"proc": start()}
-
-    def stop():
-        server["proc"].terminate()
-        server["proc"].wait(timeout=10)
-
-    def restart():
-        server["proc"] = start()
-
-    yield f"redis://127.0.0.1:{port}/0", stop, restart
-    if server["proc"].poll() is None:
-        stop()
 
 
 async def test_redis_stopped_and_restarted_during_a_run(own_redis):
