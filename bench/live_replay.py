@@ -22,6 +22,20 @@ from quickdraft.client import QuickDraftClient
 
 
 @dataclass(slots=True)
+class CallRecord:
+    trajectory: str
+    index: int
+    prompt_tokens: int
+    reused_prompt_tokens: int
+    completion_tokens: int
+    steps: int
+    ttft_ms: float              # speculative run
+    ttft_ms_plain: float
+    wall_ms: float
+    wall_ms_plain: float
+
+
+@dataclass(slots=True)
 class LiveReport:
     proxy: str
     model: str
@@ -45,6 +59,9 @@ class LiveReport:
     # (speculative and plain runs together), from its INFO commandstats.
     redis_commands: int | None = None
     redis_commands_per_token: float | None = None
+    redis_commands_by_type: dict[str, int] | None = None
+    # One entry per call sent: how much of its prompt the worker reused, and what it cost.
+    per_call: list[CallRecord] | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -80,6 +97,7 @@ def replay_live(
         ttft_spec: list[float] = []
         ttft_plain: list[float] = []
         mismatched = 0
+        records: list[CallRecord] = []
         columns = (TextColumn("live replay"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("speedup {task.fields[speedup]}"), TimeElapsedColumn())
         with Progress(*columns, disable=not progress, transient=True) as bar:
@@ -114,15 +132,24 @@ def replay_live(
                 ttft_spec.append(spec.ttft_s * 1e3)
                 ttft_plain.append(plain.ttft_s * 1e3)
                 mismatched += spec.token_ids != plain.token_ids
+                records.append(CallRecord(
+                    call.trajectory, call.index, spec.usage.prompt_tokens, spec.usage.reused_prompt_tokens,
+                    len(spec.token_ids), spec.usage.verification_steps, round(spec.ttft_s * 1e3, 1),
+                    round(plain.ttft_s * 1e3, 1), round(spec.wall_s * 1e3, 1), round(plain.wall_s * 1e3, 1),
+                ))
                 tps_spec = spec_tokens / max(spec_s, 1e-9)
                 tps_plain = plain_tokens / max(plain_s, 1e-9)
                 bar.update(task, advance=1, speedup=f"{tps_spec / max(tps_plain, 1e-9):.2f}x")
     tps_spec = spec_tokens / max(spec_s, 1e-9)
     tps_plain = plain_tokens / max(plain_s, 1e-9)
     steps_ = max(steps, 1)
-    redis_commands = None
+    redis_commands = by_type = None
     if redis_before is not None:
-        redis_commands = _redis_commands(redis_url) - redis_before - 1  # minus our own first INFO
+        after = _redis_commands(redis_url)
+        by_type = {k: after.get(k, 0) - redis_before.get(k, 0) for k in after}
+        by_type["info"] = by_type.get("info", 0) - 1  # our own first INFO
+        by_type = {k: v for k, v in sorted(by_type.items()) if v > 0}
+        redis_commands = sum(by_type.values())
     return LiveReport(
         proxy=proxy,
         model=served,
@@ -146,12 +173,14 @@ def replay_live(
         redis_commands_per_token=(
             round(redis_commands / max(spec_tokens + plain_tokens, 1), 4) if redis_commands is not None else None
         ),
+        redis_commands_by_type=by_type,
+        per_call=records,
     )
 
 
-def _redis_commands(url: str) -> int:
-    """Commands the server has executed since its start (all clients), from INFO commandstats."""
+def _redis_commands(url: str) -> dict[str, int]:
+    """Commands the server has executed since its start (all clients) by name, from INFO commandstats."""
     import redis
 
     stats = redis.Redis.from_url(url).info("commandstats")
-    return sum(int(v["calls"]) for v in stats.values())
+    return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}

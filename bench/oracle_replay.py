@@ -11,17 +11,14 @@ recorded response, and adds one bonus token.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import pathlib
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-import numpy as np
-
-from quickdraft.bench.traces import trajectory_calls, trajectory_files
-from quickdraft.catalog import cache_root, chat_prompt_ids, load_tokenizer, tokenizer_id
+from quickdraft.bench.traces import tokenized_calls, trajectory_files
+from quickdraft.catalog import load_tokenizer, tokenizer_id
 from quickdraft.suffix_cache.base import Drafter, Scope, SessionKey
 from quickdraft.suffix_cache.registry import make_drafter
 
@@ -46,51 +43,6 @@ class OracleReport:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def tokenized_calls(file: pathlib.Path, tok, tok_id: str) -> list[tuple[str, list[int], list[int]]]:
-    """(session id, prompt ids, response ids) of each call, cached on disk by file content.
-
-    Rendering the chat template over whole conversations dominates a replay's wall
-    time, and replays are repeated often; prompts are stored as (tokens kept from
-    the previous prompt, new tail) since each call's prompt extends the last.
-    """
-    digest = hashlib.sha256(file.read_bytes()).hexdigest()[:24]
-    cached = cache_root() / "replay" / tok_id / f"{digest}.npz"
-    if cached.exists():
-        data = np.load(cached)
-        keeps, tails, t_off = data["keeps"], data["tails"], data["tail_offsets"]
-        resps, r_off, sessions = data["responses"], data["response_offsets"], data["sessions"]
-        out, prompt = [], []
-        for i, keep in enumerate(keeps.tolist()):
-            prompt = prompt[:keep] + tails[t_off[i]:t_off[i + 1]].tolist()
-            out.append((str(sessions[i]), prompt, resps[r_off[i]:r_off[i + 1]].tolist()))
-        return out
-    out = []
-    for call in trajectory_calls(file):
-        response = tok.encode(call.response, add_special_tokens=False)
-        if response:
-            out.append((call.trajectory, chat_prompt_ids(tok, call.messages), response))
-    keeps, tails, resps, prev = [], [], [], []
-    for _, prompt, response in out:
-        keep = 0
-        while keep < min(len(prev), len(prompt)) and prev[keep] == prompt[keep]:
-            keep += 1
-        keeps.append(keep)
-        tails.append(prompt[keep:])
-        resps.append(response)
-        prev = prompt
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_suffix(".tmp.npz")
-    np.savez_compressed(
-        tmp, keeps=np.array(keeps, np.int64), sessions=np.array([c[0] for c in out]),
-        tails=np.array([t for tail in tails for t in tail], np.int32),
-        tail_offsets=np.cumsum([0] + [len(t) for t in tails]),
-        responses=np.array([t for r in resps for t in r], np.int32),
-        response_offsets=np.cumsum([0] + [len(r) for r in resps]),
-    )
-    tmp.replace(cached)
-    return out
 
 
 class _SharedLogThread:

@@ -55,7 +55,7 @@ class GenerateRequest(_message.Message):
     def __init__(self, model: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., max_tokens: _Optional[int] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., session_id: _Optional[str] = ..., speculation: _Optional[_Union[SpeculationOptions, _Mapping]] = ..., stop: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "completion_tokens", "verification_steps", "accepted_draft_tokens", "drafted_tokens", "drafter", "route", "fallbacks", "time_to_first_token_ms", "total_ms", "reused_prompt_tokens")
+    __slots__ = ("prompt_tokens", "completion_tokens", "verification_steps", "accepted_draft_tokens", "drafted_tokens", "drafter", "route", "fallbacks", "time_to_first_token_ms", "total_ms", "reused_prompt_tokens", "worker_failovers", "prefilled_tokens")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     VERIFICATION_STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +67,8 @@ class Usage(_message.Message):
     TIME_TO_FIRST_TOKEN_MS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
     REUSED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    WORKER_FAILOVERS_FIELD_NUMBER: _ClassVar[int]
+    PREFILLED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     completion_tokens: int
     verification_steps: int
@@ -78,7 +80,9 @@ class Usage(_message.Message):
     time_to_first_token_ms: float
     total_ms: float
     reused_prompt_tokens: int
-    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., verification_steps: _Optional[int] = ..., accepted_draft_tokens: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., drafter: _Optional[str] = ..., route: _Optional[str] = ..., fallbacks: _Optional[int] = ..., time_to_first_token_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., reused_prompt_tokens: _Optional[int] = ...) -> None: ...
+    worker_failovers: int
+    prefilled_tokens: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., verification_steps: _Optional[int] = ..., accepted_draft_tokens: _Optional[int] = ..., drafted_tokens: _Optional[int] = ..., drafter: _Optional[str] = ..., route: _Optional[str] = ..., fallbacks: _Optional[int] = ..., time_to_first_token_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., reused_prompt_tokens: _Optional[int] = ..., worker_failovers: _Optional[int] = ..., prefilled_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("text", "token_ids", "finish_reason", "usage", "model", "session_id")
@@ -139,6 +143,18 @@ class ListModelsResponse(_message.Message):
     drafters: _containers.RepeatedScalarFieldContainer[str]
     default_drafter: str
     def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., default_model: _Optional[str] = ..., drafters: _Optional[_Iterable[str]] = ..., default_drafter: _Optional[str] = ...) -> None: ...
+
+class RegisterWorkerRequest(_message.Message):
+    __slots__ = ("address",)
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    address: str
+    def __init__(self, address: _Optional[str] = ...) -> None: ...
+
+class RegisterWorkerResponse(_message.Message):
+    __slots__ = ("added",)
+    ADDED_FIELD_NUMBER: _ClassVar[int]
+    added: bool
+    def __init__(self, added: _Optional[bool] = ...) -> None: ...
 
 class DraftTree(_message.Message):
     __slots__ = ("token_ids", "parents")

@@ -183,6 +183,78 @@ class DecodeProxy:
             _registered_method=True)
 
 
+class WorkerRegistryStub:
+    """Missing associated documentation comment in .proto file."""
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.Register = channel.unary_unary(
+                '/quickdraft.v1.WorkerRegistry/Register',
+                request_serializer=quickdraft_dot_proto_dot_quickdraft__pb2.RegisterWorkerRequest.SerializeToString,
+                response_deserializer=quickdraft_dot_proto_dot_quickdraft__pb2.RegisterWorkerResponse.FromString,
+                _registered_method=True)
+
+
+class WorkerRegistryServicer:
+    """Missing associated documentation comment in .proto file."""
+
+    def Register(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_WorkerRegistryServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'Register': grpc.unary_unary_rpc_method_handler(
+                    servicer.Register,
+                    request_deserializer=quickdraft_dot_proto_dot_quickdraft__pb2.RegisterWorkerRequest.FromString,
+                    response_serializer=quickdraft_dot_proto_dot_quickdraft__pb2.RegisterWorkerResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'quickdraft.v1.WorkerRegistry', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('quickdraft.v1.WorkerRegistry', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class WorkerRegistry:
+    """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Register(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/quickdraft.v1.WorkerRegistry/Register',
+            quickdraft_dot_proto_dot_quickdraft__pb2.RegisterWorkerRequest.SerializeToString,
+            quickdraft_dot_proto_dot_quickdraft__pb2.RegisterWorkerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+
 class WorkerStub:
     """Missing associated documentation comment in .proto file."""
 

@@ -12,6 +12,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
 from quickdraft.proto import quickdraft_pb2 as pb
+from quickdraft.proto import quickdraft_pb2_grpc as pb_grpc
 from quickdraft.proxy.service import DecodeProxyService, add_to_server
 from quickdraft.proxy.worker_pool import WorkerPool
 from quickdraft.settings import Settings
@@ -29,23 +30,49 @@ async def _watch_workers(service: DecodeProxyService, pool: WorkerPool, health: 
     status = None
     shared = None
     while True:
-        log_ = service.shared_log
-        now_shared = log_ is None or log_.healthy
-        if now_shared != shared:
-            await health.set(SHARED_STATE_SERVICE, health_pb2.HealthCheckResponse.SERVING if now_shared
-                             else health_pb2.HealthCheckResponse.NOT_SERVING)
-            if shared is not None:
-                log.warning("shared drafting state: %s", "reachable" if now_shared else "Redis unreachable")
-            shared = now_shared
-        await pool.refresh()
-        serving = bool(pool.workers) and all(w.healthy for w in pool.workers)
-        new = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        if new != status:
-            for service in ("", PROXY_SERVICE):
-                await health.set(service, new)
-            status = new
-            log.info("proxy health: %s", health_pb2.HealthCheckResponse.ServingStatus.Name(new))
+        try:
+            status, shared = await _health_round(service, pool, health, status, shared)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a health round must never stop the watcher for good
+            log.exception("health check round failed")
         await asyncio.sleep(HEALTH_INTERVAL_S)
+
+
+async def _health_round(service: DecodeProxyService, pool: WorkerPool, health: health_aio.HealthServicer,
+                        status: int | None, shared: bool | None) -> tuple[int | None, bool | None]:
+    """One look at Redis and the workers; health is only written when it changes."""
+    log_ = service.shared_log
+    now_shared = log_ is None or log_.healthy
+    if now_shared != shared:
+        await health.set(SHARED_STATE_SERVICE, health_pb2.HealthCheckResponse.SERVING if now_shared
+                         else health_pb2.HealthCheckResponse.NOT_SERVING)
+        if shared is not None:
+            log.warning("shared drafting state: %s", "reachable" if now_shared else "Redis unreachable")
+        shared = now_shared
+    await pool.refresh()
+    serving = pool.ready()
+    new = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    if new != status:
+        for name in ("", PROXY_SERVICE):
+            await health.set(name, new)
+        status = new
+        log.info("proxy health: %s", health_pb2.HealthCheckResponse.ServingStatus.Name(new))
+    return status, shared
+
+
+class WorkerRegistryService(pb_grpc.WorkerRegistryServicer):
+    """Lets workers join a running proxy."""
+
+    def __init__(self, pool: WorkerPool) -> None:
+        self.pool = pool
+
+    async def Register(self, request, context):
+        address = request.address.strip()
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit():
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"address must be HOST:PORT, got {address!r}")
+        return pb.RegisterWorkerResponse(added=await self.pool.add(address))
 
 
 async def serve_proxy(settings: Settings, ready: asyncio.Event | None = None) -> None:
@@ -56,19 +83,23 @@ async def serve_proxy(settings: Settings, ready: asyncio.Event | None = None) ->
         options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
     )
     add_to_server(service, server)
+    pb_grpc.add_WorkerRegistryServicer_to_server(WorkerRegistryService(pool), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     for svc in ("", PROXY_SERVICE):
         await health.set(svc, health_pb2.HealthCheckResponse.NOT_SERVING)
     reflection.enable_server_reflection(
-        (pb.DESCRIPTOR.services_by_name["DecodeProxy"].full_name, reflection.SERVICE_NAME, "grpc.health.v1.Health"),
+        (pb.DESCRIPTOR.services_by_name["DecodeProxy"].full_name,
+         pb.DESCRIPTOR.services_by_name["WorkerRegistry"].full_name,
+         reflection.SERVICE_NAME, "grpc.health.v1.Health"),
         server,
     )
     address = f"{settings.host}:{settings.grpc_port}"
     if server.add_insecure_port(address) == 0:
         raise OSError(f"cannot listen on {address}")
     await server.start()
-    log.info("proxy listening on %s (workers: %s)", address, ", ".join(settings.workers) or "none")
+    log.info("proxy listening on %s (workers: %s)", address,
+             ", ".join(settings.workers) or "none yet; waiting for `quickdraft worker --register`")
     await service.start()
     watcher = asyncio.create_task(_watch_workers(service, pool, health))
     if ready is not None:

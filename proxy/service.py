@@ -222,6 +222,8 @@ class DecodeProxyService:
                 time_to_first_token_ms=((st.first_token_at or time.perf_counter()) - started) * 1e3,
                 total_ms=(time.perf_counter() - started) * 1e3,
                 reused_prompt_tokens=max(st.reused_prompt_tokens, 0),
+                worker_failovers=st.failovers,
+                prefilled_tokens=st.prefilled_tokens,
             )
             yield pb.GenerateChunk(
                 text=tail, finish_reason=finish or "stop", usage=usage, model=params.model,

@@ -57,6 +57,7 @@ class LoopStats:
     accepted_draft_tokens: int = 0
     drafted_tokens: int = 0
     reused_prompt_tokens: int = -1
+    prefilled_tokens: int = 0      # history tokens sent to (and run by) the worker(s)
     resyncs: int = 0
     failovers: int = 0
     first_token_at: float = 0.0
@@ -103,6 +104,7 @@ class SpeculationLoop:
             if not response.resync_required:
                 if self.stats.reused_prompt_tokens < 0:
                     self.stats.reused_prompt_tokens = known
+                self.stats.prefilled_tokens += len(request.new_tokens)
                 return response
             self.stats.resyncs += 1
             s.worker_len = 0

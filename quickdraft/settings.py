@@ -27,6 +27,10 @@ class Settings(BaseSettings):
         default_factory=dict, description="API key -> tenant; empty: every request is tenant 'default'"
     )
     default_model: str = Field("smollm2-135m", description="model served when a request says 'auto'")
+    up_models: list[str] = Field(
+        default_factory=lambda: ["smollm2-135m", "gemma3-270m"],
+        description="models `quickdraft up` starts a worker for (the small and the large model)",
+    )
     default_drafter: str = Field("suffix", description="drafter used when a request names none")
     max_draft_tokens: int = Field(8, ge=0, le=64, description="draft tree nodes sent per verification step")
     default_max_tokens: int = Field(256, ge=1, description="completion budget when a request sets none")
@@ -46,6 +50,17 @@ class Settings(BaseSettings):
     dtype: str = Field("auto", description="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16")
     kv_budget_mb: int = Field(2048, ge=64, description="KV cache memory for all sessions of a worker")
     threads: int = Field(0, ge=0, description="torch CPU threads; 0: torch's default")
+    register_with: list[str] = Field(
+        default_factory=list, description="proxies (HOST:PORT) a worker announces itself to"
+    )
+    advertise: str | None = Field(None, description="HOST:PORT proxies reach this worker on; default: host:port")
+    oracle_traces: list[str] = Field(
+        default_factory=list,
+        description="trajectories whose recorded responses the worker emits instead of the model's choice",
+    )
+    pass_cost_ms: float | None = Field(
+        None, ge=0, description="with oracle traces: a fixed cost per pass instead of the model (quick checks only)"
+    )
 
     config_file: str | None = Field(None, exclude=True)
 

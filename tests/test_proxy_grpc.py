@@ -67,6 +67,12 @@ def test_usage_figures_and_session_reuse(client):
     second = client.generate(follow, max_tokens=8, session_id="usage")
     assert second.usage.reused_prompt_tokens >= u.prompt_tokens
     assert second.session_id == "usage"
+    # Counted tokens: the first call prefilled its whole prompt, the second only what is new
+    # (then one token per later step, the previous step's bonus).
+    assert u.prefilled_tokens == u.prompt_tokens + u.verification_steps - 1
+    v = second.usage
+    assert v.prefilled_tokens == v.prompt_tokens - v.reused_prompt_tokens + v.verification_steps - 1
+    assert v.prefilled_tokens < v.prompt_tokens - u.prompt_tokens + v.verification_steps
 
 
 def test_calls_without_session_id_join_the_session_they_extend(client):

@@ -123,6 +123,7 @@ def cache_nbytes(cache: Cache) -> int:
 class SessionKV:
     tokens: list[int] = field(default_factory=list)
     cache: Cache | None = None
+    oracle: object | None = None    # the recorded response being followed (oracle-traces workers)
 
 
 class SessionStore:

@@ -21,9 +21,18 @@ from dataclasses import dataclass, field
 
 import torch
 
+from quickdraft.catalog import chat_prompt_ids
 from quickdraft.verifiers.kv_cache import SessionKV, SessionStore, cache_length, keep_positions, set_cache_length
 from quickdraft.verifiers.model_loader import LoadedModel
-from quickdraft.verifiers.tree_verify import Sampling, TokenStats, accept_walk, token_stats, tree_inputs
+from quickdraft.verifiers.oracle_target import OracleTarget
+from quickdraft.verifiers.tree_verify import (
+    Sampling,
+    TokenStats,
+    accept_walk,
+    sliding_window_mask,
+    token_stats,
+    tree_inputs,
+)
 
 PREFILL_CHUNK = 1024
 
@@ -77,12 +86,18 @@ def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
 class ModelRuntime:
     def __init__(self, loaded: LoadedModel, kv_budget_bytes: int = 2 << 30) -> None:
         self.loaded = loaded
+        self.oracle: OracleTarget | None = None
+        self.pass_cost_ms: float | None = None
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.device = loaded.device
         config = self.model.config
         self.context_length = int(getattr(config, "max_position_embeddings", 2048))
         self.vocab_size = int(config.vocab_size)
+        # Models with local-attention layers (Gemma 3: a 512-token window on most layers) get a
+        # second mask for those layers; the cache keeps every position, the mask limits the view.
+        layer_types = set(getattr(config, "layer_types", None) or ())
+        self.sliding_window = int(config.sliding_window) if "sliding_attention" in layer_types else 0
         self.sessions = SessionStore(config.num_hidden_layers, kv_budget_bytes)
         self.kv_bytes_per_token = kv_bytes_per_token(config, loaded.dtype)
         self._lock = threading.Lock()  # one forward pass at a time
@@ -102,6 +117,20 @@ class ModelRuntime:
             if isinstance(tid, int) and tid != self.tokenizer.unk_token_id and tid is not None:
                 ids.add(tid)
         return tuple(sorted(ids))
+
+    def follow_recordings(self, oracle: OracleTarget, pass_cost_ms: float | None = None) -> None:
+        """Emit recorded responses instead of the model's choices (see oracle_target.py). With
+        ``pass_cost_ms`` the model is not run at all: each pass costs that long (quick checks only)."""
+        self.oracle = oracle
+        self.pass_cost_ms = pass_cost_ms
+
+    def turn_end_token(self) -> int:
+        """The token that closes an assistant turn in this model's chat format."""
+        for special in ("<|im_end|>", "<end_of_turn>", "<|eot_id|>"):
+            tid = self.tokenizer.convert_tokens_to_ids(special)
+            if isinstance(tid, int) and tid != self.tokenizer.unk_token_id:
+                return tid
+        return int(self.tokenizer.eos_token_id)
 
     def _make_info(self) -> WorkerInfo:
         from quickdraft.catalog import tokenizer_id
@@ -123,12 +152,7 @@ class ModelRuntime:
         return self._info
 
     def tokenize(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
-        out = self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=add_generation_prompt, tokenize=True
-        )
-        if not isinstance(out, list):
-            out = out["input_ids"]
-        return [int(t) for t in out]
+        return chat_prompt_ids(self.tokenizer, messages, add_generation_prompt)
 
     def release(self, session_key: str) -> bool:
         with self._lock:
@@ -216,6 +240,11 @@ class ModelRuntime:
         draft_parents: list[int],
         req: VerifyInput,
     ) -> VerifyOutput:
+        history_len = len(session.tokens) + len(feed)
+        if self.oracle is not None:
+            session.oracle = self.oracle.follow(session.tokens + feed, session.oracle)
+        if self.pass_cost_ms is not None:
+            return self._fixed_cost_pass(session, feed, draft_tokens, draft_parents)
         cache = session.cache
         dev = self.device
         computed = len(feed) + len(draft_tokens)
@@ -230,19 +259,28 @@ class ModelRuntime:
         past = cache_length(cache)
         ids = torch.tensor([feed + draft_tokens], dtype=torch.long, device=dev)
         pos, mask = tree_inputs(past, len(feed), draft_parents, dev)
+        attention_mask = mask
+        if self.sliding_window:
+            attention_mask = {"full_attention": mask,
+                              "sliding_attention": sliding_window_mask(mask, pos, past, self.sliding_window)}
         result = self.model(
             input_ids=ids,
             position_ids=pos,
-            attention_mask=mask,
+            attention_mask=attention_mask,
             cache=cache,
             use_cache=True,
             logits_to_keep=len(draft_tokens) + 1,
         )
         logits = result.logits[0]
         base = past + len(feed)
-        emitted, accepted, rows = accept_walk(
-            logits, draft_tokens, draft_parents, req.sampling, seed=req.seed, position=base
-        )
+        recorded = self._recorded_walk(session, history_len, draft_tokens, draft_parents)
+        if recorded is not None:
+            emitted, accepted = recorded
+            rows = [0, *(1 + j for j in accepted)][: len(emitted)]
+        else:
+            emitted, accepted, rows = accept_walk(
+                logits, draft_tokens, draft_parents, req.sampling, seed=req.seed, position=base
+            )
         keep_positions(cache, base, [base + j for j in accepted])
         session.tokens.extend(feed)
         session.tokens.extend(draft_tokens[j] for j in accepted)
@@ -254,6 +292,25 @@ class ModelRuntime:
             cached_len=len(session.tokens),
             computed_tokens=computed,
         )
+
+
+    @staticmethod
+    def _recorded_walk(session: SessionKV, history_len: int, draft_tokens: list[int],
+                       draft_parents: list[int]) -> tuple[list[int], list[int]] | None:
+        cursor = session.oracle
+        if cursor is None or history_len - cursor.prompt_len >= len(cursor.response):
+            return None
+        return OracleTarget.walk(cursor, history_len, draft_tokens, draft_parents)
+
+    def _fixed_cost_pass(self, session: SessionKV, feed: list[int], draft_tokens: list[int],
+                         draft_parents: list[int]) -> VerifyOutput:
+        time.sleep(self.pass_cost_ms / 1e3)
+        session.tokens.extend(feed)
+        recorded = self._recorded_walk(session, len(session.tokens), draft_tokens, draft_parents)
+        emitted, accepted = recorded if recorded is not None else ([self.turn_end_token()], [])
+        session.tokens.extend(draft_tokens[j] for j in accepted)
+        return VerifyOutput(tokens=emitted, accepted_nodes=accepted, cached_len=len(session.tokens),
+                            computed_tokens=len(feed) + len(draft_tokens))
 
 
 def session_key(tenant: str, session_id: str) -> str:

@@ -101,8 +101,34 @@ def server_options() -> list[tuple[str, int]]:
     ]
 
 
-async def serve_worker(runtime: ModelRuntime, host: str, port: int, ready: asyncio.Event | None = None) -> None:
-    """Serve until cancelled. Health turns SERVING once the model is loaded (it is, by now)."""
+REGISTER_EVERY_S = 5.0
+
+
+async def _register(proxies: list[str], address: str) -> None:
+    """Announce this worker to each proxy, again and again: a restarted proxy finds it within seconds."""
+    told: set[str] = set()
+    while True:
+        for proxy in proxies:
+            try:
+                async with grpc.aio.insecure_channel(proxy) as channel:
+                    await pb_grpc.WorkerRegistryStub(channel).Register(
+                        pb.RegisterWorkerRequest(address=address), timeout=5)
+                if proxy not in told:
+                    log.info("registered with the proxy at %s as %s", proxy, address)
+                    told.add(proxy)
+            except grpc.aio.AioRpcError as exc:
+                if proxy in told or exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    log.warning("cannot register with the proxy at %s: %s", proxy, exc.details())
+                told.discard(proxy)
+        await asyncio.sleep(REGISTER_EVERY_S)
+
+
+async def serve_worker(runtime: ModelRuntime, host: str, port: int, ready: asyncio.Event | None = None,
+                       register_with: list[str] | None = None, advertise: str | None = None) -> None:
+    """Serve until cancelled. Health turns SERVING once the model is loaded (it is, by now).
+
+    With ``register_with``, the worker announces itself to those proxies as ``advertise``
+    (default: the host and port it listens on)."""
     server = grpc.aio.server(options=server_options())
     pb_grpc.add_WorkerServicer_to_server(WorkerService(runtime), server)
     health = health_aio.HealthServicer()
@@ -120,7 +146,12 @@ async def serve_worker(runtime: ModelRuntime, host: str, port: int, ready: async
     log.info("worker %s serving on %s:%d", runtime.info().model, host, bound)
     if ready is not None:
         ready.set()
+    registering = None
+    if register_with:
+        registering = asyncio.create_task(_register(register_with, advertise or f"{host}:{bound}"))
     try:
         await server.wait_for_termination()
     finally:
+        if registering is not None:
+            registering.cancel()
         await server.stop(grace=2)

@@ -70,6 +70,16 @@ def tree_inputs(
     return pos, mask.to(device)[None, None]
 
 
+def sliding_window_mask(mask: torch.Tensor, positions: torch.Tensor, past: int, window: int) -> torch.Tensor:
+    """The tree mask for local-attention layers: a query sees a key only if their positions are
+    less than ``window`` apart (the cached context's positions are its indices; a draft node's
+    position is the context end plus its depth)."""
+    pos = positions[0]
+    keys = torch.cat([torch.arange(past, device=pos.device), pos])
+    near = (pos[:, None] - keys[None, :]) < window
+    return mask & near[None, None]
+
+
 def _new_block(q: int, n_new: int) -> torch.Tensor:
     """Visibility of the new context tokens: causal among themselves, all of them for draft rows."""
     block = torch.ones((q, n_new), dtype=torch.bool)

@@ -1,0 +1,112 @@
+"""Several workers per model: registration, failover mid-request, eviction and rebuild.
+
+Real worker processes with SmolLM2; the outputs are compared with the same
+requests served by the session's ordinary worker and proxy (greedy, one CPU
+thread everywhere, so the numbers are the same).
+"""
+
+from __future__ import annotations
+
+import time
+
+from conftest import free_port, start, stop
+
+from quickdraft.cli import wait_serving
+from quickdraft.client import QuickDraftClient
+
+QUESTION = [{"role": "user", "content": "Write a short story about a lighthouse keeper who finds a message."}]
+
+
+def long_prompt(topic: str) -> list[dict[str, str]]:
+    lines = "\n".join(f"line {i}: {topic}_value_{i} = compute({i}) + offset_{i % 7}" for i in range(70))
+    return [{"role": "user", "content": f"Here is a file about {topic}:\n{lines}\nWhat does line 3 compute?"}]
+
+
+def launch_worker(tmp_path, name: str, *extra: str):
+    port = free_port()
+    log = tmp_path / f"{name}.log"
+    proc = start(["worker", "--model", "smollm2-135m", "--port", str(port), "--threads", "1", *extra], log)
+    return proc, f"127.0.0.1:{port}", log
+
+
+def launch_proxy(tmp_path, *workers: str):
+    port = free_port()
+    log = tmp_path / "proxy.log"
+    args = ["serve", "--grpc-port", str(port)]
+    for w in workers:
+        args += ["--worker", w]
+    return start(args, log), f"127.0.0.1:{port}", log
+
+
+def ready(proc, address, log) -> None:
+    try:
+        wait_serving(address, timeout=300, proc=proc)
+    except Exception:
+        stop(proc)
+        raise RuntimeError(f"{address} did not start:\n{log.read_text()[-4000:]}") from None
+
+
+def test_registered_worker_takes_over_when_the_first_dies_mid_request(tmp_path, client):
+    first, first_addr, first_log = launch_worker(tmp_path, "first")
+    procs = [first]
+    try:
+        ready(first, first_addr, first_log)
+        proxy, proxy_addr, proxy_log = launch_proxy(tmp_path, first_addr)
+        procs.append(proxy)
+        ready(proxy, proxy_addr, proxy_log)
+        # A second worker joins the running proxy by itself.
+        second, second_addr, second_log = launch_worker(tmp_path, "second", "--register", proxy_addr)
+        procs.append(second)
+        ready(second, second_addr, second_log)
+        with QuickDraftClient(proxy_addr) as qd:
+            deadline = time.monotonic() + 30
+            while qd.list_models().models[0].workers < 2:
+                assert time.monotonic() < deadline, "the registered worker never joined"
+                time.sleep(0.2)
+
+            reference = client.generate(QUESTION, max_tokens=96, session_id="failover-ref")
+            stream = qd.stream(QUESTION, max_tokens=96, session_id="failover", timeout=300)
+            chunks = [next(stream)]           # the request is under way on the first worker
+            first.kill()
+            chunks.extend(stream)
+            tokens = [t for c in chunks for t in c.token_ids]
+            usage = chunks[-1].usage
+            assert tokens == list(reference.token_ids)
+            assert usage.worker_failovers == 1
+            # The session was rebuilt from the proxy's history on the second worker.
+            assert usage.prefilled_tokens > usage.prompt_tokens + usage.verification_steps - 1
+            # And the proxy keeps serving on the survivor.
+            after = qd.generate(QUESTION, max_tokens=8, session_id="after-failover")
+            assert after.token_ids == reference.token_ids[:8]
+    finally:
+        for p in procs:
+            stop(p)
+
+
+def test_an_evicted_session_is_rebuilt_transparently(tmp_path, client):
+    # 64 MB holds about 1,400 SmolLM2 positions in fp32: two ~800-token sessions cannot both stay.
+    worker, worker_addr, worker_log = launch_worker(tmp_path, "small", "--kv-budget-mb", "64")
+    procs = [worker]
+    try:
+        ready(worker, worker_addr, worker_log)
+        proxy, proxy_addr, proxy_log = launch_proxy(tmp_path, worker_addr)
+        procs.append(proxy)
+        ready(proxy, proxy_addr, proxy_log)
+        a, b = long_prompt("alpha"), long_prompt("beta")
+        with QuickDraftClient(proxy_addr) as qd:
+            a1 = qd.generate(a, max_tokens=24, session_id="a")
+            qd.generate(b, max_tokens=24, session_id="b")      # evicts session a's KV
+            a_next = a + [{"role": "assistant", "content": a1.text}, {"role": "user", "content": "And line 5?"}]
+            a2 = qd.generate(a_next, max_tokens=24, session_id="a")
+        assert a1.usage.prompt_tokens > 700
+        # The worker no longer held the session: the proxy resent its history, nothing reused.
+        assert a2.usage.reused_prompt_tokens == 0
+        assert a2.usage.prefilled_tokens == a2.usage.prompt_tokens + a2.usage.verification_steps - 1
+        # Same output as a worker that never evicted it.
+        ref1 = client.generate(a, max_tokens=24, session_id="evict-ref")
+        ref2 = client.generate(a_next, max_tokens=24, session_id="evict-ref")
+        assert a1.token_ids == ref1.token_ids and a2.token_ids == ref2.token_ids
+        assert ref2.usage.reused_prompt_tokens >= ref1.usage.prompt_tokens
+    finally:
+        for p in procs:
+            stop(p)
