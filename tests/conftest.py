@@ -74,16 +74,19 @@ def worker_address(tmp_path_factory) -> Iterator[str]:
 SHARED_REDIS = "redis://127.0.0.1:6379/0"
 
 
-@pytest.fixture(scope="session")
-def redis_prefix() -> Iterator[str]:
-    """A key prefix of this test session's own on the shared Redis, removed afterwards."""
+def _own_prefix() -> Iterator[str]:
+    """A key prefix of its own on the shared Redis; its keys are removed afterwards."""
     import uuid
 
-    prefix = f"qdtest-{uuid.uuid4().hex[:8]}"
-    yield prefix
+    name = f"qdtest-{uuid.uuid4().hex[:8]}"
+    yield name
     client = redis.Redis.from_url(SHARED_REDIS)
-    for key in client.scan_iter(match=f"{prefix}:*"):
+    for key in client.scan_iter(match=f"{name}:*"):
         client.delete(key)
+
+
+redis_prefix = pytest.fixture(scope="session", name="redis_prefix")(_own_prefix)  # the shared proxy's
+prefix = pytest.fixture(name="prefix")(_own_prefix)                                # one test's
 
 
 @pytest.fixture(scope="session")

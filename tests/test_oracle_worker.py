@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-from conftest import stop, trace_files
-from test_worker_failover import launch_proxy, launch_worker, ready
+from conftest import trace_files
+from test_worker_failover import worker_with_proxy
 
 from quickdraft.bench.traces import trajectory_calls
 from quickdraft.catalog import chat_prompt_ids, load_tokenizer
@@ -27,13 +27,7 @@ def short_calls(file, limit: int, count: int):
 def test_oracle_worker_emits_the_recorded_responses(tmp_path, mode):
     file = trace_files(1)[0]
     extra = ["--oracle-traces", str(file)] + (["--pass-cost-ms", "2"] if mode == "fixed-cost" else [])
-    worker, worker_addr, worker_log = launch_worker(tmp_path, "oracle", *extra)
-    procs = [worker]
-    try:
-        ready(worker, worker_addr, worker_log)
-        proxy, proxy_addr, proxy_log = launch_proxy(tmp_path, worker_addr)
-        procs.append(proxy)
-        ready(proxy, proxy_addr, proxy_log)
+    with worker_with_proxy(tmp_path, *extra) as (_, proxy_addr, _procs):
         # The real model runs every pass in "model" mode: keep it to one short call there.
         calls = short_calls(file, 4000, 1 if mode == "model" else 3)
         with QuickDraftClient(proxy_addr) as qd:
@@ -46,6 +40,3 @@ def test_oracle_worker_emits_the_recorded_responses(tmp_path, mode):
                 assert spec.usage.verification_steps < plain.usage.verification_steps
                 if mode == "fixed-cost":
                     assert spec.finish_reason == "stop"  # the recording ends with the end of the turn
-    finally:
-        for p in procs:
-            stop(p)

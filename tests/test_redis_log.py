@@ -4,7 +4,6 @@ import asyncio
 import time
 import uuid
 
-import pytest
 import redis
 
 from quickdraft.suffix_cache.base import Scope, SessionKey
@@ -43,15 +42,6 @@ async def eventually(predicate, timeout=5.0):
             return True
         await asyncio.sleep(0.05)
     return predicate()
-
-
-@pytest.fixture
-def prefix():
-    name = f"qdtest-{uuid.uuid4().hex[:8]}"
-    yield name
-    client = redis.Redis.from_url(SHARED_REDIS)
-    for key in client.scan_iter(match=f"{name}:*"):
-        client.delete(key)
 
 
 ANSWER = [900, 901, 902, 903, 904, 905]

@@ -13,7 +13,6 @@ import time
 import uuid
 
 import grpc
-import pytest
 import redis
 from conftest import SHARED_REDIS, free_port, start, stop
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -76,15 +75,6 @@ def logged_responses(url: str, prefix: str, tenant: str) -> int:
 # A replica finds another replica's new scope within its rescan interval (2 s) and
 # then receives new entries at once; this leaves room for both on a busy machine.
 PROPAGATION_S = 4.0
-
-
-@pytest.fixture
-def prefix():
-    name = f"qdtest-{uuid.uuid4().hex[:8]}"
-    yield name
-    client = redis.Redis.from_url(SHARED_REDIS)
-    for key in client.scan_iter(match=f"{name}:*"):
-        client.delete(key)
 
 
 def test_replicas_share_learning_survive_a_kill_and_keep_tenants_apart(worker_address, prefix, tmp_path):

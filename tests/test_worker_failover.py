@@ -7,7 +7,10 @@ thread everywhere, so the numbers are the same).
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
 import time
+from collections.abc import Iterator
 
 from conftest import free_port, start, stop
 
@@ -46,14 +49,25 @@ def ready(proc, address, log) -> None:
         raise RuntimeError(f"{address} did not start:\n{log.read_text()[-4000:]}") from None
 
 
-def test_registered_worker_takes_over_when_the_first_dies_mid_request(tmp_path, client):
-    first, first_addr, first_log = launch_worker(tmp_path, "first")
-    procs = [first]
+@contextlib.contextmanager
+def worker_with_proxy(tmp_path, *worker_args: str) -> Iterator[tuple[subprocess.Popen, str, list]]:
+    """A worker (with these extra arguments) and a proxy in front of it; yields (worker, proxy address,
+    the list of processes to stop, which a test may extend)."""
+    worker, worker_addr, worker_log = launch_worker(tmp_path, "worker", *worker_args)
+    procs = [worker]
     try:
-        ready(first, first_addr, first_log)
-        proxy, proxy_addr, proxy_log = launch_proxy(tmp_path, first_addr)
+        ready(worker, worker_addr, worker_log)
+        proxy, proxy_addr, proxy_log = launch_proxy(tmp_path, worker_addr)
         procs.append(proxy)
         ready(proxy, proxy_addr, proxy_log)
+        yield worker, proxy_addr, procs
+    finally:
+        for p in procs:
+            stop(p)
+
+
+def test_registered_worker_takes_over_when_the_first_dies_mid_request(tmp_path, client):
+    with worker_with_proxy(tmp_path) as (first, proxy_addr, procs):
         # A second worker joins the running proxy by itself.
         second, second_addr, second_log = launch_worker(tmp_path, "second", "--register", proxy_addr)
         procs.append(second)
@@ -78,20 +92,11 @@ def test_registered_worker_takes_over_when_the_first_dies_mid_request(tmp_path, 
             # And the proxy keeps serving on the survivor.
             after = qd.generate(QUESTION, max_tokens=8, session_id="after-failover")
             assert after.token_ids == reference.token_ids[:8]
-    finally:
-        for p in procs:
-            stop(p)
 
 
 def test_an_evicted_session_is_rebuilt_transparently(tmp_path, client):
     # 64 MB holds about 1,400 SmolLM2 positions in fp32: two ~800-token sessions cannot both stay.
-    worker, worker_addr, worker_log = launch_worker(tmp_path, "small", "--kv-budget-mb", "64")
-    procs = [worker]
-    try:
-        ready(worker, worker_addr, worker_log)
-        proxy, proxy_addr, proxy_log = launch_proxy(tmp_path, worker_addr)
-        procs.append(proxy)
-        ready(proxy, proxy_addr, proxy_log)
+    with worker_with_proxy(tmp_path, "--kv-budget-mb", "64") as (_, proxy_addr, _procs):
         a, b = long_prompt("alpha"), long_prompt("beta")
         with QuickDraftClient(proxy_addr) as qd:
             a1 = qd.generate(a, max_tokens=24, session_id="a")
@@ -107,6 +112,3 @@ def test_an_evicted_session_is_rebuilt_transparently(tmp_path, client):
         ref2 = client.generate(a_next, max_tokens=24, session_id="evict-ref")
         assert a1.token_ids == ref1.token_ids and a2.token_ids == ref2.token_ids
         assert ref2.usage.reused_prompt_tokens >= ref1.usage.prompt_tokens
-    finally:
-        for p in procs:
-            stop(p)
