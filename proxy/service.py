@@ -190,6 +190,7 @@ class DecodeProxyService:
             drafter = self.drafters[prepared.drafter_name]
             key = SessionKey(Scope(prepared.tenant, meta.tokenizer_id), session.session_id)
             drafter.begin_call(key, prompt)
+            drafter.set_temperature(key, params.temperature)
             loop = SpeculationLoop(self.pool, drafter, key, session, params, meta.eos_token_ids)
             text = TextStream(meta.tokenizer, prepared.stop)
             produced = 0

@@ -83,5 +83,10 @@ class Drafter(ABC):
     def drop_session(self, key: SessionKey) -> None:
         """Forget the session's own state (scope-wide learning stays)."""
 
+    def set_temperature(self, key: SessionKey, temperature: float) -> None:  # noqa: B027 (optional hook)
+        """The session's current call samples at ``temperature`` (0: greedy). Drafters that draw
+        their trees stochastically follow it; the others need not care, since acceptance is
+        lossless whatever the tree."""
+
     def learn_response(self, scope: Scope, response: Sequence[int]) -> None:  # noqa: B027 (optional hook)
         """Learn a response produced elsewhere (another replica, or a restart's replay)."""

@@ -111,6 +111,10 @@ class HybridDrafter(Drafter):
         for m in self.members:
             m.drop_session(key)
 
+    def set_temperature(self, key: SessionKey, temperature: float) -> None:
+        for m in self.members:
+            m.set_temperature(key, temperature)
+
     def learn_response(self, scope: Scope, response: Sequence[int]) -> None:
         for m in self.members:
             m.learn_response(scope, response)

@@ -33,7 +33,7 @@ class StandParams:
     min_prob: float = 0.02
     branch: int = 4             # children per node at most
     learn_prompt: bool = True
-    temperature: float = 0.0    # > 0: Gumbel-top-k children (set per request when sampling)
+    temperature: float = 0.0    # > 0: Gumbel-top-k children; a request's own temperature overrides it
 
 
 class StandDrafter(Drafter):
@@ -43,6 +43,10 @@ class StandDrafter(Drafter):
         self.params = params or StandParams()
         self.state = NgramState(self.params.max_order, self.params.width, self.params.max_entries)
         self._rng = random.Random(0)
+        self._temperature: dict[SessionKey, float] = {}
+
+    def set_temperature(self, key: SessionKey, temperature: float) -> None:
+        self._temperature[key] = temperature
 
     def begin_call(self, key: SessionKey, prompt: Sequence[int]) -> None:
         session, new = self.state.begin(key, prompt)
@@ -57,7 +61,8 @@ class StandDrafter(Drafter):
             return DraftTree()
         p = self.params
         tokens, parents, probs = table.draft_stand(
-            session.tail, budget, p.max_depth, p.min_prob, p.branch, p.temperature, self._rng.getrandbits(63)
+            session.tail, budget, p.max_depth, p.min_prob, p.branch, self._temperature.get(key, p.temperature),
+            self._rng.getrandbits(63),
         )
         return DraftTree(tokens, parents, probs)
 
@@ -71,6 +76,7 @@ class StandDrafter(Drafter):
 
     def drop_session(self, key: SessionKey) -> None:
         self.state.sessions.pop(key, None)
+        self._temperature.pop(key, None)
 
     def learn_response(self, scope: Scope, response: Sequence[int]) -> None:
         self.state.table(scope).observe_run([], list(response), [], [], 0, 1.0)

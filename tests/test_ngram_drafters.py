@@ -48,6 +48,20 @@ def test_stand_gumbel_top_k_samples_children_in_proportion_to_their_mass():
     assert table.draft_stand([1], 1, 1, 0.0, 1, 0.0, 0)[0] == [2]  # deterministic without temperature
 
 
+def test_stand_follows_each_requests_temperature():
+    d = StandDrafter(StandParams(learn_prompt=False))
+    greedy, sampled = SessionKey(A, "greedy"), SessionKey(A, "sampled")
+    for key in (greedy, sampled):
+        d.begin_call(key, [1])
+    d.accept(greedy, [2], [PositionStats((2, 3), (math.log(0.6), math.log(0.4)), 0.7)])
+    d.set_temperature(sampled, 1.0)
+    for key in (greedy, sampled):
+        d.begin_call(key, [1])
+    firsts = {key: {d.propose(key, 1).token_ids[0] for _ in range(200)} for key in (greedy, sampled)}
+    assert firsts[greedy] == {2}            # top-k: always the likelier child
+    assert firsts[sampled] == {2, 3}        # Gumbel-top-k at the request's temperature: both
+
+
 def test_aded_adapts_to_recent_text():
     d = AdedDrafter(AdedParams(forget=0.8))
     key = SessionKey(A, "s")

@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <queue>
 #include <random>
+#include <tuple>
 #include <vector>
 
 namespace qd {
@@ -114,7 +115,9 @@ class NgramTable {
   // Grow a draft tree. `score` maps (entry, next token) to an unnormalised
   // weight; children's probabilities are their weights over the entry's total
   // weight. With gumbel_temperature > 0, each node keeps at most `branch`
-  // children sampled without replacement (Gumbel-top-k) instead of the heaviest.
+  // children sampled without replacement (Gumbel-top-k) instead of the heaviest,
+  // and the tree grows in the order of the perturbed log-probabilities, so a
+  // small budget follows what the target is likely to sample, not only its mode.
   template <typename Score>
   TreeOut grow(const int32_t* ctx, int64_t ctx_len, int budget, int max_depth, double min_prob, int branch,
                double gumbel_temperature, uint64_t seed, Score score) const {
@@ -122,17 +125,18 @@ class NgramTable {
     if (budget <= 0 || ctx_len <= 0) return out;
     std::mt19937_64 rng(seed);
     struct Item {
+      double key;   // log-probability, Gumbel-perturbed when sampling: the growth order
       double prob;
       int32_t serial;
       int32_t token;
       int32_t parent;
       int depth;
-      bool operator<(const Item& o) const { return prob < o.prob || (prob == o.prob && serial > o.serial); }
+      bool operator<(const Item& o) const { return key < o.key || (key == o.key && serial > o.serial); }
     };
     std::priority_queue<Item> heap;
     int32_t serial = 0;
     std::vector<int32_t> path;  // scratch: context tail + path to a node
-    auto expand = [&](int32_t parent, double parent_prob, int depth) {
+    auto expand = [&](int32_t parent, double parent_prob, double parent_key, int depth) {
       // Context of the node: the last max_order tokens of ctx + path to it.
       path.clear();
       std::vector<int32_t> rev;
@@ -152,32 +156,37 @@ class NgramTable {
         total += w;
       }
       if (total <= 0) return;
-      std::vector<std::pair<double, int32_t>> chosen;
+      // (key offset, weight, token) of the children kept.
+      std::vector<std::tuple<double, double, int32_t>> chosen;
       if (gumbel_temperature > 0) {
         std::extreme_value_distribution<double> gumbel(0.0, 1.0);
         std::vector<std::pair<double, size_t>> keyed;
         for (size_t i = 0; i < weights.size(); ++i)
           keyed.push_back({std::log(weights[i].first) / gumbel_temperature + gumbel(rng), i});
         std::sort(keyed.begin(), keyed.end(), [](auto& a, auto& b) { return a.first > b.first; });
-        for (size_t i = 0; i < keyed.size() && static_cast<int>(i) < branch; ++i)
-          chosen.push_back(weights[keyed[i].second]);
+        for (size_t i = 0; i < keyed.size() && static_cast<int>(i) < branch; ++i) {
+          // Scaled back by the temperature so keys of different depths stay comparable.
+          double noisy = keyed[i].first * gumbel_temperature - std::log(total);
+          chosen.push_back({noisy, weights[keyed[i].second].first, weights[keyed[i].second].second});
+        }
       } else {
         std::sort(weights.begin(), weights.end(), [](auto& a, auto& b) { return a.first > b.first; });
-        for (size_t i = 0; i < weights.size() && static_cast<int>(i) < branch; ++i) chosen.push_back(weights[i]);
+        for (size_t i = 0; i < weights.size() && static_cast<int>(i) < branch; ++i)
+          chosen.push_back({std::log(weights[i].first / total), weights[i].first, weights[i].second});
       }
-      for (const auto& [w, tok] : chosen) {
+      for (const auto& [offset, w, tok] : chosen) {
         double p = parent_prob * w / total;
-        if (p >= min_prob) heap.push({p, serial++, tok, parent, depth + 1});
+        if (p >= min_prob) heap.push({parent_key + offset, p, serial++, tok, parent, depth + 1});
       }
     };
-    expand(-1, 1.0, 0);
+    expand(-1, 1.0, 0.0, 0);
     while (!heap.empty() && static_cast<int>(out.tokens.size()) < budget) {
       Item it = heap.top();
       heap.pop();
       out.tokens.push_back(it.token);
       out.parents.push_back(it.parent);
       out.probs.push_back(it.prob);
-      if (it.depth < max_depth) expand(static_cast<int32_t>(out.tokens.size()) - 1, it.prob, it.depth);
+      if (it.depth < max_depth) expand(static_cast<int32_t>(out.tokens.size()) - 1, it.prob, it.key, it.depth);
     }
     return out;
   }
