@@ -233,7 +233,7 @@ class VerifyRequest(_message.Message):
     def __init__(self, session_key: _Optional[str] = ..., known_len: _Optional[int] = ..., anchor: _Optional[_Iterable[int]] = ..., new_tokens: _Optional[_Iterable[int]] = ..., draft: _Optional[_Union[DraftTree, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., top_logprobs: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class VerifyResponse(_message.Message):
-    __slots__ = ("resync_required", "tokens", "accepted_nodes", "stats", "cached_len", "computed_tokens", "forward_ms")
+    __slots__ = ("resync_required", "tokens", "accepted_nodes", "stats", "cached_len", "computed_tokens", "forward_ms", "batch_size", "queue_depth", "batch_tokens")
     RESYNC_REQUIRED_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_NODES_FIELD_NUMBER: _ClassVar[int]
@@ -241,6 +241,9 @@ class VerifyResponse(_message.Message):
     CACHED_LEN_FIELD_NUMBER: _ClassVar[int]
     COMPUTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     FORWARD_MS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
     resync_required: bool
     tokens: _containers.RepeatedScalarFieldContainer[int]
     accepted_nodes: _containers.RepeatedScalarFieldContainer[int]
@@ -248,7 +251,10 @@ class VerifyResponse(_message.Message):
     cached_len: int
     computed_tokens: int
     forward_ms: float
-    def __init__(self, resync_required: _Optional[bool] = ..., tokens: _Optional[_Iterable[int]] = ..., accepted_nodes: _Optional[_Iterable[int]] = ..., stats: _Optional[_Iterable[_Union[TokenStats, _Mapping]]] = ..., cached_len: _Optional[int] = ..., computed_tokens: _Optional[int] = ..., forward_ms: _Optional[float] = ...) -> None: ...
+    batch_size: int
+    queue_depth: int
+    batch_tokens: int
+    def __init__(self, resync_required: _Optional[bool] = ..., tokens: _Optional[_Iterable[int]] = ..., accepted_nodes: _Optional[_Iterable[int]] = ..., stats: _Optional[_Iterable[_Union[TokenStats, _Mapping]]] = ..., cached_len: _Optional[int] = ..., computed_tokens: _Optional[int] = ..., forward_ms: _Optional[float] = ..., batch_size: _Optional[int] = ..., queue_depth: _Optional[int] = ..., batch_tokens: _Optional[int] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
     __slots__ = ("session_key",)

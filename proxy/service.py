@@ -137,6 +137,7 @@ class DecodeProxyService:
             seed=sp.seed,
             speculate=spec.enabled if spec.HasField("enabled") else True,
             draft_budget=budget,
+            adaptive=s.adaptive_speculation,
         )
         return Prepared(
             tenant=tenant,

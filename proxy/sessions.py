@@ -14,6 +14,7 @@ import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+from quickdraft.proxy.goodput import Acceptance
 from quickdraft.suffix_cache.base import common_prefix_len
 
 
@@ -26,6 +27,10 @@ class Session:
     prompt_len: int = 0          # length of the last call's prompt
     worker_len: int = 0          # history tokens the placed worker holds
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # How this session's drafts fare, for sizing them under load (proxy/goodput.py).
+    acceptance: Acceptance = field(default_factory=Acceptance)
+    tokens_per_step: float = 1.0  # moving average
+    last_scored: int = 1          # positions its last step scored on the worker
 
     def start_call(self, prompt: list[int]) -> int:
         """Adopt a new prompt as history; returns how many tokens were kept from before."""

@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 import grpc
 
 from quickdraft.proto import quickdraft_pb2 as pb
-from quickdraft.proxy.errors import NoWorker
+from quickdraft.proxy.errors import NoWorker, Overloaded
+from quickdraft.proxy.goodput import Load, choose_draft_size
 from quickdraft.proxy.sessions import Session
 from quickdraft.proxy.worker_pool import WorkerClient, WorkerPool
 from quickdraft.suffix_cache.base import Drafter, PositionStats, SessionKey
@@ -42,6 +43,7 @@ class GenerationParams:
     seed: int = 0
     speculate: bool = True
     draft_budget: int = 8
+    adaptive: bool = True        # size each draft by the worker's load (proxy/goodput.py)
 
 
 @dataclass(slots=True)
@@ -79,7 +81,14 @@ class SpeculationLoop:
             return DraftTree()
         tree = self.drafter.propose(self.drafter_key, self.params.draft_budget)
         # Nodes deeper than the remaining completion budget could never be kept.
-        return tree.pruned_to_depth(remaining - 1)
+        tree = tree.pruned_to_depth(remaining - 1)
+        if self.params.adaptive and tree.token_ids:
+            s = self.session
+            worker = self.pool.pick(self.params.model, s.worker_key)
+            size = choose_draft_size(tree.probs, s.acceptance.ratio, worker.load, s.last_scored, s.tokens_per_step,
+                                     worker.cost)
+            tree = tree.truncated(size)
+        return tree
 
     async def _verify(self, worker: WorkerClient, tree: DraftTree) -> pb.VerifyResponse:
         s = self.session
@@ -101,6 +110,9 @@ class SpeculationLoop:
                 response = await worker.stub.Verify(request)
             finally:
                 worker.in_flight -= 1
+            if response.batch_tokens:
+                worker.cost.observe(response.batch_tokens, response.forward_ms)
+                worker.load = Load(max(response.batch_size, 1), response.batch_tokens)
             if not response.resync_required:
                 if self.stats.reused_prompt_tokens < 0:
                     self.stats.reused_prompt_tokens = known
@@ -117,6 +129,9 @@ class SpeculationLoop:
             try:
                 return await self._verify(worker, tree)
             except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    raise Overloaded(f"the worker serving {self.params.model!r} is full: {exc.details()}", 0.5) \
+                        from exc
                 if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
                     raise
                 log.warning("worker %s failed (%s); moving session to another worker", worker.address, exc.code())
@@ -150,6 +165,9 @@ class SpeculationLoop:
             s.history.extend(emitted)
             s.worker_len = min(response.cached_len, len(s.history))
             self.stats.steps += 1
+            s.acceptance.observe(tree.expected_accepted(), n_acc)
+            s.tokens_per_step = 0.8 * s.tokens_per_step + 0.2 * len(emitted)
+            s.last_scored = max(response.computed_tokens, 1)
             self.stats.accepted_draft_tokens += n_acc
             self.stats.drafted_tokens += len(tree)
             if not self.stats.first_token_at:

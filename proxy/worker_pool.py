@@ -12,6 +12,7 @@ from tokenizers import Tokenizer
 from quickdraft.proto import quickdraft_pb2 as pb
 from quickdraft.proto import quickdraft_pb2_grpc as pb_grpc
 from quickdraft.proxy.errors import InvalidRequest, NoWorker
+from quickdraft.proxy.goodput import Load, PassCost
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,8 @@ class WorkerClient:
     meta: ModelMeta | None = None
     healthy: bool = False
     in_flight: int = 0
+    cost: PassCost = field(default_factory=PassCost)   # its pass time by positions scored
+    load: Load = field(default_factory=Load)           # what its last pass looked like
 
     @classmethod
     def connect(cls, address: str) -> WorkerClient:

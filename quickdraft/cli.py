@@ -89,6 +89,8 @@ def worker(
     dtype: Annotated[str, typer.Option(help="auto, float32 or bfloat16")] = None,
     kv_budget_mb: Annotated[int, typer.Option(help="KV cache memory for all sessions")] = None,
     threads: Annotated[int, typer.Option(help="torch CPU threads (0: default)")] = None,
+    max_batch: Annotated[int, typer.Option(help="sessions' steps batched into one forward pass, at most")] = None,
+    max_queue: Annotated[int, typer.Option(help="steps waiting before RESOURCE_EXHAUSTED")] = None,
     register: Annotated[list[str], typer.Option(
         "--register", help="announce this worker to the proxy at HOST:PORT (repeatable); no proxy restart needed",
     )] = None,
@@ -105,7 +107,8 @@ def worker(
     _logging()
     _quiet_transformers()
     s = load_settings(config, model=model, worker_port=port, host=host, device=device, dtype=dtype,
-                      kv_budget_mb=kv_budget_mb, threads=threads, register_with=register or None,
+                      kv_budget_mb=kv_budget_mb, threads=threads, max_batch=max_batch, max_queue=max_queue,
+                      register_with=register or None,
                       advertise=advertise, oracle_traces=[str(p) for p in oracle_traces] if oracle_traces else None,
                       pass_cost_ms=pass_cost_ms)
     if s.pass_cost_ms is not None and not s.oracle_traces:
@@ -134,7 +137,8 @@ def worker(
     )
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve_worker(runtime, s.host, s.worker_port, register_with=s.register_with,
-                                 advertise=s.advertise))
+                                 advertise=s.advertise, max_batch=s.max_batch, max_batch_tokens=s.max_batch_tokens,
+                                 max_queue=s.max_queue))
 
 
 # -- proxy -----------------------------------------------------------------------
@@ -253,6 +257,7 @@ def replay(
 BENCHMARKS = {
     "drafters": "oracle replay of every drafter side by side (PATHS: trajectories)",
     "forward": "cost of one verification pass by context length and draft size (in-process model)",
+    "load": "many sessions at once against a running stack (--proxy), speculation on vs off, by level (--sessions)",
     "e2e": "starts a worker and a proxy, live-replays agent calls with speculation on vs off, on the model's "
            "own text and on the recorded agent text (oracle-traces worker)",
 }
@@ -266,7 +271,12 @@ def bench(
     threads: Annotated[int, typer.Option(help="forward, e2e: torch CPU threads (0: default)")] = 0,
     device: Annotated[str, typer.Option(help="e2e: worker device (auto, cpu, cuda)")] = "auto",
     max_calls: Annotated[int, typer.Option(help="e2e: calls per text")] = 20,
-    max_new_tokens: Annotated[int, typer.Option(help="e2e: completion budget per call")] = 128,
+    max_new_tokens: Annotated[int, typer.Option(help="e2e, load: completion budget per call")] = 128,
+    proxy: Annotated[str, typer.Option(help="load: HOST:PORT of the running proxy")] = "127.0.0.1:50051",
+    sessions: Annotated[str, typer.Option(help="load: concurrency levels, comma-separated")] = "1,8,32,64",
+    duration_s: Annotated[float, typer.Option(help="load: seconds per level and mode")] = 60.0,
+    context_cap: Annotated[int, typer.Option(help="load: longest prompt sent, in tokens")] = 2048,
+    max_message_chars: Annotated[int, typer.Option(help="load: each message cut to this many characters")] = 1500,
     text: Annotated[list[str], typer.Option("--text", help="e2e: model (its own outputs) and/or oracle "
                                             "(recorded agent text); default both")] = None,
     json_out: Annotated[pathlib.Path, typer.Option("--json", help="write the figures here")] = None,
@@ -275,6 +285,27 @@ def bench(
     _quiet_transformers()
     if name not in BENCHMARKS:
         raise typer.BadParameter(f"unknown benchmark {name!r}; available: {', '.join(BENCHMARKS)}")
+    if name == "load":
+        from quickdraft.bench.load import run_load
+        from quickdraft.bench.traces import default_traces_dir
+
+        try:
+            levels = [int(x) for x in sessions.split(",") if x.strip()]
+        except ValueError:
+            raise typer.BadParameter(f"--sessions takes numbers separated by commas, got {sessions!r}") from None
+        result = run_load(paths or [default_traces_dir()], proxy=proxy, levels=levels, duration_s=duration_s,
+                          max_new_tokens=max_new_tokens, max_message_chars=max_message_chars,
+                          context_cap=context_cap, tokenizer=model)
+        table = Table("sessions", "tok/s spec", "tok/s plain", "speedup", "TTFT p50/p95 ms", "TPOT p50/p95 ms",
+                      "failed")
+        for lv in result["levels"]:
+            table.add_row(str(lv["sessions"]), f"{lv['tokens_per_s_speculative']:.1f}",
+                          f"{lv['tokens_per_s_plain']:.1f}", f"{lv['speedup']:.2f}x",
+                          f"{lv['ttft_p50_ms']} / {lv['ttft_p95_ms']}", f"{lv['tpot_p50_ms']} / {lv['tpot_p95_ms']}",
+                          str(lv["failed_requests"]))
+        console.print(table)
+        _write_json(json_out, result)
+        return
     if name == "e2e":
         from quickdraft.bench.e2e import TEXTS, run_e2e
         from quickdraft.bench.traces import default_traces_dir

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import grpc
@@ -55,6 +55,34 @@ def build_request(
     return req
 
 
+class _Collector:
+    """Assembles a streamed completion and times it from the moment it was created."""
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()
+        self.ttft = 0.0
+        self.chunks: list[str] = []
+        self.ids: list[int] = []
+        self.last: pb.GenerateChunk | None = None
+
+    def add(self, chunk: pb.GenerateChunk) -> None:
+        if chunk.token_ids and not self.ttft:
+            self.ttft = time.perf_counter() - self.started
+        self.chunks.append(chunk.text)
+        self.ids.extend(chunk.token_ids)
+        self.last = chunk
+
+    def completion(self) -> Completion:
+        last = self.last
+        if last is None:
+            raise RuntimeError("the stream ended without a final chunk")
+        return Completion(
+            text="".join(self.chunks), token_ids=self.ids, finish_reason=last.finish_reason, usage=last.usage,
+            model=last.model, session_id=last.session_id, wall_s=time.perf_counter() - self.started,
+            ttft_s=self.ttft, chunks=self.chunks,
+        )
+
+
 class QuickDraftClient:
     """Synchronous client. ``generate`` streams under the hood so it can time the first token."""
 
@@ -81,20 +109,43 @@ class QuickDraftClient:
         yield from self.stub.GenerateStream(build_request(messages, **kwargs), metadata=self.metadata, timeout=timeout)
 
     def generate(self, messages: Sequence[dict[str, str]], timeout: float | None = None, **kwargs) -> Completion:
-        started = time.perf_counter()
-        ttft = 0.0
-        chunks: list[str] = []
-        ids: list[int] = []
-        last = None
+        collected = _Collector()
         for chunk in self.stream(messages, timeout=timeout, **kwargs):
-            if chunk.token_ids and not ttft:
-                ttft = time.perf_counter() - started
-            chunks.append(chunk.text)
-            ids.extend(chunk.token_ids)
-            last = chunk
-        assert last is not None
-        return Completion(
-            text="".join(chunks), token_ids=ids, finish_reason=last.finish_reason, usage=last.usage,
-            model=last.model, session_id=last.session_id, wall_s=time.perf_counter() - started,
-            ttft_s=ttft, chunks=chunks,
-        )
+            collected.add(chunk)
+        return collected.completion()
+
+
+class AsyncQuickDraftClient:
+    """The asyncio counterpart of ``QuickDraftClient`` (grpc.aio), for agents that run many calls at once."""
+
+    def __init__(self, address: str = "127.0.0.1:50051", api_key: str | None = None) -> None:
+        self.channel = grpc.aio.insecure_channel(address)
+        self.stub = pb_grpc.DecodeProxyStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> AsyncQuickDraftClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def list_models(self, timeout: float = 10.0) -> pb.ListModelsResponse:
+        return await self.stub.ListModels(pb.ListModelsRequest(), metadata=self.metadata, timeout=timeout)
+
+    async def stream(
+        self, messages: Sequence[dict[str, str]], timeout: float | None = None, **kwargs
+    ) -> AsyncIterator[pb.GenerateChunk]:
+        call = self.stub.GenerateStream(build_request(messages, **kwargs), metadata=self.metadata, timeout=timeout)
+        async for chunk in call:
+            yield chunk
+
+    async def generate(self, messages: Sequence[dict[str, str]], timeout: float | None = None,
+                       **kwargs) -> Completion:
+        collected = _Collector()
+        async for chunk in self.stream(messages, timeout=timeout, **kwargs):
+            collected.add(chunk)
+        return collected.completion()
+

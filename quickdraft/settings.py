@@ -33,6 +33,9 @@ class Settings(BaseSettings):
     )
     default_drafter: str = Field("suffix", description="drafter used when a request names none")
     max_draft_tokens: int = Field(8, ge=0, le=64, description="draft tree nodes sent per verification step")
+    adaptive_speculation: bool = Field(
+        True, description="size each draft by the worker's load and the session's acceptance (never slower)"
+    )
     default_max_tokens: int = Field(256, ge=1, description="completion budget when a request sets none")
     max_tokens_cap: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
     max_concurrent_requests: int = Field(256, ge=1, description="requests in flight before RESOURCE_EXHAUSTED")
@@ -50,6 +53,9 @@ class Settings(BaseSettings):
     dtype: str = Field("auto", description="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16")
     kv_budget_mb: int = Field(2048, ge=64, description="KV cache memory for all sessions of a worker")
     threads: int = Field(0, ge=0, description="torch CPU threads; 0: torch's default")
+    max_batch: int = Field(16, ge=1, description="worker: sessions' steps sharing one forward pass, at most")
+    max_batch_tokens: int = Field(2048, ge=16, description="worker: positions in one batched pass, about")
+    max_queue: int = Field(256, ge=1, description="worker: steps waiting before RESOURCE_EXHAUSTED")
     register_with: list[str] = Field(
         default_factory=list, description="proxies (HOST:PORT) a worker announces itself to"
     )

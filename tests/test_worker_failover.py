@@ -32,13 +32,13 @@ def launch_worker(tmp_path, name: str, *extra: str):
     return proc, f"127.0.0.1:{port}", log
 
 
-def launch_proxy(tmp_path, *workers: str):
+def launch_proxy(tmp_path, *workers: str, env: dict[str, str] | None = None):
     port = free_port()
     log = tmp_path / "proxy.log"
     args = ["serve", "--grpc-port", str(port)]
     for w in workers:
         args += ["--worker", w]
-    return start(args, log), f"127.0.0.1:{port}", log
+    return start(args, log, env=env), f"127.0.0.1:{port}", log
 
 
 def ready(proc, address, log) -> None:
@@ -50,14 +50,15 @@ def ready(proc, address, log) -> None:
 
 
 @contextlib.contextmanager
-def worker_with_proxy(tmp_path, *worker_args: str) -> Iterator[tuple[subprocess.Popen, str, list]]:
+def worker_with_proxy(tmp_path, *worker_args: str,
+                      proxy_env: dict[str, str] | None = None) -> Iterator[tuple[subprocess.Popen, str, list]]:
     """A worker (with these extra arguments) and a proxy in front of it; yields (worker, proxy address,
     the list of processes to stop, which a test may extend)."""
     worker, worker_addr, worker_log = launch_worker(tmp_path, "worker", *worker_args)
     procs = [worker]
     try:
         ready(worker, worker_addr, worker_log)
-        proxy, proxy_addr, proxy_log = launch_proxy(tmp_path, worker_addr)
+        proxy, proxy_addr, proxy_log = launch_proxy(tmp_path, worker_addr, env=proxy_env)
         procs.append(proxy)
         ready(proxy, proxy_addr, proxy_log)
         yield worker, proxy_addr, procs

@@ -116,3 +116,37 @@ def test_malformed_drafts_are_rejected(runtime):
         runtime.verify(VerifyInput("bad", 0, [], prompt, [10**7], [-1]))
     with pytest.raises(VerifyError, match="nothing to verify"):
         runtime.verify(VerifyInput("bad", 0, [], []))
+
+
+def test_batched_steps_of_several_sessions_equal_sequential_decoding(runtime):
+    """Sessions of different lengths and draft trees share forward passes; one joins late and
+    a malformed request in the same batch fails alone."""
+    ps = prompts(runtime)
+    refs = [plain_greedy(runtime, f"batch-ref{i}", p, 24) for i, p in enumerate(ps)]
+    state = {i: {"known": 0, "hist": list(p), "out": []} for i, p in enumerate(ps)}
+    sizes = []
+    for step in range(40):
+        live = [i for i in state if len(state[i]["out"]) < 24 and (i != 2 or step >= 3)]  # session 2 joins late
+        if not live:
+            break
+        reqs = []
+        for i in live:
+            st = state[i]
+            right = refs[i][len(st["out"]):len(st["out"]) + 3]
+            tokens = [(right[0] + 5) % 49152, *right]
+            parents = [-1, -1, *range(1, len(right))]
+            known = st["known"]
+            reqs.append(VerifyInput(f"batch{i}", known, st["hist"][max(0, known - 16):known], st["hist"][known:],
+                                    tokens, parents))
+        reqs.append(VerifyInput("batch-bad", 0, [], [1, 2, 3], [5], [3]))  # a parent after its child
+        results = runtime.verify_batch(reqs)
+        assert isinstance(results[-1], VerifyError)
+        for i, r in zip(live, results[:-1], strict=True):
+            st = state[i]
+            st["known"] = r.cached_len
+            st["hist"] += r.tokens
+            st["out"] += r.tokens
+            sizes.append(r.batch_size)
+    for i in state:
+        assert state[i]["out"][:24] == refs[i]
+    assert {2, 3} <= set(sizes)  # passes were shared (the last session may finish alone)

@@ -14,7 +14,11 @@ import torch
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import sdpa_mask
 
+from quickdraft.verifiers.batching import packed_attention
+
 NAME = "quickdraft_sdpa"
+# The model's keyword argument that carries a PackedPlan down to every attention call.
+PLAN_KWARG = "qd_plan"
 
 
 def grouped_sdpa(
@@ -28,6 +32,9 @@ def grouped_sdpa(
     is_causal: bool | None = None,
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
+    plan = kwargs.get(PLAN_KWARG)
+    if plan is not None:  # several sessions packed into one pass (verifiers/batching.py)
+        return packed_attention(module, query, plan, dropout, scaling), None
     n_rep = getattr(module, "num_key_value_groups", 1)
     batch, heads, q_len, dim = query.shape
     if attention_mask is None:

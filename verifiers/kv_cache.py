@@ -156,14 +156,15 @@ class SessionStore:
     def nbytes(self) -> int:
         return sum(cache_nbytes(s.cache) for s in self._sessions.values() if s.cache is not None)
 
-    def enforce_budget(self, keep: str) -> list[str]:
-        """Evict idle sessions (never ``keep``) until the budget holds; returns the evicted keys."""
+    def enforce_budget(self, keep: str | set[str]) -> list[str]:
+        """Evict idle sessions (never those in ``keep``) until the budget holds; returns the evicted keys."""
+        keep = {keep} if isinstance(keep, str) else keep
         evicted = []
         total = self.nbytes()
         for key in list(self._sessions):
             if total <= self.budget_bytes:
                 break
-            if key == keep:
+            if key in keep:
                 continue
             total -= cache_nbytes(self._sessions.pop(key).cache)
             evicted.append(key)

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 import torch
 
 from quickdraft.catalog import chat_prompt_ids
+from quickdraft.verifiers.attention import PLAN_KWARG
+from quickdraft.verifiers.batching import PackedCache, PackedItem, PackedPlan
 from quickdraft.verifiers.kv_cache import SessionKV, SessionStore, cache_length, keep_positions, set_cache_length
 from quickdraft.verifiers.model_loader import LoadedModel
 from quickdraft.verifiers.oracle_target import OracleTarget
@@ -63,6 +65,22 @@ class VerifyOutput:
     cached_len: int = 0
     computed_tokens: int = 0
     forward_ms: float = 0.0
+    batch_size: int = 1          # sessions that shared the forward pass
+    batch_tokens: int = 0        # positions the pass scored, all sessions
+
+
+@dataclass(slots=True)
+class _Staged:
+    """One session's step inside a batch, between preparation and the forward pass."""
+
+    req: VerifyInput
+    session: SessionKV
+    feed: list[int]
+    draft_tokens: list[int]
+    draft_parents: list[int]
+    history_len: int
+    computed: int
+    index: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,28 +211,73 @@ class ModelRuntime:
             raise VerifyError("nothing to verify: no cached history and no new tokens")
 
     def verify(self, req: VerifyInput) -> VerifyOutput:
-        self._check(req)
+        """One session's step (raises VerifyError for a request that cannot be served)."""
+        result = self.verify_batch([req])[0]
+        if isinstance(result, VerifyError):
+            raise result
+        return result
+
+    def verify_batch(self, reqs: Sequence[VerifyInput]) -> list[VerifyOutput | VerifyError]:
+        """Steps of several sessions in one forward pass (one request per session). A request
+        that cannot be served gets its VerifyError in its slot; the others proceed."""
+        results: list[VerifyOutput | VerifyError | None] = [None] * len(reqs)
         with self._lock, torch.inference_mode():
             started = time.perf_counter()
-            session = self._resync(req)
-            if session is None:
-                return VerifyOutput(resync_required=True)
-            feed = [int(t) for t in req.new_tokens]
-            if not feed:
-                # Everything is cached already: re-run the last token to get its logits.
-                feed = [session.tokens.pop()]
-                set_cache_length(session.cache, len(session.tokens))
-            total = len(session.tokens) + len(feed)
-            if total + 1 > self.context_length:
-                raise VerifyError(
-                    f"the session holds {total} tokens; {self.loaded.name} has a context of "
-                    f"{self.context_length} tokens"
-                )
-            draft_tokens, draft_parents = self._fit_draft(req, total)
-            out = self._forward_and_accept(session, feed, draft_tokens, draft_parents, req)
-            self.sessions.enforce_budget(keep=req.session_key)
-            out.forward_ms = (time.perf_counter() - started) * 1e3
-            return out
+            staged: list[_Staged] = []
+            keys: set[str] = set()
+            for i, req in enumerate(reqs):
+                try:
+                    if req.session_key in keys:
+                        raise VerifyError("one batch holds two steps of the same session")
+                    keys.add(req.session_key)
+                    self._check(req)
+                    step = self._prepare(req)
+                except VerifyError as exc:
+                    results[i] = exc
+                    continue
+                if step is None:
+                    results[i] = VerifyOutput(resync_required=True)
+                elif self.pass_cost_ms is not None:
+                    results[i] = self._fixed_cost_pass(step.session, step.feed, step.draft_tokens, step.draft_parents)
+                else:
+                    step.index = i
+                    step.feed = self._prefill_head(step.session, step.feed)
+                    staged.append(step)
+            if len(staged) == 1:
+                results[staged[0].index] = self._single_pass(staged[0])
+            elif staged:
+                for step, out in zip(staged, self._packed_pass(staged), strict=True):
+                    results[step.index] = out
+            self.sessions.enforce_budget(keep=keys)
+            elapsed = (time.perf_counter() - started) * 1e3
+            scored = sum(step.computed for step in staged)
+            for out in results:
+                if isinstance(out, VerifyOutput):
+                    out.forward_ms = elapsed
+                    out.batch_size = len(staged)
+                    out.batch_tokens = scored
+            return results  # type: ignore[return-value]
+
+    def _prepare(self, req: VerifyInput) -> _Staged | None:
+        """Resync the session and settle what this step computes; None: the proxy must resend history."""
+        session = self._resync(req)
+        if session is None:
+            return None
+        feed = [int(t) for t in req.new_tokens]
+        if not feed:
+            # Everything is cached already: re-run the last token to get its logits.
+            feed = [session.tokens.pop()]
+            set_cache_length(session.cache, len(session.tokens))
+        total = len(session.tokens) + len(feed)
+        if total + 1 > self.context_length:
+            raise VerifyError(
+                f"the session holds {total} tokens; {self.loaded.name} has a context of "
+                f"{self.context_length} tokens"
+            )
+        draft_tokens, draft_parents = self._fit_draft(req, total)
+        if self.oracle is not None:
+            session.oracle = self.oracle.follow(session.tokens + feed, session.oracle)
+        return _Staged(req, session, feed, draft_tokens, draft_parents, total, len(feed) + len(draft_tokens))
 
     def _fit_draft(self, req: VerifyInput, total: int) -> tuple[list[int], list[int]]:
         """Drop draft nodes that would run past the context window."""
@@ -232,67 +295,95 @@ class ModelRuntime:
             depths.append(depth)
         return tokens, parents
 
-    def _forward_and_accept(
-        self,
-        session: SessionKV,
-        feed: list[int],
-        draft_tokens: list[int],
-        draft_parents: list[int],
-        req: VerifyInput,
-    ) -> VerifyOutput:
-        history_len = len(session.tokens) + len(feed)
-        if self.oracle is not None:
-            session.oracle = self.oracle.follow(session.tokens + feed, session.oracle)
-        if self.pass_cost_ms is not None:
-            return self._fixed_cost_pass(session, feed, draft_tokens, draft_parents)
-        cache = session.cache
+    def _prefill_head(self, session: SessionKV, feed: list[int]) -> list[int]:
+        """Prefill all but the last chunk of new tokens (the model's own causal mask); returns the rest."""
         dev = self.device
-        computed = len(feed) + len(draft_tokens)
-        # Prefill all but the last chunk of new tokens with the model's own causal mask.
         while len(feed) > PREFILL_CHUNK:
             chunk, feed = feed[:PREFILL_CHUNK], feed[PREFILL_CHUNK:]
-            past = cache_length(cache)
+            past = cache_length(session.cache)
             ids = torch.tensor([chunk], dtype=torch.long, device=dev)
             pos = torch.arange(past, past + len(chunk), device=dev)[None]
-            self.model(input_ids=ids, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1)
+            self.model(input_ids=ids, position_ids=pos, cache=session.cache, use_cache=True, logits_to_keep=1)
             session.tokens.extend(chunk)
-        past = cache_length(cache)
-        ids = torch.tensor([feed + draft_tokens], dtype=torch.long, device=dev)
-        pos, mask = tree_inputs(past, len(feed), draft_parents, dev)
-        attention_mask = mask
-        if self.sliding_window:
-            attention_mask = {"full_attention": mask,
-                              "sliding_attention": sliding_window_mask(mask, pos, past, self.sliding_window)}
+        return feed
+
+    def _masks(self, past: int, step: _Staged) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        pos, mask = tree_inputs(past, len(step.feed), step.draft_parents, self.device)
+        sliding = sliding_window_mask(mask, pos, past, self.sliding_window) if self.sliding_window else None
+        return pos, mask, sliding
+
+    def _single_pass(self, step: _Staged) -> VerifyOutput:
+        past = cache_length(step.session.cache)
+        pos, mask, sliding = self._masks(past, step)
+        ids = torch.tensor([step.feed + step.draft_tokens], dtype=torch.long, device=self.device)
+        attention_mask = mask if sliding is None else {"full_attention": mask, "sliding_attention": sliding}
+        result = self.model(input_ids=ids, position_ids=pos, attention_mask=attention_mask, cache=step.session.cache,
+                            use_cache=True, logits_to_keep=len(step.draft_tokens) + 1)
+        return self._finish(step, past, result.logits[0])
+
+    def _packed_pass(self, steps: list[_Staged]) -> list[VerifyOutput]:
+        items: list[PackedItem] = []
+        ids: list[int] = []
+        positions: list[torch.Tensor] = []
+        keep: list[int] = []
+        pasts: list[int] = []
+        for step in steps:
+            past = cache_length(step.session.cache)
+            pos, mask, sliding = self._masks(past, step)
+            start = len(ids)
+            items.append(PackedItem(step.session.cache, start, len(step.feed) + len(step.draft_tokens), mask, sliding))
+            ids.extend(step.feed + step.draft_tokens)
+            positions.append(pos[0])
+            last_feed = start + len(step.feed) - 1
+            keep.extend(range(last_feed, last_feed + len(step.draft_tokens) + 1))
+            pasts.append(past)
+        plan = PackedPlan(items)
+        n = len(ids)
+        # Every attention call takes its masks from the plan; this one only satisfies the model's API.
+        placeholder = torch.ones((1, 1, n, n), dtype=torch.bool, device=self.device)
+        attention_mask = placeholder if not self.sliding_window else \
+            {"full_attention": placeholder, "sliding_attention": placeholder}
         result = self.model(
-            input_ids=ids,
-            position_ids=pos,
+            input_ids=torch.tensor([ids], dtype=torch.long, device=self.device),
+            position_ids=torch.cat(positions)[None],
             attention_mask=attention_mask,
-            cache=cache,
+            cache=PackedCache(plan, self.model.config.num_hidden_layers),
             use_cache=True,
-            logits_to_keep=len(draft_tokens) + 1,
+            logits_to_keep=torch.tensor(keep, device=self.device),
+            **{PLAN_KWARG: plan},
         )
         logits = result.logits[0]
-        base = past + len(feed)
-        recorded = self._recorded_walk(session, history_len, draft_tokens, draft_parents)
+        outs = []
+        row = 0
+        for step, past in zip(steps, pasts, strict=True):
+            rows = len(step.draft_tokens) + 1
+            outs.append(self._finish(step, past, logits[row:row + rows]))
+            row += rows
+        return outs
+
+    def _finish(self, step: _Staged, past: int, logits: torch.Tensor) -> VerifyOutput:
+        """Choose the emitted tokens from this step's logits and keep the accepted branch's KV."""
+        session, req = step.session, step.req
+        base = past + len(step.feed)
+        recorded = self._recorded_walk(session, step.history_len, step.draft_tokens, step.draft_parents)
         if recorded is not None:
             emitted, accepted = recorded
             rows = [0, *(1 + j for j in accepted)][: len(emitted)]
         else:
             emitted, accepted, rows = accept_walk(
-                logits, draft_tokens, draft_parents, req.sampling, seed=req.seed, position=base
+                logits, step.draft_tokens, step.draft_parents, req.sampling, seed=req.seed, position=base
             )
-        keep_positions(cache, base, [base + j for j in accepted])
-        session.tokens.extend(feed)
-        session.tokens.extend(draft_tokens[j] for j in accepted)
+        keep_positions(session.cache, base, [base + j for j in accepted])
+        session.tokens.extend(step.feed)
+        session.tokens.extend(step.draft_tokens[j] for j in accepted)
         stats = token_stats(logits[rows], req.top_logprobs) if req.top_logprobs > 0 else []
         return VerifyOutput(
             tokens=emitted,
             accepted_nodes=accepted,
             stats=stats,
             cached_len=len(session.tokens),
-            computed_tokens=computed,
+            computed_tokens=step.computed,
         )
-
 
     @staticmethod
     def _recorded_walk(session: SessionKV, history_len: int, draft_tokens: list[int],

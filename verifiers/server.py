@@ -1,7 +1,8 @@
 """The worker's gRPC server: holds one model, verifies drafts for the proxy.
 
 Model calls run on one dedicated thread so the event loop keeps answering
-health checks while a long prefill runs.
+health checks while a long prefill runs; verification steps of many sessions
+are batched into shared forward passes (``Batcher``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from grpc_reflection.v1alpha import reflection
 
 from quickdraft.proto import quickdraft_pb2 as pb
 from quickdraft.proto import quickdraft_pb2_grpc as pb_grpc
-from quickdraft.verifiers.runtime import ModelRuntime, VerifyError, VerifyInput
+from quickdraft.verifiers.runtime import ModelRuntime, VerifyError, VerifyInput, VerifyOutput
 from quickdraft.verifiers.tree_verify import Sampling
 
 log = logging.getLogger(__name__)
@@ -26,10 +27,87 @@ WORKER_SERVICE = "quickdraft.v1.Worker"
 MAX_MESSAGE_BYTES = 256 << 20  # tokenizer.json of large vocabularies travels in Info
 
 
+class QueueFull(Exception):
+    pass
+
+
+class Batcher:
+    """Continuous batching: steps that arrive while a pass runs join the next pass together.
+
+    Sessions join and leave between passes; a pass takes at most ``max_batch`` steps
+    and about ``max_tokens`` positions (a step is never split), the rest wait for the
+    next one. At most ``max_queue`` steps wait; beyond that a step is refused, so a
+    flooded worker pushes back instead of growing its latency without bound. A step
+    whose caller has gone (cancelled, deadline passed) is dropped before it runs.
+    """
+
+    def __init__(self, runtime: ModelRuntime, run, max_batch: int = 16, max_tokens: int = 2048,
+                 max_queue: int = 256) -> None:
+        self.runtime = runtime
+        self._run = run
+        self.max_batch, self.max_tokens, self.max_queue = max_batch, max_tokens, max_queue
+        self._pending: list[tuple[VerifyInput, asyncio.Future]] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task | None = None
+        self.passes = 0
+
+    @property
+    def depth(self) -> int:
+        return len(self._pending)
+
+    async def submit(self, req: VerifyInput) -> tuple[VerifyOutput | VerifyError, int]:
+        """The step's result and the queue depth it found."""
+        if len(self._pending) >= self.max_queue:
+            raise QueueFull(f"{len(self._pending)} verification steps are waiting on this worker (its limit)")
+        if self._task is None:
+            self._task = asyncio.create_task(self._loop())
+        future = asyncio.get_running_loop().create_future()
+        depth = len(self._pending)
+        self._pending.append((req, future))
+        self._wake.set()
+        return await future, depth
+
+    def _take(self) -> list[tuple[VerifyInput, asyncio.Future]]:
+        batch: list[tuple[VerifyInput, asyncio.Future]] = []
+        tokens = 0
+        rest = []
+        for req, future in self._pending:
+            if future.done():  # the caller went away
+                continue
+            cost = len(req.new_tokens) + len(req.draft_tokens) + 1
+            if batch and (len(batch) >= self.max_batch or tokens + cost > self.max_tokens):
+                rest.append((req, future))
+                continue
+            batch.append((req, future))
+            tokens += cost
+        self._pending = rest
+        return batch
+
+    async def _loop(self) -> None:
+        while True:
+            if not self._pending:
+                self._wake.clear()
+                await self._wake.wait()
+            batch = self._take()
+            if not batch:
+                continue
+            try:
+                results = await self._run(self.runtime.verify_batch, [req for req, _ in batch])
+            except Exception as exc:  # the model failed as a whole: every step in the pass fails
+                log.exception("verification pass failed")
+                results = [exc] * len(batch)
+            self.passes += 1
+            for (_, future), result in zip(batch, results, strict=True):
+                if not future.done():
+                    future.set_result(result)
+
+
 class WorkerService(pb_grpc.WorkerServicer):
-    def __init__(self, runtime: ModelRuntime) -> None:
+    def __init__(self, runtime: ModelRuntime, max_batch: int = 16, max_batch_tokens: int = 2048,
+                 max_queue: int = 256) -> None:
         self.runtime = runtime
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self.batcher = Batcher(runtime, self._run, max_batch, max_batch_tokens, max_queue)
 
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
@@ -73,9 +151,14 @@ class WorkerService(pb_grpc.WorkerServicer):
         if not req.session_key:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "session_key must not be empty")
         try:
-            out = await self._run(self.runtime.verify, req)
-        except VerifyError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            out, depth = await self.batcher.submit(req)
+        except QueueFull as exc:
+            context.set_trailing_metadata((("retry-after-s", "0.5"),))
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        if isinstance(out, VerifyError):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(out))
+        if isinstance(out, Exception):
+            await context.abort(grpc.StatusCode.INTERNAL, f"verification failed on the worker: {out}")
         return pb.VerifyResponse(
             resync_required=out.resync_required,
             tokens=out.tokens,
@@ -87,6 +170,9 @@ class WorkerService(pb_grpc.WorkerServicer):
             cached_len=out.cached_len,
             computed_tokens=out.computed_tokens,
             forward_ms=out.forward_ms,
+            batch_size=out.batch_size,
+            queue_depth=depth,
+            batch_tokens=out.batch_tokens,
         )
 
     async def Release(self, request, context):
@@ -124,13 +210,14 @@ async def _register(proxies: list[str], address: str) -> None:
 
 
 async def serve_worker(runtime: ModelRuntime, host: str, port: int, ready: asyncio.Event | None = None,
-                       register_with: list[str] | None = None, advertise: str | None = None) -> None:
+                       register_with: list[str] | None = None, advertise: str | None = None,
+                       max_batch: int = 16, max_batch_tokens: int = 2048, max_queue: int = 256) -> None:
     """Serve until cancelled. Health turns SERVING once the model is loaded (it is, by now).
 
     With ``register_with``, the worker announces itself to those proxies as ``advertise``
     (default: the host and port it listens on)."""
     server = grpc.aio.server(options=server_options())
-    pb_grpc.add_WorkerServicer_to_server(WorkerService(runtime), server)
+    pb_grpc.add_WorkerServicer_to_server(WorkerService(runtime, max_batch, max_batch_tokens, max_queue), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(

@@ -1,0 +1,122 @@
+"""Goodput-aware draft sizing: speculate only as much as pays off at the current load.
+
+A verification pass costs more the more positions it scores; on a busy worker
+many sessions share each pass, so one session's draft nodes slow every other
+session's step too. Following SmartSpec's idea (maximise goodput: accepted tokens
+per second of the whole batch), each step the proxy picks how many of the
+draft tree's nodes to send, from
+
+* the worker's measured pass cost by positions scored (``PassCost``, learned online
+  from every response's ``forward_ms`` and ``batch_tokens``);
+* the load it reported last (sessions and positions in its last pass);
+* this session's calibrated acceptance: the drafter's node probabilities sum to the
+  expected accepted length, scaled by how that estimate has fared for the session.
+
+It chooses the prefix of the tree (trees are grown best first, so every prefix is
+the best tree of its size) that maximises the batch's tokens per millisecond, which
+is zero nodes when the worker is compute-bound and the draft is not likely enough.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+
+# Positions scored per pass, bucketed (upper bounds): the cost curve is flat at
+# first (weights are read once per pass) and linear once compute dominates.
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+SIZES = (0, 1, 2, 4, 8, 16, 32, 64)
+
+
+@dataclass(slots=True)
+class PassCost:
+    """Mean pass time by positions scored, from the worker's own reports."""
+
+    decay: float = 0.9
+    _ms: dict[int, float] = field(default_factory=dict)
+    _tokens: dict[int, float] = field(default_factory=dict)
+    _weight: dict[int, float] = field(default_factory=dict)
+
+    def observe(self, tokens: int, ms: float) -> None:
+        if tokens <= 0 or ms <= 0:
+            return
+        b = _bucket(tokens)
+        self._ms[b] = self._ms.get(b, 0.0) * self.decay + ms
+        self._tokens[b] = self._tokens.get(b, 0.0) * self.decay + tokens
+        self._weight[b] = self._weight.get(b, 0.0) * self.decay + 1.0
+
+    def known(self) -> list[tuple[float, float]]:
+        """(mean positions, mean ms) per bucket, by positions."""
+        return sorted((self._tokens[b] / self._weight[b], self._ms[b] / self._weight[b]) for b in self._ms)
+
+    def predict(self, tokens: int) -> float | None:
+        """Interpolated between measured buckets, extrapolated linearly beyond them; None without data."""
+        points = self.known()
+        if not points:
+            return None
+        if len(points) == 1:
+            return points[0][1]
+        xs = [x for x, _ in points]
+        i = bisect.bisect_left(xs, tokens)
+        if i < len(points) and abs(xs[i] - tokens) < 1e-9:
+            return points[i][1]
+        lo, hi = (points[-2], points[-1]) if i >= len(points) else (points[0], points[1]) if i == 0 else \
+            (points[i - 1], points[i])
+        slope = (hi[1] - lo[1]) / max(hi[0] - lo[0], 1e-9)
+        return max(lo[1] + max(slope, 0.0) * (tokens - lo[0]), 1e-3)
+
+
+def _bucket(tokens: int) -> int:
+    i = bisect.bisect_left(BUCKETS, tokens)
+    return BUCKETS[min(i, len(BUCKETS) - 1)]
+
+
+@dataclass(slots=True)
+class Acceptance:
+    """How a session's drafts fare: accepted tokens against the drafter's own expectation."""
+
+    expected: float = 1.0
+    accepted: float = 1.0
+    decay: float = 0.8
+
+    def observe(self, expected: float, accepted: int) -> None:
+        self.expected = self.expected * self.decay + expected
+        self.accepted = self.accepted * self.decay + accepted
+
+    @property
+    def ratio(self) -> float:
+        return min(self.accepted / max(self.expected, 1e-6), 2.0)
+
+
+@dataclass(frozen=True, slots=True)
+class Load:
+    """What the worker reported about its last pass."""
+
+    batch_size: int = 1
+    batch_tokens: int = 1
+
+
+def choose_draft_size(probs: list[float], ratio: float, load: Load, own_tokens: int, tokens_per_step: float,
+                      cost: PassCost) -> int:
+    """How many of the tree's first nodes to send. ``own_tokens``: positions this session scored in
+    its last pass; ``tokens_per_step``: what a step of a session in this batch yields, about."""
+    if not probs:
+        return 0
+    others = max(load.batch_tokens - own_tokens, 0)
+    # Tokens the rest of the batch gets out of one pass (as many per session as this one, roughly).
+    others_yield = max(load.batch_size - 1, 0) * max(tokens_per_step, 1.0)
+    best_size, best_rate = len(probs), None
+    gain = 0.0
+    sizes = [k for k in SIZES if k < len(probs)] + [len(probs)]
+    prefix = [0.0]
+    for p in probs:
+        prefix.append(prefix[-1] + p)
+    for k in sizes:
+        gain = prefix[k] * ratio
+        ms = cost.predict(others + 1 + k)
+        if ms is None:
+            return len(probs)  # nothing measured yet: send the whole tree and learn
+        rate = (others_yield + 1.0 + gain) / ms
+        if best_rate is None or rate > best_rate * 1.0001:
+            best_size, best_rate = k, rate
+    return best_size

@@ -1,0 +1,47 @@
+"""Goodput-aware draft sizing: the choices it makes for a free and for a saturated worker."""
+
+from quickdraft.proxy.goodput import Load, PassCost, choose_draft_size
+
+
+def cost_curve(points):
+    cost = PassCost()
+    for tokens, ms in points:
+        for _ in range(3):
+            cost.observe(tokens, ms)
+    return cost
+
+
+# Shaped like SmolLM2 on two CPU cores: one row is a matrix-vector product, a few rows cost
+# a little more, and past a few dozen rows every row adds compute.
+CPU = cost_curve([(1, 73), (2, 112), (9, 122), (17, 142), (64, 330), (128, 600), (512, 2200)])
+CONFIDENT = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2]
+DOUBTFUL = [0.2, 0.05, 0.04, 0.03, 0.02, 0.02, 0.01, 0.01]
+
+
+def test_without_measurements_the_whole_tree_is_sent():
+    assert choose_draft_size(CONFIDENT, 1.0, Load(), 1, 1.0, PassCost()) == 8
+
+
+def test_an_idle_worker_gets_a_likely_draft_whole_and_an_unlikely_one_not_at_all():
+    assert choose_draft_size(CONFIDENT, 1.0, Load(1, 9), 9, 3.0, CPU) == 8
+    assert choose_draft_size(DOUBTFUL, 1.0, Load(1, 9), 9, 1.2, CPU) == 0
+
+
+def test_a_saturated_worker_gets_only_the_nodes_that_pay_for_their_compute():
+    busy = Load(batch_size=64, batch_tokens=64)
+    # Each extra position costs ~4 ms of everyone's pass; the batch yields ~0.19 tokens/ms,
+    # so a node is worth sending only if it is accepted with probability above ~0.8.
+    assert choose_draft_size(CONFIDENT, 1.0, busy, 1, 1.0, CPU) == 1
+    assert choose_draft_size(DOUBTFUL, 1.0, busy, 1, 1.0, CPU) == 0
+    assert choose_draft_size([0.99] * 8, 1.0, busy, 1, 1.0, CPU) == 8
+
+
+def test_a_drafter_that_overestimates_itself_is_trusted_less():
+    assert choose_draft_size(CONFIDENT, 1.0, Load(8, 72), 9, 3.0, CPU) > 0
+    assert choose_draft_size(CONFIDENT, 0.1, Load(8, 72), 9, 3.0, CPU) == 0
+
+
+def test_pass_cost_interpolates_and_extrapolates():
+    assert abs(CPU.predict(9) - 122) < 1e-6
+    assert 122 < CPU.predict(13) < 142
+    assert CPU.predict(1024) > 2200
