@@ -63,7 +63,7 @@ def _stack(model: str, traces: Sequence[pathlib.Path] | None, threads: int, devi
         worker = launch(worker_cmd, "worker")
         wait_serving(f"127.0.0.1:{worker_port}", timeout=900, proc=worker)
         proxy = launch([sys.executable, "-m", "quickdraft", "serve", "--worker", f"127.0.0.1:{worker_port}",
-                        "--grpc-port", str(proxy_port)], "proxy")
+                        "--grpc-port", str(proxy_port), "--http-port", "0"], "proxy")
         wait_serving(f"127.0.0.1:{proxy_port}", timeout=120, proc=proxy)
         yield f"127.0.0.1:{proxy_port}"
     finally:

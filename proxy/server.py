@@ -44,6 +44,7 @@ async def _health_round(service: DecodeProxyService, pool: WorkerPool, health: h
     """One look at Redis and the workers; health is only written when it changes."""
     log_ = service.shared_log
     now_shared = log_ is None or log_.healthy
+    service.metrics.redis_up.set(1 if now_shared else 0)
     if now_shared != shared:
         await health.set(SHARED_STATE_SERVICE, health_pb2.HealthCheckResponse.SERVING if now_shared
                          else health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -102,14 +103,25 @@ async def serve_proxy(settings: Settings, ready: asyncio.Event | None = None) ->
              ", ".join(settings.workers) or "none yet; waiting for `quickdraft worker --register`")
     await service.start()
     watcher = asyncio.create_task(_watch_workers(service, pool, health))
+    tasks = [asyncio.create_task(server.wait_for_termination())]
+    if settings.http_port:
+        from quickdraft.proxy.http_api import serve_http
+
+        tasks.append(asyncio.create_task(serve_http(service, settings.host, settings.http_port)))
+        log.info("OpenAI-compatible endpoint on http://%s:%d/v1", settings.host, settings.http_port)
     if ready is not None:
         ready.set()
     try:
-        await server.wait_for_termination()
+        # Either front ending (an HTTP bind failure, a stopped gRPC server) ends the proxy.
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            task.result()
     finally:
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
+        for task in (watcher, *tasks):
+            task.cancel()
+        for task in (watcher, *tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
         await server.stop(grace=2)
         await service.close()
         await pool.close()

@@ -13,6 +13,7 @@ import grpc
 from quickdraft.proto import quickdraft_pb2 as pb
 from quickdraft.proxy.detokenize import TextStream
 from quickdraft.proxy.errors import InvalidRequest, Overloaded, ProxyError, Unauthenticated
+from quickdraft.proxy.metrics import ProxyMetrics
 from quickdraft.proxy.sessions import Session, SessionTable
 from quickdraft.proxy.speculation import GenerationParams, SpeculationLoop
 from quickdraft.proxy.worker_pool import WorkerPool
@@ -66,6 +67,7 @@ class DecodeProxyService:
         self.sessions = SessionTable(settings.max_sessions_per_tenant)
         self.drafters: dict[str, Drafter] = {name: make_drafter(name) for name in DRAFTERS}
         self.admission = Admission(settings.max_concurrent_requests, settings.max_concurrent_per_tenant)
+        self.metrics = ProxyMetrics()
         self.shared_log: ResponseLog | None = None
         if settings.redis_url:
             self.shared_log = ResponseLog(
@@ -163,13 +165,24 @@ class DecodeProxyService:
     # -- generation --------------------------------------------------------------
     async def generate(self, request: pb.GenerateRequest, metadata) -> AsyncIterator[pb.GenerateChunk]:
         started = time.perf_counter()
-        tenant = self.tenant_of(metadata)
-        prepared = self.prepare(request, tenant)
-        self.admission.enter(tenant)
+        try:
+            tenant = self.tenant_of(metadata)
+            prepared = self.prepare(request, tenant)
+            self.admission.enter(tenant)
+        except ProxyError as exc:
+            self.metrics.failed(request.model, exc.code.name.lower())
+            raise
+        self.metrics.in_flight.inc()
         try:
             async for chunk in self._generate(prepared, started):
+                if chunk.HasField("usage"):
+                    self.metrics.finished(chunk.usage, chunk.usage.completion_tokens)
                 yield chunk
+        except ProxyError as exc:
+            self.metrics.failed(prepared.params.model, exc.code.name.lower())
+            raise
         finally:
+            self.metrics.in_flight.dec()
             self.admission.leave(tenant)
 
     async def _generate(self, prepared: Prepared, started: float) -> AsyncIterator[pb.GenerateChunk]:

@@ -146,6 +146,7 @@ def worker(
 def serve(
     worker_addr: Annotated[list[str], typer.Option("--worker", help="worker HOST:PORT (repeatable)")] = None,
     grpc_port: Annotated[int, typer.Option(help="gRPC port")] = None,
+    http_port: Annotated[int, typer.Option(help="OpenAI-compatible HTTP port (0: off)")] = None,
     host: Annotated[str, typer.Option(help="address to listen on")] = None,
     redis_url: Annotated[str, typer.Option(help="Redis URL for shared drafting state")] = None,
     config: ConfigOpt = None,
@@ -153,7 +154,8 @@ def serve(
     """Start only the proxy (gRPC), in front of running workers (given with --worker, or registering
     themselves with `quickdraft worker --register`)."""
     _logging()
-    s = load_settings(config, workers=worker_addr or None, grpc_port=grpc_port, host=host, redis_url=redis_url)
+    s = load_settings(config, workers=worker_addr or None, grpc_port=grpc_port, http_port=http_port, host=host,
+                      redis_url=redis_url)
     from quickdraft.proxy.server import serve_proxy
 
     with contextlib.suppress(KeyboardInterrupt):
@@ -183,6 +185,7 @@ def _stop(procs: list[subprocess.Popen]) -> None:
 @app.command()
 def up(
     grpc_port: Annotated[int, typer.Option(help="gRPC port of the proxy")] = None,
+    http_port: Annotated[int, typer.Option(help="OpenAI-compatible HTTP port (0: off)")] = None,
     host: Annotated[str, typer.Option(help="address to listen on")] = None,
     redis_url: Annotated[str, typer.Option(help="Redis URL; none: in-process cache")] = None,
     model: Annotated[list[str], typer.Option(
@@ -192,7 +195,7 @@ def up(
     """Run the whole local stack: a worker per model and the proxy. Serves until interrupted."""
     _logging()
     _terminate_on_sigterm()
-    s = load_settings(config, grpc_port=grpc_port, host=host, redis_url=redis_url)
+    s = load_settings(config, grpc_port=grpc_port, http_port=http_port, host=host, redis_url=redis_url)
     models = model or s.up_models
     procs: list[subprocess.Popen] = []
     addresses = []
@@ -363,7 +366,8 @@ def demo(
     _quiet_transformers()
     port = free_port()
     _terminate_on_sigterm()
-    proc = subprocess.Popen([sys.executable, "-m", "quickdraft", "up", "--grpc-port", str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "quickdraft", "up", "--grpc-port", str(port),
+                             "--http-port", str(free_port())],
                             start_new_session=True, preexec_fn=_die_with_parent)
     address = f"127.0.0.1:{port}"
     try:

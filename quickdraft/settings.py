@@ -21,7 +21,7 @@ class Settings(BaseSettings):
     # -- proxy ----------------------------------------------------------------
     host: str = Field("127.0.0.1", description="address the proxy listens on")
     grpc_port: int = Field(50051, description="gRPC port of the proxy")
-    http_port: int = Field(8000, description="port of the OpenAI-compatible HTTP endpoint")
+    http_port: int = Field(8000, ge=0, description="port of the OpenAI-compatible HTTP endpoint; 0: off")
     workers: list[str] = Field(default_factory=list, description="worker addresses HOST:PORT")
     api_keys: dict[str, str] = Field(
         default_factory=dict, description="API key -> tenant; empty: every request is tenant 'default'"

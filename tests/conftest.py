@@ -20,6 +20,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Proxies the tests start serve no HTTP unless a test asks (port 8000 may be in use).
+os.environ.setdefault("QUICKDRAFT_HTTP_PORT", "0")
 
 
 def free_port() -> int:
@@ -89,15 +91,18 @@ redis_prefix = pytest.fixture(scope="session", name="redis_prefix")(_own_prefix)
 prefix = pytest.fixture(name="prefix")(_own_prefix)                                # one test's
 
 
+HTTP_PORT = free_port()
+
+
 @pytest.fixture(scope="session")
 def proxy_address(worker_address, redis_prefix, tmp_path_factory) -> Iterator[str]:
-    """The proxy keeps its drafting state in the real Redis, as in production."""
+    """The proxy keeps its drafting state in the real Redis, as in production, and serves HTTP too."""
     from quickdraft.cli import wait_serving
 
     port = free_port()
     log = tmp_path_factory.mktemp("proxy") / "proxy.log"
-    proc = start(["serve", "--worker", worker_address, "--grpc-port", str(port), "--redis-url", SHARED_REDIS], log,
-                 env={"QUICKDRAFT_REDIS_PREFIX": redis_prefix})
+    proc = start(["serve", "--worker", worker_address, "--grpc-port", str(port), "--redis-url", SHARED_REDIS,
+                  "--http-port", str(HTTP_PORT)], log, env={"QUICKDRAFT_REDIS_PREFIX": redis_prefix})
     address = f"127.0.0.1:{port}"
     try:
         wait_serving(address, timeout=120, proc=proc)
@@ -106,6 +111,12 @@ def proxy_address(worker_address, redis_prefix, tmp_path_factory) -> Iterator[st
         raise RuntimeError(f"proxy did not start:\n{log.read_text()[-4000:]}") from None
     yield address
     stop(proc)
+
+
+@pytest.fixture(scope="session")
+def http_base(proxy_address) -> str:
+    """Base URL of the session proxy's OpenAI-compatible endpoint."""
+    return f"http://127.0.0.1:{HTTP_PORT}/v1"
 
 
 @pytest.fixture(scope="session")

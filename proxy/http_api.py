@@ -1,0 +1,240 @@
+"""The OpenAI-compatible HTTP endpoint: `/v1/chat/completions` (streaming too) and `/v1/models`.
+
+Requests are mapped onto the same DecodeProxyService that serves gRPC, in the
+same process, so both fronts share sessions, drafters, limits and figures.
+QuickDraft's figures ride along in ``usage`` beside OpenAI's (``verification_steps``,
+``accepted_draft_tokens``, ``route``, ``fallbacks``, ...). Errors are HTTP statuses
+with OpenAI-style bodies (``{"error": {"message", "type", "param", "code"}}``).
+The session is the ``X-Session-Id`` header when given, else the tenant's session
+whose history the prompt extends (OpenAI clients send no session id).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, ConfigDict, Field
+
+from quickdraft.proto import quickdraft_pb2 as pb
+from quickdraft.proxy.errors import InvalidRequest, Overloaded, ProxyError
+from quickdraft.proxy.service import DecodeProxyService
+
+STATUS = {
+    grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
+    grpc.StatusCode.UNAUTHENTICATED: (401, "authentication_error"),
+    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "rate_limit_error"),
+    grpc.StatusCode.UNAVAILABLE: (503, "service_unavailable"),
+}
+
+
+class ChatMessageIn(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):  # content parts: only text is understood
+            parts = []
+            for part in self.content:
+                if part.get("type") != "text":
+                    raise InvalidRequest(f"message content part of type {part.get('type')!r} is not supported; "
+                                         "send text")
+                parts.append(str(part.get("text", "")))
+            return "".join(parts)
+        return self.content or ""
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str = "auto"
+    messages: list[ChatMessageIn]
+    max_tokens: int | None = None
+    max_completion_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+    response_format: dict[str, Any] | None = None
+    # QuickDraft's own knobs, accepted as extra body fields (`extra_body` in the openai client).
+    drafter: str | None = None
+    speculate: bool | None = None
+    max_draft_tokens: int | None = Field(None, ge=0)
+
+
+def to_grpc(body: ChatCompletionRequest, session_id: str) -> pb.GenerateRequest:
+    if body.n != 1:
+        raise InvalidRequest(f"n is {body.n}; only n=1 is supported")
+    if body.response_format and body.response_format.get("type", "text") != "text":
+        raise InvalidRequest(f"response_format type {body.response_format.get('type')!r} is not supported yet; "
+                             "use 'text'")
+    req = pb.GenerateRequest(
+        model=body.model,
+        messages=[pb.ChatMessage(role=m.role, content=m.text()) for m in body.messages],
+        sampling=pb.SamplingParams(temperature=body.temperature or 0.0, top_p=body.top_p or 0.0,
+                                   top_k=body.top_k or 0, seed=body.seed or 0),
+        session_id=session_id,
+        speculation=pb.SpeculationOptions(drafter=body.drafter or "", max_draft_tokens=body.max_draft_tokens or 0),
+        stop=[body.stop] if isinstance(body.stop, str) else list(body.stop or []),
+    )
+    limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    if limit is not None:
+        req.max_tokens = limit
+    if body.speculate is not None:
+        req.speculation.enabled = body.speculate
+    return req
+
+
+def usage_json(u: pb.Usage) -> dict[str, Any]:
+    return {
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.prompt_tokens + u.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.reused_prompt_tokens},
+        "verification_steps": u.verification_steps,
+        "accepted_draft_tokens": u.accepted_draft_tokens,
+        "drafted_tokens": u.drafted_tokens,
+        "drafter": u.drafter,
+        "route": u.route,
+        "fallbacks": u.fallbacks,
+        "worker_failovers": u.worker_failovers,
+        "time_to_first_token_ms": round(u.time_to_first_token_ms, 1),
+    }
+
+
+def error_response(status: int, kind: str, message: str, code: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code}},
+                        status_code=status, headers=headers)
+
+
+def proxy_error_response(exc: ProxyError) -> JSONResponse:
+    status, kind = STATUS.get(exc.code, (500, "server_error"))
+    headers = {"Retry-After": f"{max(1, round(exc.retry_after_s))}"} if isinstance(exc, Overloaded) else None
+    return error_response(status, kind, exc.message, exc.code.name.lower(), headers)
+
+
+def build_app(service: DecodeProxyService) -> FastAPI:
+    app = FastAPI(title="QuickDraft", description="OpenAI-compatible endpoint of the QuickDraft decoding proxy")
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_body(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return error_response(400, "invalid_request_error", f"{where or 'body'}: {first.get('msg', 'invalid')}",
+                              "invalid_argument")
+
+    @app.exception_handler(ProxyError)
+    async def proxy_error(request: Request, exc: ProxyError) -> JSONResponse:
+        return proxy_error_response(exc)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict[str, Any]:
+        service.tenant_of(_metadata(request))
+        created = int(time.time())
+        names = ["auto", *sorted(service.pool.models())]
+        return {"object": "list",
+                "data": [{"id": n, "object": "model", "created": created, "owned_by": "quickdraft"} for n in names]}
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
+        metadata = _metadata(request)
+        grpc_request = to_grpc(body, request.headers.get("x-session-id", ""))
+        completion_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+        created = int(time.time())
+        chunks = service.generate(grpc_request, metadata)
+        if body.stream:
+            # Pull the first chunk here so that errors before any output are proper HTTP statuses.
+            try:
+                first = await anext(chunks)
+            except ProxyError as exc:
+                return proxy_error_response(exc)
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(_sse(first, chunks, completion_id, created, include_usage),
+                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        text: list[str] = []
+        last = None
+        async for chunk in chunks:
+            text.append(chunk.text)
+            last = chunk
+        assert last is not None
+        return JSONResponse({
+            "id": completion_id, "object": "chat.completion", "created": created, "model": last.model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
+                         "finish_reason": last.finish_reason, "logprobs": None}],
+            "usage": usage_json(last.usage),
+            "session_id": last.session_id,
+        }, headers={"X-Session-Id": last.session_id})
+
+    return app
+
+
+def _metadata(request: Request) -> tuple[tuple[str, str], ...]:
+    auth = request.headers.get("authorization")
+    return (("authorization", auth),) if auth else ()
+
+
+async def _sse(first: pb.GenerateChunk, rest: AsyncIterator[pb.GenerateChunk], completion_id: str, created: int,
+               include_usage: bool) -> AsyncIterator[str]:
+    def event(payload: dict[str, Any]) -> str:
+        return f"data: {json.dumps(payload)}\n\n"
+
+    def chunk_json(model: str, delta: dict[str, Any], finish: str | None) -> dict[str, Any]:
+        return {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+
+    model = first.model
+    yield event(chunk_json(model, {"role": "assistant", "content": ""}, None))
+    chunk = first
+    try:
+        while True:
+            if chunk.model:
+                model = chunk.model
+            if chunk.text:
+                yield event(chunk_json(model, {"content": chunk.text}, None))
+            if chunk.finish_reason:
+                yield event(chunk_json(model, {}, chunk.finish_reason))
+                if include_usage:
+                    yield event({"id": completion_id, "object": "chat.completion.chunk", "created": created,
+                                 "model": model, "choices": [], "usage": usage_json(chunk.usage)})
+                break
+            chunk = await anext(rest)
+    except ProxyError as exc:  # after output has started, the error travels in the stream
+        _, kind = STATUS.get(exc.code, (500, "server_error"))
+        yield event({"error": {"message": exc.message, "type": kind, "param": None, "code": exc.code.name.lower()}})
+    yield "data: [DONE]\n\n"
+
+
+async def serve_http(service: DecodeProxyService, host: str, port: int) -> None:
+    """Serve the endpoint until cancelled (uvicorn in the proxy's own event loop)."""
+    import uvicorn
+
+    config = uvicorn.Config(build_app(service), host=host, port=port, log_level="warning", access_log=False,
+                            lifespan="off")
+    server = uvicorn.Server(config)
+    try:
+        await server.serve()
+    except SystemExit as exc:  # uvicorn exits when it cannot bind
+        raise OSError(f"cannot serve HTTP on {host}:{port} (in use?); set --http-port, or 0 to turn it off") \
+            from exc
+

@@ -1,0 +1,96 @@
+"""The OpenAI-compatible endpoint, driven by the official `openai` client and by plain HTTP."""
+
+from __future__ import annotations
+
+import grpc
+import httpx
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+HELLO = [{"role": "user", "content": "Name three primary colours."}]
+
+
+@pytest.fixture(scope="module")
+def oa(http_base):
+    return openai.OpenAI(base_url=http_base, api_key="unused", max_retries=0)
+
+
+def test_openai_client_completion_matches_grpc_and_carries_quickdraft_figures(oa, client):
+    reply = oa.chat.completions.create(model="auto", messages=HELLO, max_tokens=24, temperature=0,
+                                       extra_headers={"X-Session-Id": "http-plain"})
+    grpc_reply = client.generate(HELLO, max_tokens=24, session_id="http-grpc")
+    assert reply.choices[0].message.content == grpc_reply.text
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].finish_reason in ("stop", "length")
+    usage = reply.usage.model_dump()
+    assert usage["completion_tokens"] == len(grpc_reply.token_ids)
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+    assert usage["route"] == "smollm2-135m" and usage["fallbacks"] == 0
+    assert 1 <= usage["verification_steps"] <= usage["completion_tokens"]
+    assert usage["accepted_draft_tokens"] >= 0
+    assert reply.model == "smollm2-135m"
+
+
+def test_openai_client_streaming(oa):
+    stream = oa.chat.completions.create(model="smollm2-135m", messages=HELLO, max_tokens=24, stream=True,
+                                        stream_options={"include_usage": True})
+    pieces, finish, usage = [], None, None
+    for chunk in stream:
+        if chunk.choices:
+            pieces.append(chunk.choices[0].delta.content or "")
+            finish = chunk.choices[0].finish_reason or finish
+        if chunk.usage:
+            usage = chunk.usage
+    whole = oa.chat.completions.create(model="smollm2-135m", messages=HELLO, max_tokens=24)
+    assert "".join(pieces) == whole.choices[0].message.content
+    assert finish in ("stop", "length") and usage is not None and usage.completion_tokens > 0
+    assert len([p for p in pieces if p]) > 1  # it really streamed
+
+
+def test_openai_client_lists_models(oa):
+    ids = {m.id for m in oa.models.list()}
+    assert {"auto", "smollm2-135m"} <= ids
+
+
+@pytest.mark.parametrize(("body", "status", "needle"), [
+    ({"model": "gpt-17", "messages": HELLO}, 400, "unknown model"),
+    ({"model": "auto", "messages": []}, 400, "messages must not be empty"),
+    ({"model": "auto", "messages": HELLO, "max_tokens": -3}, 400, "max_tokens must be positive"),
+    ({"model": "auto", "messages": HELLO, "max_tokens": 10_000_000}, 400, "cap"),
+    ({"model": "auto", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "role"),
+    ({"model": "auto"}, 400, "messages"),
+    ({"model": "auto", "messages": HELLO, "response_format": {"type": "json_schema"}}, 400, "response_format"),
+])
+def test_bad_requests_get_openai_style_errors(http_base, body, status, needle):
+    r = httpx.post(f"{http_base}/chat/completions", json=body, timeout=60)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert needle in error["message"] and error["type"] == "invalid_request_error"
+
+
+def test_openai_client_raises_its_own_error_types(oa):
+    with pytest.raises(openai.BadRequestError) as info:
+        oa.chat.completions.create(model="gpt-17", messages=HELLO, max_tokens=4)
+    assert "valid models" in info.value.message
+
+
+def test_metrics_endpoint_counts_what_was_served(http_base, client):
+    client.generate(HELLO, max_tokens=8, session_id="metrics")
+    with pytest.raises(grpc.RpcError):
+        client.generate(HELLO, max_tokens=8, model="gpt-17")
+    text = httpx.get(http_base.removesuffix("/v1") + "/metrics", timeout=30).text
+    samples = [(sample.name, sample.labels, sample.value)
+               for family in text_string_to_metric_families(text) for sample in family.samples]
+
+    def total(name, **labels):
+        return sum(v for n, lab, v in samples if n == name and all(lab.get(k) == x for k, x in labels.items()))
+
+    assert total("quickdraft_requests_total", model="smollm2-135m", outcome="ok") >= 1
+    assert total("quickdraft_requests_total", model="gpt-17", outcome="invalid_argument") >= 1
+    assert total("quickdraft_completion_tokens_total") >= 8
+    assert total("quickdraft_verification_steps_total") >= 1
+    assert total("quickdraft_time_to_first_token_seconds_count") >= 1
+    assert total("quickdraft_tokens_per_step_count") >= 1
+    assert total("quickdraft_shared_state_up") == 1.0
+    assert total("quickdraft_requests_in_flight") == 0.0
