@@ -15,6 +15,8 @@ draft tree's nodes to send, from
 It chooses the prefix of the tree (trees are grown best first, so every prefix is
 the best tree of its size) that maximises the batch's tokens per millisecond, which
 is zero nodes when the worker is compute-bound and the draft is not likely enough.
+The batch size is the larger of what the worker last reported and the steps this
+proxy has in flight on it.
 """
 
 from __future__ import annotations
@@ -96,27 +98,26 @@ class Load:
     batch_tokens: int = 1
 
 
-def choose_draft_size(probs: list[float], ratio: float, load: Load, own_tokens: int, tokens_per_step: float,
-                      cost: PassCost) -> int:
-    """How many of the tree's first nodes to send. ``own_tokens``: positions this session scored in
-    its last pass; ``tokens_per_step``: what a step of a session in this batch yields, about."""
+def choose_draft_size(probs: list[float], ratio: float, batch_size: int, cost: PassCost) -> int:
+    """How many of the tree's first nodes to send, when about ``batch_size`` sessions share each pass.
+
+    Every session of the batch is assumed to draft like this one (as SmartSpec picks one
+    speculation length per batch): the expected tokens per pass, ``B × (1 + accepted(k))``,
+    over the pass time for ``B × (1 + k)`` positions. Judging only one's own marginal nodes
+    while assuming the others keep theirs would let every session justify its draft and the
+    batch as a whole lose; this view cannot."""
     if not probs:
         return 0
-    others = max(load.batch_tokens - own_tokens, 0)
-    # Tokens the rest of the batch gets out of one pass (as many per session as this one, roughly).
-    others_yield = max(load.batch_size - 1, 0) * max(tokens_per_step, 1.0)
-    best_size, best_rate = len(probs), None
-    gain = 0.0
-    sizes = [k for k in SIZES if k < len(probs)] + [len(probs)]
+    b = max(batch_size, 1)
     prefix = [0.0]
     for p in probs:
         prefix.append(prefix[-1] + p)
-    for k in sizes:
-        gain = prefix[k] * ratio
-        ms = cost.predict(others + 1 + k)
+    best_size, best_rate = 0, None
+    for k in [k for k in SIZES if k < len(probs)] + [len(probs)]:
+        ms = cost.predict(b * (1 + k))
         if ms is None:
             return len(probs)  # nothing measured yet: send the whole tree and learn
-        rate = (others_yield + 1.0 + gain) / ms
+        rate = b * (1.0 + ratio * prefix[k]) / ms
         if best_rate is None or rate > best_rate * 1.0001:
             best_size, best_rate = k, rate
     return best_size

@@ -85,8 +85,8 @@ class SpeculationLoop:
         if self.params.adaptive and tree.token_ids:
             s = self.session
             worker = self.pool.pick(self.params.model, s.worker_key)
-            size = choose_draft_size(tree.probs, s.acceptance.ratio, worker.load, s.last_scored, s.tokens_per_step,
-                                     worker.cost)
+            batch = max(worker.load.batch_size, worker.in_flight + 1)
+            size = choose_draft_size(tree.probs, s.acceptance.ratio, batch, worker.cost)
             tree = tree.truncated(size)
         return tree
 

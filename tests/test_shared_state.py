@@ -32,7 +32,9 @@ class Proxy:
         self.address = f"127.0.0.1:{self.port}"
         self.proc = start(
             ["serve", "--worker", worker, "--grpc-port", str(self.port), "--redis-url", url], log,
-            env={"QUICKDRAFT_REDIS_PREFIX": prefix, "QUICKDRAFT_API_KEYS": json.dumps(KEYS)},
+            # Fixed draft sizes (no load-based sizing), so step counts measure only what was learned.
+            env={"QUICKDRAFT_REDIS_PREFIX": prefix, "QUICKDRAFT_API_KEYS": json.dumps(KEYS),
+                 "QUICKDRAFT_ADAPTIVE_SPECULATION": "false"},
         )
         try:
             wait_serving(self.address, timeout=120, proc=self.proc)
