@@ -123,7 +123,7 @@ def worker(
         torch.set_num_threads(s.threads)
     started = time.perf_counter()
     loaded = load_model(s.model, s.device, s.dtype)
-    runtime = ModelRuntime(loaded, kv_budget_bytes=s.kv_budget_mb << 20)
+    runtime = ModelRuntime(loaded, kv_budget_bytes=s.kv_budget_mb << 20, kv_active_s=s.kv_active_s)
     if s.oracle_traces:
         from quickdraft.verifiers.oracle_target import OracleTarget
 

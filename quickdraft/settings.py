@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="auto, cpu or cuda[:N]")
     dtype: str = Field("auto", description="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16")
     kv_budget_mb: int = Field(2048, ge=64, description="KV cache memory for all sessions of a worker")
+    kv_active_s: float = Field(
+        10.0, ge=0, description="a session used this recently is not evicted, even over the KV budget (no thrash)"
+    )
     threads: int = Field(0, ge=0, description="torch CPU threads; 0: torch's default")
     max_batch: int = Field(16, ge=1, description="worker: sessions' steps sharing one forward pass, at most")
     max_batch_tokens: int = Field(2048, ge=16, description="worker: positions in one batched pass, about")

@@ -25,10 +25,10 @@ def long_prompt(topic: str) -> list[dict[str, str]]:
     return [{"role": "user", "content": f"Here is a file about {topic}:\n{lines}\nWhat does line 3 compute?"}]
 
 
-def launch_worker(tmp_path, name: str, *extra: str):
+def launch_worker(tmp_path, name: str, *extra: str, env: dict[str, str] | None = None):
     port = free_port()
     log = tmp_path / f"{name}.log"
-    proc = start(["worker", "--model", "smollm2-135m", "--port", str(port), "--threads", "1", *extra], log)
+    proc = start(["worker", "--model", "smollm2-135m", "--port", str(port), "--threads", "1", *extra], log, env=env)
     return proc, f"127.0.0.1:{port}", log
 
 
@@ -50,11 +50,11 @@ def ready(proc, address, log) -> None:
 
 
 @contextlib.contextmanager
-def worker_with_proxy(tmp_path, *worker_args: str,
-                      proxy_env: dict[str, str] | None = None) -> Iterator[tuple[subprocess.Popen, str, list]]:
+def worker_with_proxy(tmp_path, *worker_args: str, proxy_env: dict[str, str] | None = None,
+                      worker_env: dict[str, str] | None = None) -> Iterator[tuple[subprocess.Popen, str, list]]:
     """A worker (with these extra arguments) and a proxy in front of it; yields (worker, proxy address,
     the list of processes to stop, which a test may extend)."""
-    worker, worker_addr, worker_log = launch_worker(tmp_path, "worker", *worker_args)
+    worker, worker_addr, worker_log = launch_worker(tmp_path, "worker", *worker_args, env=worker_env)
     procs = [worker]
     try:
         ready(worker, worker_addr, worker_log)
@@ -97,7 +97,9 @@ def test_registered_worker_takes_over_when_the_first_dies_mid_request(tmp_path, 
 
 def test_an_evicted_session_is_rebuilt_transparently(tmp_path, client):
     # 64 MB holds about 1,400 SmolLM2 positions in fp32: two ~800-token sessions cannot both stay.
-    with worker_with_proxy(tmp_path, "--kv-budget-mb", "64") as (_, proxy_addr, _procs):
+    # Sessions count as idle at once here (by default a session used in the last 10 s is spared).
+    with worker_with_proxy(tmp_path, "--kv-budget-mb", "64", worker_env={"QUICKDRAFT_KV_ACTIVE_S": "0"}) \
+            as (_, proxy_addr, _procs):
         a, b = long_prompt("alpha"), long_prompt("beta")
         with QuickDraftClient(proxy_addr) as qd:
             a1 = qd.generate(a, max_tokens=24, session_id="a")

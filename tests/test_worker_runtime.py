@@ -96,16 +96,22 @@ def test_diverged_or_unknown_sessions_ask_for_resync(runtime):
 def test_eviction_keeps_memory_under_budget_and_forces_resync(runtime):
     prompt = prompts(runtime)[1]
     per_token = runtime.kv_bytes_per_token
-    old_budget = runtime.sessions.budget_bytes
+    old_budget, old_active = runtime.sessions.budget_bytes, runtime.sessions.active_s
     runtime.sessions.budget_bytes = per_token * (len(prompt) + 600)
     try:
+        # A session used moments ago is spared even over budget (evicting it mid-request would thrash) ...
         a = runtime.verify(VerifyInput("evict-a", 0, [], prompt))
         runtime.verify(VerifyInput("evict-b", 0, [], prompt))
+        assert runtime.sessions.get("evict-a") is not None
+        assert runtime.sessions.nbytes() > runtime.sessions.budget_bytes
+        # ... and once it is idle, the least recently used goes first and memory is back under budget.
+        runtime.sessions.active_s = 0.0
+        runtime.verify(VerifyInput("evict-c", 0, [], prompt))
         assert runtime.sessions.nbytes() <= runtime.sessions.budget_bytes
         again = runtime.verify(VerifyInput("evict-a", a.cached_len, prompt[a.cached_len - 16:a.cached_len], [5]))
         assert again.resync_required
     finally:
-        runtime.sessions.budget_bytes = old_budget
+        runtime.sessions.budget_bytes, runtime.sessions.active_s = old_budget, old_active
 
 
 def test_malformed_drafts_are_rejected(runtime):

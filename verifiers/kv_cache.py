@@ -9,11 +9,15 @@ draft tree is one gather over the draft's positions.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
+
+log = logging.getLogger(__name__)
 
 
 class GrowableLayer(DynamicLayer):
@@ -42,8 +46,10 @@ class GrowableLayer(DynamicLayer):
         cap = self._k.shape[2]
         if needed <= cap:
             return
-        while cap < needed:
-            cap *= 2
+        # Grow by half (not double): the budget counts reserved memory, and doubling would
+        # leave up to half of every session's reservation idle.
+        cap = max(needed, cap + cap // 2)
+        cap = -(-cap // 256) * 256
         k = self._k.new_empty((*self._k.shape[:2], cap, self._k.shape[3]))
         v = self._v.new_empty((*self._v.shape[:2], cap, self._v.shape[3]))
         k[:, :, : self.length] = self._k[:, :, : self.length]
@@ -127,13 +133,22 @@ class SessionKV:
 
 
 class SessionStore:
-    """Session KV caches, least recently used evicted first when over budget."""
+    """Session KV caches, least recently used evicted first when over budget.
 
-    def __init__(self, num_layers: int, budget_bytes: int) -> None:
+    A session used within the last ``active_s`` seconds is not evicted even over budget:
+    under overload, evicting sessions that are mid-request would make each of them
+    re-prefill its whole history on its next step and evict another (a thrash). Memory
+    then runs over the budget until requests finish, which the log reports.
+    """
+
+    def __init__(self, num_layers: int, budget_bytes: int, active_s: float = 10.0) -> None:
         self.num_layers = num_layers
         self.budget_bytes = budget_bytes
+        self.active_s = active_s
         self._sessions: OrderedDict[str, SessionKV] = OrderedDict()
+        self._used: dict[str, float] = {}
         self.evictions = 0
+        self.over_budget_passes = 0
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -142,15 +157,18 @@ class SessionStore:
         session = self._sessions.get(key)
         if session is not None:
             self._sessions.move_to_end(key)
+            self._used[key] = time.monotonic()
         return session
 
     def create(self, key: str) -> SessionKV:
         session = SessionKV(cache=new_cache(self.num_layers))
         self._sessions[key] = session
         self._sessions.move_to_end(key)
+        self._used[key] = time.monotonic()
         return session
 
     def release(self, key: str) -> bool:
+        self._used.pop(key, None)
         return self._sessions.pop(key, None) is not None
 
     def nbytes(self) -> int:
@@ -161,12 +179,19 @@ class SessionStore:
         keep = {keep} if isinstance(keep, str) else keep
         evicted = []
         total = self.nbytes()
+        recent = time.monotonic() - self.active_s
         for key in list(self._sessions):
             if total <= self.budget_bytes:
                 break
-            if key in keep:
+            if key in keep or self._used.get(key, 0.0) > recent:
                 continue
             total -= cache_nbytes(self._sessions.pop(key).cache)
+            self._used.pop(key, None)
             evicted.append(key)
         self.evictions += len(evicted)
+        if total > self.budget_bytes:
+            self.over_budget_passes += 1
+            if self.over_budget_passes % 100 == 1:
+                log.warning("KV caches hold %.0f MB, over the %.0f MB budget: every session was active within "
+                            "%g s (overload)", total / 2**20, self.budget_bytes / 2**20, self.active_s)
         return evicted

@@ -102,7 +102,7 @@ def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
 
 
 class ModelRuntime:
-    def __init__(self, loaded: LoadedModel, kv_budget_bytes: int = 2 << 30) -> None:
+    def __init__(self, loaded: LoadedModel, kv_budget_bytes: int = 2 << 30, kv_active_s: float = 10.0) -> None:
         self.loaded = loaded
         self.oracle: OracleTarget | None = None
         self.pass_cost_ms: float | None = None
@@ -116,7 +116,7 @@ class ModelRuntime:
         # second mask for those layers; the cache keeps every position, the mask limits the view.
         layer_types = set(getattr(config, "layer_types", None) or ())
         self.sliding_window = int(config.sliding_window) if "sliding_attention" in layer_types else 0
-        self.sessions = SessionStore(config.num_hidden_layers, kv_budget_bytes)
+        self.sessions = SessionStore(config.num_hidden_layers, kv_budget_bytes, kv_active_s)
         self.kv_bytes_per_token = kv_bytes_per_token(config, loaded.dtype)
         self._lock = threading.Lock()  # one forward pass at a time
         self._info = self._make_info()
