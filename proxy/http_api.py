@@ -11,6 +11,7 @@ whose history the prompt extends (OpenAI clients send no session id).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import uuid
@@ -229,9 +230,15 @@ async def serve_http(service: DecodeProxyService, host: str, port: int) -> None:
     """Serve the endpoint until cancelled (uvicorn in the proxy's own event loop)."""
     import uvicorn
 
+    class EmbeddedServer(uvicorn.Server):
+        # The proxy process owns SIGINT/SIGTERM (stopping gRPC and HTTP together); uvicorn
+        # must not capture them and re-raise them into a half-stopped event loop.
+        def capture_signals(self):
+            return contextlib.nullcontext()
+
     config = uvicorn.Config(build_app(service), host=host, port=port, log_level="warning", access_log=False,
                             lifespan="off")
-    server = uvicorn.Server(config)
+    server = EmbeddedServer(config)
     try:
         await server.serve()
     except SystemExit as exc:  # uvicorn exits when it cannot bind
