@@ -18,6 +18,13 @@ oldest response still held (``XTRIM MINID``) and to ``max_age_s``. Every replica
 applies the same rule to the same entries, so the in-memory indexes and Redis
 follow one bound without coordinating.
 
+Cluster. The same URL may name a standalone server or any node of a Redis
+Cluster; which one it is is asked of the server (``INFO cluster``) on first
+contact. In a cluster the client follows slot redirections, writes go through
+cluster pipelines (split per node), and the tail reads each slot's streams with
+its own non-blocking ``XREAD`` (a multi-key read may not cross slots), polling
+every ``cluster_poll_ms`` instead of blocking.
+
 Failures. With Redis unreachable the replica keeps serving from memory, queues
 what it learns (bounded), reports itself unhealthy, and retries; when Redis is
 back the queue is flushed and the tail resumes. A Redis that comes back empty
@@ -41,7 +48,10 @@ from dataclasses import dataclass, field
 from urllib.parse import quote, unquote
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -50,6 +60,7 @@ from quickdraft.suffix_cache.base import Scope
 log = logging.getLogger(__name__)
 
 UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+_TIMEOUTS = {"socket_timeout": 5, "socket_connect_timeout": 2}
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +72,7 @@ class LogSettings:
     queue_limit: int = 100_000      # responses queued while Redis is unreachable
     block_ms: int = 1000            # longest wait of one XREAD; new entries end it at once
     rescan_s: float = 2.0           # how often other replicas' new scopes are looked for
+    cluster_poll_ms: int = 100      # Redis Cluster: interval of the tail's non-blocking reads
 
 
 @dataclass(slots=True)
@@ -98,7 +110,9 @@ class ResponseLog:
         self.settings = settings
         self.apply = apply
         self.replica_id = replica_id or uuid.uuid4().hex[:12]
-        self.redis = aioredis.from_url(settings.url, socket_timeout=5, socket_connect_timeout=2)
+        self.redis: aioredis.Redis | RedisCluster = aioredis.from_url(settings.url, **_TIMEOUTS)
+        self.cluster: bool | None = None  # unknown until the server first answers
+        self._connecting = asyncio.Lock()
         self._scopes: dict[Scope, _ScopeLog] = {}
         self._queue: deque[tuple[Scope, _Held]] = deque()
         self._seq = 0
@@ -189,9 +203,11 @@ class ResponseLog:
             await self._wake.wait()
             self._wake.clear()
             try:
+                if self.cluster is None:
+                    await self._connect()
                 await self._flush()
                 backoff = 0.1
-            except UNREACHABLE as exc:
+            except (*UNREACHABLE, RedisError, RedisClusterException) as exc:
                 if self.healthy:
                     log.warning("Redis write failed (%s); %d responses queued", exc, len(self._queue))
                 self.healthy = False
@@ -226,21 +242,21 @@ class ResponseLog:
         last_scan = 0.0
         while True:
             try:
-                if time.monotonic() - last_scan > self.settings.rescan_s:
-                    await self._discover()
-                    last_scan = time.monotonic()
                 if not self.healthy:
                     await self._check_server()
                     log.info("Redis at %s is reachable again", self.settings.url)
                     self.healthy = True
                     self._wake.set()
+                if time.monotonic() - last_scan > self.settings.rescan_s:
+                    await self._discover()
+                    last_scan = time.monotonic()
                 await self._read_new(block_ms=self.settings.block_ms)
             except asyncio.CancelledError:
                 raise
             except UNREACHABLE:
                 self.healthy = False
                 await asyncio.sleep(0.5)
-            except RedisError as exc:  # a server-side error: report and keep going
+            except (RedisError, RedisClusterException) as exc:  # a server-side error: report and keep going
                 log.warning("Redis tail error: %s", exc)
                 await asyncio.sleep(0.5)
 
@@ -253,10 +269,35 @@ class ResponseLog:
             if scope is not None:
                 self._scope(scope)
 
+    async def _connect(self) -> None:
+        """Switch to a cluster client if the server at the URL is a Redis Cluster node."""
+        async with self._connecting:
+            if self.cluster is None:
+                await self._detect()
+
+    async def _detect(self) -> None:
+        info = await self.redis.info("cluster")
+        self.cluster = bool(info.get("cluster_enabled"))
+        if self.cluster:
+            with contextlib.suppress(Exception):
+                await self.redis.aclose()
+            self.redis = RedisCluster.from_url(self.settings.url, **_TIMEOUTS)
+            await self.redis.initialize()
+            log.info("Redis at %s is a cluster of %d primaries", self.settings.url,
+                     len(self.redis.get_primaries()))
+
+    async def _server_id(self) -> str:
+        """Changes when the server (in a cluster: any primary) restarts."""
+        if self.cluster:
+            infos = await self.redis.info("server", target_nodes=RedisCluster.PRIMARIES)
+            return ",".join(sorted(str(i.get("run_id")) for i in infos.values()))
+        return str((await self.redis.info("server")).get("run_id"))
+
     async def _check_server(self) -> None:
         """After a Redis restart, put back what it lost (it may keep nothing on disk)."""
-        info = await self.redis.info("server")
-        run_id = str(info.get("run_id"))
+        if self.cluster is None:
+            await self._connect()
+        run_id = await self._server_id()
         restarted = self._server_run_id is not None and run_id != self._server_run_id
         self._server_run_id = run_id
         if restarted:
@@ -285,33 +326,55 @@ class ResponseLog:
         state.last_id = b"0-0"
 
     async def _read_new(self, block_ms: int | None) -> None:
+        """Apply new entries of every scope's stream; ``block_ms`` None drains everything (replay)."""
         if not self._scopes:
             if block_ms:
                 await asyncio.sleep(block_ms / 1000)
             return
-        streams = {state.key: state.last_id for state in self._scopes.values()}
-        by_key = {state.key: (scope, state) for scope, state in self._scopes.items()}
+        if not self.cluster:
+            streams = {state.key: state.last_id for state in self._scopes.values()}
+            while True:
+                reply = await self.redis.xread(streams, count=1000, block=block_ms)
+                if not self._apply_reply(reply, streams) or block_ms is not None:
+                    return  # one blocking read per tail iteration; replay drains everything
+        groups: dict[int, dict[str, bytes]] = {}
+        for state in self._scopes.values():
+            groups.setdefault(key_slot(state.key.encode()), {})[state.key] = state.last_id
+        deadline = time.monotonic() + (block_ms or 0) / 1000
         while True:
-            reply = await self.redis.xread(streams, count=1000, block=block_ms)
-            if not reply:
+            replies = await asyncio.gather(*(self.redis.xread(g, count=1000) for g in groups.values()))
+            got = [self._apply_reply(reply, g) for reply, g in zip(replies, groups.values(), strict=True)]
+            if any(got):
+                if block_ms is not None:
+                    return
+                continue
+            if block_ms is None or time.monotonic() >= deadline:
                 return
-            for raw_key, entries in reply:
-                key = raw_key.decode() if isinstance(raw_key, bytes) else raw_key
-                scope, state = by_key[key]
-                for stream_id, fields in entries:
-                    state.last_id = stream_id
-                    streams[key] = stream_id
-                    origin = fields[b"o"].decode()
-                    seq = int(fields[b"s"])
-                    if (origin, seq) in state.applied:
-                        for held in state.held:  # our own entry (or a re-seeded copy): note where it is
-                            if held.origin == origin and held.seq == seq and held.stream_id is None:
-                                held.stream_id = stream_id
-                        continue
-                    held = _Held(origin, seq, fields[b"t"], stream_id)
-                    state.applied.add((origin, seq))
-                    self._hold(state, held)
-                    self.apply(scope, unpack(held.tokens))
-                    self.applied_remote += 1
-            if block_ms is not None:
-                return  # one blocking read per tail iteration; replay (None) drains everything
+            await asyncio.sleep(self.settings.cluster_poll_ms / 1000)
+
+    def _apply_reply(self, reply, streams: dict[str, bytes]) -> int:
+        """Apply one XREAD reply; advances ``streams`` and the scopes' tail positions. Returns entries seen."""
+        if not reply:
+            return 0
+        seen = 0
+        by_key = {state.key: (scope, state) for scope, state in self._scopes.items()}
+        for raw_key, entries in reply:
+            key = raw_key.decode() if isinstance(raw_key, bytes) else raw_key
+            scope, state = by_key[key]
+            for stream_id, fields in entries:
+                seen += 1
+                state.last_id = stream_id
+                streams[key] = stream_id
+                origin = fields[b"o"].decode()
+                seq = int(fields[b"s"])
+                if (origin, seq) in state.applied:
+                    for held in state.held:  # our own entry (or a re-seeded copy): note where it is
+                        if held.origin == origin and held.seq == seq and held.stream_id is None:
+                            held.stream_id = stream_id
+                    continue
+                held = _Held(origin, seq, fields[b"t"], stream_id)
+                state.applied.add((origin, seq))
+                self._hold(state, held)
+                self.apply(scope, unpack(held.tokens))
+                self.applied_remote += 1
+        return seen

@@ -159,3 +159,58 @@ def own_redis(tmp_path):
     yield f"redis://127.0.0.1:{port}/0", stop, restart
     if server["proc"].poll() is None:
         stop()
+
+
+def _cluster_port() -> int:
+    """A free port whose cluster-bus port (port + 10000) is free as well."""
+    for _ in range(200):
+        port = free_port()
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
+@pytest.fixture(scope="module")
+def redis_cluster(tmp_path_factory) -> Iterator[str]:
+    """A 3-primary Redis Cluster of the test's own on free ports; yields a URL naming one node."""
+    binary = shutil.which("redis-server")
+    assert binary and shutil.which("redis-cli"), "redis-server and redis-cli are needed"
+    ports = [_cluster_port() for _ in range(3)]
+    procs = []
+    for port in ports:
+        node_dir = tmp_path_factory.mktemp(f"cluster-{port}")
+        procs.append(subprocess.Popen(
+            [binary, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+             "--cluster-config-file", str(node_dir / "nodes.conf"), "--save", "", "--appendonly", "no",
+             "--dir", str(node_dir)], stdout=subprocess.DEVNULL))
+    try:
+        for port in ports:
+            _wait_ping(redis.Redis(port=port))
+        subprocess.run(["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports),
+                        "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=60)
+        deadline = time.monotonic() + 30
+        while not all(redis.Redis(port=p).cluster("info").get("cluster_state") == "ok" for p in ports):
+            assert time.monotonic() < deadline, "the test cluster did not reach cluster_state:ok"
+            time.sleep(0.2)
+        yield f"redis://127.0.0.1:{ports[0]}/0"
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(timeout=10)
+
+
+def _wait_ping(client: redis.Redis) -> None:
+    for _ in range(100):
+        try:
+            client.ping()
+            return
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    raise RuntimeError("redis-server did not start")
