@@ -49,7 +49,7 @@ async def test_replicas_share_learning_across_every_node_and_keep_tenants_apart(
             one.learn(scope, answer(i))
         for i, scope in enumerate(TENANTS):
             ctx = [1, *answer(i)[:2]]
-            assert await eventually(lambda: two.drafts(scope, ctx)[:4] == answer(i)[2:], timeout=5), scope
+            assert await eventually(lambda s=scope, c=ctx, a=answer(i): two.drafts(s, c)[:4] == a[2:], timeout=5), scope
             # Another tenant's context with the same tokens drafts nothing of this tenant's answer.
             other = TENANTS[(i + 1) % len(TENANTS)]
             assert not set(two.drafts(other, ctx)) & set(answer(i)[2:])
