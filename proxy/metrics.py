@@ -40,6 +40,13 @@ class ProxyMetrics:
         self.redis_up = Gauge("quickdraft_shared_state_up", "1 when Redis (shared drafting state) is reachable; "
                               "1 too without Redis", registry=r)
         self.redis_up.set(1)
+        self.records_up = Gauge("quickdraft_records_up", "1 when the SQL request records are being written "
+                                "(1 too when they are off)", registry=r)
+        self.records_queued = Gauge("quickdraft_records_queued", "Request records waiting for the database",
+                                    registry=r)
+        self.records_dropped = Gauge("quickdraft_records_dropped", "Request records dropped because the database "
+                                     "was unreachable for too long", registry=r)
+        self.records_up.set(1)
 
     def finished(self, usage: pb.Usage, completion_tokens: int) -> None:
         model = usage.route or "unknown"

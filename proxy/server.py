@@ -45,6 +45,10 @@ async def _health_round(service: DecodeProxyService, pool: WorkerPool, health: h
     log_ = service.shared_log
     now_shared = log_ is None or log_.healthy
     service.metrics.redis_up.set(1 if now_shared else 0)
+    if service.request_log is not None:
+        service.metrics.records_up.set(1 if service.request_log.healthy else 0)
+        service.metrics.records_queued.set(len(service.request_log.queue))
+        service.metrics.records_dropped.set(service.request_log.dropped)
     if now_shared != shared:
         await health.set(SHARED_STATE_SERVICE, health_pb2.HealthCheckResponse.SERVING if now_shared
                          else health_pb2.HealthCheckResponse.NOT_SERVING)

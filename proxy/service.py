@@ -14,6 +14,7 @@ from quickdraft.proto import quickdraft_pb2 as pb
 from quickdraft.proxy.detokenize import TextStream
 from quickdraft.proxy.errors import InvalidRequest, Overloaded, ProxyError, Unauthenticated
 from quickdraft.proxy.metrics import ProxyMetrics
+from quickdraft.proxy.request_log import RequestLog
 from quickdraft.proxy.sessions import Session, SessionTable
 from quickdraft.proxy.speculation import GenerationParams, SpeculationLoop
 from quickdraft.proxy.worker_pool import WorkerPool
@@ -75,13 +76,19 @@ class DecodeProxyService:
                 apply=self._learn_remote,
             )
 
+        self.request_log = RequestLog(settings.database_url) if settings.record_requests else None
+
     async def start(self) -> None:
         if self.shared_log is not None:
             await self.shared_log.start()
+        if self.request_log is not None:
+            await self.request_log.start()
 
     async def close(self) -> None:
         if self.shared_log is not None:
             await self.shared_log.close()
+        if self.request_log is not None:
+            await self.request_log.close()
 
     def _learn_remote(self, scope: Scope, tokens: list[int]) -> None:
         for drafter in self.drafters.values():
@@ -165,25 +172,45 @@ class DecodeProxyService:
     # -- generation --------------------------------------------------------------
     async def generate(self, request: pb.GenerateRequest, metadata) -> AsyncIterator[pb.GenerateChunk]:
         started = time.perf_counter()
+        tenant = ""
         try:
             tenant = self.tenant_of(metadata)
             prepared = self.prepare(request, tenant)
             self.admission.enter(tenant)
         except ProxyError as exc:
             self.metrics.failed(request.model, exc.code.name.lower())
+            self._record_failure(tenant, request.session_id, request.model, request.speculation.drafter,
+                                 exc.code.name, started)
             raise
         self.metrics.in_flight.inc()
+        outcome = "CANCELLED"  # unless the request finishes or fails below: the caller went away
         try:
             async for chunk in self._generate(prepared, started):
                 if chunk.HasField("usage"):
+                    outcome = "OK"
                     self.metrics.finished(chunk.usage, chunk.usage.completion_tokens)
+                    if self.request_log is not None:
+                        self.request_log.finished(tenant, chunk.session_id, chunk.usage, chunk.finish_reason)
                 yield chunk
         except ProxyError as exc:
+            outcome = exc.code.name
             self.metrics.failed(prepared.params.model, exc.code.name.lower())
+            raise
+        except Exception:
+            outcome = "INTERNAL"
             raise
         finally:
             self.metrics.in_flight.dec()
             self.admission.leave(tenant)
+            if outcome != "OK":
+                self._record_failure(tenant, prepared.session_id, prepared.params.model, prepared.drafter_name,
+                                     outcome, started)
+
+    def _record_failure(self, tenant: str, session_id: str, route: str, drafter: str, status: str,
+                        started: float) -> None:
+        if self.request_log is not None:
+            self.request_log.failed(tenant, session_id, route or "auto", drafter, status,
+                                    (time.perf_counter() - started) * 1e3)
 
     async def _generate(self, prepared: Prepared, started: float) -> AsyncIterator[pb.GenerateChunk]:
         params = prepared.params

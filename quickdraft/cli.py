@@ -214,11 +214,32 @@ def up(
 
 
 # -- replay and benchmarks ----------------------------------------------------------
-def _write_json(path: pathlib.Path | None, data: dict) -> None:
+def _write_json(path: pathlib.Path | None, data: dict, kind: str | None = None) -> None:
+    """Print the figures, write them to ``path``, and (with ``kind``) record the run in SQL."""
     text = json.dumps(data, indent=2)
     if path:
         path.write_text(text + "\n")
     print(text)
+    if kind:
+        _record_run(kind, data)
+
+
+def _record_run(kind: str, figures: dict) -> None:
+    s = load_settings()
+    if not s.record_runs:
+        return
+    from quickdraft.records import RecordStore, RunRecord
+
+    command = " ".join(["quickdraft", *sys.argv[1:]])
+    try:
+        store = RecordStore(s.database_url)
+        store.migrate()
+        run_id = store.add_run(RunRecord(kind=kind, command=command[:2000], figures=figures))
+        store.close()
+    except Exception as exc:  # a record is a convenience: never fail the run for it
+        console.print(f"[yellow]could not record this run in {s.database_url}: {exc}[/]")
+        return
+    console.print(f"recorded as run {run_id} ({kind}) in {s.database_url.split('@')[-1]}")
 
 
 @app.command()
@@ -254,7 +275,7 @@ def replay(
 
         report = replay_live(paths, proxy, max_calls=max_calls, max_new_tokens=max_new_tokens, model=model,
                              drafter=drafter, tokenizer_name=tokenizer, redis_url=redis_url)
-    _write_json(json_out, report.to_dict())
+    _write_json(json_out, report.to_dict(), kind="replay-oracle" if oracle else "replay-live")
 
 
 BENCHMARKS = {
@@ -307,7 +328,7 @@ def bench(
                           f"{lv['ttft_p50_ms']} / {lv['ttft_p95_ms']}", f"{lv['tpot_p50_ms']} / {lv['tpot_p95_ms']}",
                           str(lv["failed_requests"]))
         console.print(table)
-        _write_json(json_out, result)
+        _write_json(json_out, result, kind="bench-load")
         return
     if name == "e2e":
         from quickdraft.bench.e2e import TEXTS, run_e2e
@@ -321,7 +342,7 @@ def bench(
             table.add_row(t, str(r["calls"]), f"{r['tokens_per_step']:.2f}", f"{r['tokens_per_s_speculative']:.2f}",
                           f"{r['tokens_per_s_plain']:.2f}", f"{r['speedup']:.2f}x", str(r["outputs_identical"]))
         console.print(table)
-        _write_json(json_out, result)
+        _write_json(json_out, result, kind="bench-e2e")
         return
     if name == "forward":
         import torch
@@ -339,7 +360,7 @@ def bench(
             table.add_row(str(p["context"]), str(p["scored"]), f"{p['median_ms']:.1f}")
         console.print(table)
         _write_json(json_out, {"benchmark": "forward", "model": model, "threads": torch.get_num_threads(),
-                               "points": points})
+                               "points": points}, kind="bench-forward")
         return
     from quickdraft.bench.oracle_replay import replay_oracle
     from quickdraft.bench.traces import default_traces_dir
@@ -352,7 +373,7 @@ def bench(
         table.add_row(d, f"{r['tokens_per_step']:.3f}", f"{r['drafted_per_step']:.2f}",
                       f"{r['draft_us_per_step']:.1f}", f"{r['prepare_ms_per_call']:.2f}")
     console.print(table)
-    _write_json(json_out, {"benchmark": "drafters", "results": rows})
+    _write_json(json_out, {"benchmark": "drafters", "results": rows}, kind="bench-drafters")
 
 
 @app.command()
@@ -379,9 +400,76 @@ def demo(
         report = replay_live(
             [traces or default_traces_dir()], address, max_calls=max_calls, max_new_tokens=max_new_tokens
         )
-        _write_json(json_out, report.to_dict())
+        _write_json(json_out, report.to_dict(), kind="demo")
     finally:
         _stop([proc])
+
+
+# -- records -----------------------------------------------------------------------
+records_app = typer.Typer(help="SQL records of requests and runs (SQLite by default, PostgreSQL by URL).",
+                          no_args_is_help=True)
+app.add_typer(records_app, name="records")
+DatabaseOpt = Annotated[str | None, typer.Option(
+    "--database-url", help="SQLAlchemy URL (default: the database_url setting)")]
+
+
+def _store(database_url: str | None):
+    from quickdraft.records import RecordStore
+
+    return RecordStore(database_url or load_settings().database_url)
+
+
+@records_app.command("migrate")
+def records_migrate(database_url: DatabaseOpt = None) -> None:
+    """Create or upgrade the schema to the newest revision (Alembic); the proxy and runs also do this."""
+    store = _store(database_url)
+    console.print(f"{store.url.split('@')[-1]}: schema at revision {store.migrate()}")
+
+
+@records_app.command("requests")
+def records_requests(
+    limit: Annotated[int, typer.Option(help="newest N")] = 20,
+    tenant: Annotated[str, typer.Option(help="only this tenant")] = None,
+    database_url: DatabaseOpt = None,
+) -> None:
+    """The newest request records: tenant, route, drafter and figures."""
+    store = _store(database_url)
+    store.migrate()
+    table = Table("time (UTC)", "tenant", "route", "drafter", "status", "prompt", "completion", "tok/step",
+                  "TTFT ms", "total ms")
+    for r in store.recent_requests(limit, tenant):
+        per_step = r.completion_tokens / r.verification_steps if r.verification_steps else 0.0
+        table.add_row(r.created_at.strftime("%Y-%m-%d %H:%M:%S"), r.tenant, r.route, r.drafter, r.status,
+                      str(r.prompt_tokens), str(r.completion_tokens), f"{per_step:.2f}", f"{r.ttft_ms:.0f}",
+                      f"{r.total_ms:.0f}")
+    console.print(table)
+
+
+@records_app.command("runs")
+def records_runs(
+    limit: Annotated[int, typer.Option(help="newest N")] = 20,
+    kind: Annotated[str, typer.Option(help="only this kind (replay-oracle, replay-live, bench-e2e, ...)")] = None,
+    database_url: DatabaseOpt = None,
+    json_out: Annotated[bool, typer.Option("--json", help="print the records with their figures as JSON")] = False,
+) -> None:
+    """The newest replay and benchmark runs with their headline figures."""
+    store = _store(database_url)
+    store.migrate()
+    runs = store.recent_runs(limit, kind)
+    if json_out:
+        print(json.dumps([{"id": r.id, "created_at": r.created_at.isoformat(), "kind": r.kind, "command": r.command,
+                           "host": r.host, "figures": r.figures} for r in runs], indent=2))
+        return
+    table = Table("id", "time (UTC)", "kind", "tokens/step", "speedup", "command")
+    for r in runs:
+        f = r.figures
+        table.add_row(str(r.id), r.created_at.strftime("%Y-%m-%d %H:%M:%S"), r.kind,
+                      _fmt(f.get("tokens_per_step")), _fmt(f.get("speedup")), r.command)
+    console.print(table)
+
+
+def _fmt(value) -> str:
+    return f"{value:.3f}" if isinstance(value, int | float) else "—"
 
 
 def wait_serving(address: str, timeout: float, proc: subprocess.Popen | None = None) -> None:

@@ -44,7 +44,11 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(None, description="Redis for shared drafting state; none: in-process")
     redis_prefix: str = Field("qd", description="prefix of every Redis key QuickDraft writes")
     redis_max_tokens: int = Field(4_000_000, ge=1, description="response tokens kept per tenant in Redis")
-    database_url: str = Field("sqlite:///~/.cache/quickdraft/quickdraft.db", description="SQL records")
+    database_url: str = Field("sqlite:///~/.cache/quickdraft/quickdraft.db",
+                              description="SQL records of requests and runs (SQLAlchemy URL: sqlite:///PATH, "
+                                          "postgresql://USER@HOST/DB)")
+    record_requests: bool = Field(True, description="write a SQL record of every request the proxy answers")
+    record_runs: bool = Field(True, description="write a SQL record of every replay and benchmark run")
 
     # -- worker ---------------------------------------------------------------
     model: str = Field("smollm2-135m", description="model a worker loads (catalog name or path)")

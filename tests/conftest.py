@@ -8,7 +8,9 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -22,6 +24,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Proxies the tests start serve no HTTP unless a test asks (port 8000 may be in use).
 os.environ.setdefault("QUICKDRAFT_HTTP_PORT", "0")
+# Records of the proxies and runs the tests start go to a database of this test session, not ~/.cache.
+os.environ.setdefault("QUICKDRAFT_DATABASE_URL", f"sqlite:///{tempfile.mkdtemp(prefix='qd-records-')}/records.db")
+POSTGRES = "postgresql+psycopg://postgres@127.0.0.1:5432"
 
 
 def free_port() -> int:
@@ -214,3 +219,23 @@ def _wait_ping(client: redis.Redis) -> None:
         except redis.ConnectionError:
             time.sleep(0.05)
     raise RuntimeError("redis-server did not start")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path) -> Iterator[str]:
+    """An empty database of the test's own: a SQLite file, or a new database on the real PostgreSQL."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path}/records.db"
+        return
+    import sqlalchemy
+
+    name = f"qdtest_{uuid.uuid4().hex[:10]}"
+    admin = sqlalchemy.create_engine(f"{POSTGRES}/postgres", isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield f"{POSTGRES}/{name}"
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
