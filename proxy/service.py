@@ -60,6 +60,19 @@ class Admission:
         self.by_tenant[tenant] -= 1
 
 
+def _log_finished(tenant: str, chunk: pb.GenerateChunk) -> None:
+    u = chunk.usage
+    log.info("%s %s: %d+%d tokens in %d steps (%s), first token %.0f ms, total %.0f ms", tenant, chunk.session_id,
+             u.prompt_tokens, u.completion_tokens, u.verification_steps, u.drafter, u.time_to_first_token_ms,
+             u.total_ms, extra={
+                 "event": "request_finished", "tenant": tenant, "session_id": chunk.session_id, "route": u.route,
+                 "drafter": u.drafter, "finish_reason": chunk.finish_reason, "prompt_tokens": u.prompt_tokens,
+                 "completion_tokens": u.completion_tokens, "verification_steps": u.verification_steps,
+                 "accepted_draft_tokens": u.accepted_draft_tokens, "drafted_tokens": u.drafted_tokens,
+                 "reused_prompt_tokens": u.reused_prompt_tokens, "ttft_ms": round(u.time_to_first_token_ms, 1),
+                 "total_ms": round(u.total_ms, 1)})
+
+
 class DecodeProxyService:
     def __init__(self, settings: Settings, pool: WorkerPool) -> None:
         self.settings = settings
@@ -191,6 +204,7 @@ class DecodeProxyService:
                     self.metrics.finished(chunk.usage, chunk.usage.completion_tokens)
                     if self.request_log is not None:
                         self.request_log.finished(tenant, chunk.session_id, chunk.usage, chunk.finish_reason)
+                    _log_finished(tenant, chunk)
                 yield chunk
         except ProxyError as exc:
             outcome = exc.code.name

@@ -33,14 +33,22 @@ ConfigOpt = Annotated[
 ]
 
 
-def _logging(verbose: bool = False) -> None:
-    from rich.logging import RichHandler
+def _logging(s: Settings) -> None:
+    """Readable logs on a terminal; one JSON object per line (``log_format = "json"``) for log pipelines."""
+    if s.log_format == "json":
+        from pythonjsonlogger.json import JsonFormatter
 
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(name)s: %(message)s",
-        handlers=[RichHandler(console=console, show_path=False)],
-    )
+        handler: logging.Handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(JsonFormatter(
+            "%(asctime)s %(levelname)s %(name)s %(process)d %(message)s",
+            rename_fields={"asctime": "ts", "levelname": "level", "name": "logger", "process": "pid"},
+        ))
+    else:
+        from rich.logging import RichHandler
+
+        handler = RichHandler(console=console, show_path=False)
+        handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    logging.basicConfig(level=s.log_level.upper(), handlers=[handler], force=True)
     for noisy in ("httpx", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
@@ -104,13 +112,13 @@ def worker(
     config: ConfigOpt = None,
 ) -> None:
     """Start a worker that holds one model and verifies drafts for the proxy."""
-    _logging()
     _quiet_transformers()
     s = load_settings(config, model=model, worker_port=port, host=host, device=device, dtype=dtype,
                       kv_budget_mb=kv_budget_mb, threads=threads, max_batch=max_batch, max_queue=max_queue,
                       register_with=register or None,
                       advertise=advertise, oracle_traces=[str(p) for p in oracle_traces] if oracle_traces else None,
                       pass_cost_ms=pass_cost_ms)
+    _logging(s)
     if s.pass_cost_ms is not None and not s.oracle_traces:
         raise typer.BadParameter("--pass-cost-ms needs --oracle-traces (it replaces the model's choices)")
     import torch
@@ -153,9 +161,9 @@ def serve(
 ) -> None:
     """Start only the proxy (gRPC), in front of running workers (given with --worker, or registering
     themselves with `quickdraft worker --register`)."""
-    _logging()
     s = load_settings(config, workers=worker_addr or None, grpc_port=grpc_port, http_port=http_port, host=host,
                       redis_url=redis_url)
+    _logging(s)
     from quickdraft.proxy.server import serve_proxy
 
     with contextlib.suppress(KeyboardInterrupt):
@@ -193,9 +201,9 @@ def up(
     config: ConfigOpt = None,
 ) -> None:
     """Run the whole local stack: a worker per model and the proxy. Serves until interrupted."""
-    _logging()
     _terminate_on_sigterm()
     s = load_settings(config, grpc_port=grpc_port, http_port=http_port, host=host, redis_url=redis_url)
+    _logging(s)
     models = model or s.up_models
     procs: list[subprocess.Popen] = []
     addresses = []
@@ -247,7 +255,10 @@ def replay(
     paths: Annotated[list[pathlib.Path], typer.Argument(help=".traj.json files or folders of them")],
     oracle: Annotated[bool, typer.Option("--oracle", help="draft against the recorded responses, no model")] = False,
     proxy: Annotated[str, typer.Option(help="HOST:PORT of a running proxy (live replay)")] = None,
-    drafter: Annotated[str, typer.Option(help="suffix, stand, aded, pld or hybrid (default: suffix)")] = "",
+    drafter: Annotated[str, typer.Option(
+        help="suffix, stand, aded, pld or hybrid (default: suffix); oracle: several, comma-separated, are "
+             "replayed one after the other and compared (the JSON's top level is the first, `comparison` holds all)"
+    )] = "",
     tokenizer: Annotated[str, typer.Option(help="tokenizer (catalog name or path)")] = "smollm2-135m",
     budget: Annotated[int, typer.Option(help="oracle: draft tree nodes per step")] = 8,
     max_calls: Annotated[int, typer.Option(help="live: calls to send")] = 20,
@@ -257,6 +268,9 @@ def replay(
         help="oracle: keep drafting state in this Redis, as the proxy does; live: count its commands per token"
     )] = None,
     json_out: Annotated[pathlib.Path, typer.Option("--json", help="write the figures here")] = None,
+    plot: Annotated[pathlib.Path, typer.Option(
+        help="draw a PNG: oracle: tokens per step along each trajectory and the drafters side by side; "
+             "live: tokens per step and speedup per call")] = None,
 ) -> None:
     """Replay agent trajectories: --oracle for drafting quality, --proxy for live speed."""
     _quiet_transformers()
@@ -266,16 +280,32 @@ def replay(
         from quickdraft.bench.oracle_replay import replay_oracle
         from quickdraft.suffix_cache.registry import DRAFTERS
 
-        name = drafter or "suffix"
-        if name not in DRAFTERS:
-            raise typer.BadParameter(f"unknown drafter {name!r}; use one of {sorted(DRAFTERS)}")
-        report = replay_oracle(paths, name, tokenizer, budget=budget, redis_url=redis_url)
+        names = [n.strip() for n in (drafter or "suffix").split(",") if n.strip()]
+        for name in names:
+            if name not in DRAFTERS:
+                raise typer.BadParameter(f"unknown drafter {name!r}; use one of {sorted(DRAFTERS)}")
+        per_step: dict[str, dict] = {name: {} for name in names}
+        reports = {name: replay_oracle(paths, name, tokenizer, budget=budget, redis_url=redis_url,
+                                       per_step=per_step[name]).to_dict() for name in names}
+        figures = dict(reports[names[0]])
+        if len(names) > 1:
+            figures["comparison"] = reports
+        if plot:
+            from quickdraft.bench.plots import plot_oracle
+
+            plot_oracle(reports, per_step, plot)
     else:
         from quickdraft.bench.live_replay import replay_live
 
-        report = replay_live(paths, proxy, max_calls=max_calls, max_new_tokens=max_new_tokens, model=model,
-                             drafter=drafter, tokenizer_name=tokenizer, redis_url=redis_url)
-    _write_json(json_out, report.to_dict(), kind="replay-oracle" if oracle else "replay-live")
+        figures = replay_live(paths, proxy, max_calls=max_calls, max_new_tokens=max_new_tokens, model=model,
+                              drafter=drafter, tokenizer_name=tokenizer, redis_url=redis_url).to_dict()
+        if plot:
+            from quickdraft.bench.plots import plot_live
+
+            plot_live(figures, plot)
+    if plot:
+        console.print(f"plot written to {plot}")
+    _write_json(json_out, figures, kind="replay-oracle" if oracle else "replay-live")
 
 
 BENCHMARKS = {

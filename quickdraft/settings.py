@@ -9,7 +9,7 @@ the compose file and the tests mean the same thing by each option.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     database_url: str = Field("sqlite:///~/.cache/quickdraft/quickdraft.db",
                               description="SQL records of requests and runs (SQLAlchemy URL: sqlite:///PATH, "
                                           "postgresql://USER@HOST/DB)")
+    log_format: Literal["rich", "json"] = Field(
+        "rich", description="rich: readable lines on a terminal; json: one JSON object per line (log pipelines)")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="least severe level logged")
     record_requests: bool = Field(True, description="write a SQL record of every request the proxy answers")
     record_runs: bool = Field(True, description="write a SQL record of every replay and benchmark run")
 

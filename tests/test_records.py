@@ -57,7 +57,8 @@ def test_the_proxy_records_every_request(database_url, worker_address, tmp_path)
     port = free_port()
     log = tmp_path / "proxy.log"
     proc = start(["serve", "--worker", worker_address, "--grpc-port", str(port)], log,
-                 env={"QUICKDRAFT_DATABASE_URL": database_url, "QUICKDRAFT_API_KEYS": json.dumps(KEYS)})
+                 env={"QUICKDRAFT_DATABASE_URL": database_url, "QUICKDRAFT_API_KEYS": json.dumps(KEYS),
+                      "QUICKDRAFT_LOG_FORMAT": "json"})
     address = f"127.0.0.1:{port}"
     try:
         wait_serving(address, timeout=120, proc=proc)
@@ -82,6 +83,12 @@ def test_the_proxy_records_every_request(database_url, worker_address, tmp_path)
         assert (refused_row.tenant, refused_row.session_id, refused_row.status) == \
             ("tenant-rec", "rec-2", "INVALID_ARGUMENT")
         store.close()
+        # Structured logs: one JSON object per line, the finished request among them with its figures.
+        events = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+        assert events and all({"ts", "level", "logger", "message"} <= e.keys() for e in events)
+        (done_event,) = [e for e in events if e.get("event") == "request_finished"]
+        assert (done_event["tenant"], done_event["session_id"], done_event["completion_tokens"],
+                done_event["verification_steps"]) == ("tenant-rec", "rec-1", u.completion_tokens, u.verification_steps)
     finally:
         stop(proc)
 
