@@ -14,6 +14,7 @@ import asyncio
 import pathlib
 import threading
 import time
+from array import array
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -83,9 +84,11 @@ def replay_oracle(
     drafter: Drafter | None = None,
     progress: bool = True,
     redis_url: str | None = None,
+    per_step: dict[str, array] | None = None,
 ) -> OracleReport:
     """Replay trajectories through a drafter; with ``redis_url`` its learned state lives in Redis
-    as the proxy's does (replayed at start, every response appended)."""
+    as the proxy's does (replayed at start, every response appended). ``per_step``, if given, receives
+    the tokens each step yielded, per trajectory in order (for plots)."""
     files = trajectory_files(paths)
     tok = load_tokenizer(tokenizer_name)
     tok_id = tokenizer_id(tok)
@@ -103,6 +106,9 @@ def replay_oracle(
     with Progress(*columns, disable=not progress, transient=True) as bar:
         task = bar.add_task("replay", total=len(files), drafter=drafter_name, tps="-")
         for file in files:
+            yields = array("H")
+            if per_step is not None:
+                per_step[file.name.removesuffix(".traj.json")] = yields
             for session_id, prompt, response in tokenized_calls(file, tok, tok_id):
                 key = SessionKey(scope, session_id)
                 t0 = time.perf_counter()
@@ -119,6 +125,7 @@ def replay_oracle(
                     drafter.accept(key, new)
                     draft_s += (t1 - t0) + (time.perf_counter() - t2)
                     done += len(new)
+                    yields.append(len(new))
                     steps += 1
                     accepted += n_acc
                     out += len(new)

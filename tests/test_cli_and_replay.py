@@ -74,6 +74,27 @@ def test_oracle_replay_with_redis_shares_state_between_processes(tmp_path):
             client.delete(key)
 
 
+def test_oracle_replay_compares_drafters_and_plots(tmp_path):
+    out, png = tmp_path / "out.json", tmp_path / "replay.png"
+    done = quickdraft("replay", *map(str, trace_files(2)), "--oracle", "--drafter", "suffix,pld", "--json", str(out),
+                      "--plot", str(png))
+    assert done.returncode == 0, done.stderr
+    data = json.loads(out.read_text())
+    assert data["drafter"] == "suffix" and set(data["comparison"]) == {"suffix", "pld"}
+    assert data["comparison"]["suffix"]["tokens_per_step"] == data["tokens_per_step"]
+    assert data["comparison"]["pld"]["tokens_per_step"] < data["tokens_per_step"]
+    assert_png(png)
+
+
+def assert_png(path) -> None:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size[0] >= 800 and image.size[1] >= 600
+        # Something was drawn: a blank canvas has a single colour.
+        assert len(image.convert("L").getcolors(maxcolors=1 << 16) or []) > 20
+
+
 def test_replay_rejects_an_unknown_drafter():
     done = quickdraft("replay", str(trace_files(1)[0]), "--oracle", "--drafter", "magic")
     assert done.returncode != 0 and "unknown drafter 'magic'" in done.stderr
@@ -81,10 +102,11 @@ def test_replay_rejects_an_unknown_drafter():
 
 @pytest.mark.model
 def test_live_replay_is_lossless_on_the_real_model(tmp_path, proxy_address):
-    out = tmp_path / "live.json"
+    out, png = tmp_path / "live.json", tmp_path / "live.png"
     done = quickdraft("replay", *map(str, trace_files(1)), "--proxy", proxy_address, "--max-calls", "3",
-                      "--max-new-tokens", "24", "--json", str(out))
+                      "--max-new-tokens", "24", "--json", str(out), "--plot", str(png))
     assert done.returncode == 0, done.stderr
+    assert_png(png)
     data = json.loads(out.read_text())
     assert LIVE_KEYS <= data.keys()
     assert data["calls"] == 3 and data["outputs_identical"] is True
