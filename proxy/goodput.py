@@ -96,6 +96,7 @@ class Load:
 
     batch_size: int = 1
     batch_tokens: int = 1
+    queue_depth: int = 0     # steps that were waiting behind the pass
 
 
 def choose_draft_size(probs: list[float], ratio: float, batch_size: int, cost: PassCost) -> int:

@@ -56,6 +56,12 @@ async def _health_round(service: DecodeProxyService, pool: WorkerPool, health: h
             log.warning("shared drafting state: %s", "reachable" if now_shared else "Redis unreachable")
         shared = now_shared
     await pool.refresh()
+    m = service.metrics
+    for w in pool.workers:
+        m.worker_up.labels(w.address, w.meta.name if w.meta else "").set(1 if w.healthy else 0)
+        m.worker_queue.labels(w.address).set(w.load.queue_depth)
+        m.worker_batch.labels(w.address).set(w.load.batch_size)
+        m.worker_in_flight.labels(w.address).set(w.in_flight)
     serving = pool.ready()
     new = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
     if new != status:

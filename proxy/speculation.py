@@ -112,7 +112,7 @@ class SpeculationLoop:
                 worker.in_flight -= 1
             if response.batch_tokens:
                 worker.cost.observe(response.batch_tokens, response.forward_ms)
-                worker.load = Load(max(response.batch_size, 1), response.batch_tokens)
+                worker.load = Load(max(response.batch_size, 1), response.batch_tokens, response.queue_depth)
             if not response.resync_required:
                 if self.stats.reused_prompt_tokens < 0:
                     self.stats.reused_prompt_tokens = known

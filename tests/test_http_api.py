@@ -94,3 +94,7 @@ def test_metrics_endpoint_counts_what_was_served(http_base, client):
     assert total("quickdraft_tokens_per_step_count") >= 1
     assert total("quickdraft_shared_state_up") == 1.0
     assert total("quickdraft_requests_in_flight") == 0.0
+    # Per worker (refreshed by the health round every 2 s): up, queue depth, batch size.
+    assert total("quickdraft_worker_up", model="smollm2-135m") >= 1
+    assert {"quickdraft_worker_queue_depth", "quickdraft_worker_batch_size"} <= {n for n, _, _ in samples}
+    assert total("quickdraft_records_up") == 1.0
