@@ -47,8 +47,8 @@ class ProxyMetrics:
         self.records_dropped = Gauge("quickdraft_records_dropped", "Request records dropped because the database "
                                      "was unreachable for too long", registry=r)
         self.records_up.set(1)
-        self.worker_up = Gauge("quickdraft_worker_up", "1 when the worker answers its health checks", ["worker", "model"],
-                               registry=r)
+        self.worker_up = Gauge("quickdraft_worker_up", "1 when the worker answers its health checks",
+                               ["worker", "model"], registry=r)
         self.worker_queue = Gauge("quickdraft_worker_queue_depth", "Verification steps waiting at the worker "
                                   "(as of its last pass)", ["worker"], registry=r)
         self.worker_batch = Gauge("quickdraft_worker_batch_size", "Sessions in the worker's last forward pass",
