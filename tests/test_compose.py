@@ -22,5 +22,12 @@ def test_compose_services_run_real_cli_commands():
         assert help_text.returncode == 0, help_text.stderr
         for option in (arg for arg in command[2:] if arg.startswith("--")):
             assert option in help_text.stdout, f"{name}: `quickdraft {sub}` has no option {option}"
+    from quickdraft.settings import Settings
+
+    for name, service in services.items():
+        for var in service.get("environment", {}):
+            if var.startswith("QUICKDRAFT_"):
+                field = var.removeprefix("QUICKDRAFT_").lower()
+                assert field in Settings.model_fields, f"{name}: {var} sets no setting"
     for dependency in services["proxy"]["depends_on"]:
         assert dependency in services
