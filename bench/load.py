@@ -60,7 +60,10 @@ def conversations(paths: Sequence[str | pathlib.Path], tokenizer: str, max_chars
             stopped.add(call.trajectory)
             continue
         out.setdefault(call.trajectory, []).append(messages)
-    return [calls for calls in out.values() if calls]
+    convs = [calls for calls in out.values() if calls]
+    if not convs:
+        raise SystemExit(f"no call fits a context cap of {cap} tokens")
+    return convs
 
 
 def _percentile(values: list[float], q: float) -> float | None:
@@ -133,8 +136,6 @@ def run_load(paths: Sequence[str | pathlib.Path], proxy: str = "127.0.0.1:50051"
 
     console = Console(stderr=True, quiet=not progress)
     convs = conversations(paths, tokenizer, max_message_chars, context_cap)
-    if not convs:
-        raise SystemExit(f"no call fits a context cap of {context_cap} tokens")
     out_levels = []
     run_id = f"load-{int(time.time())}"
     for n in levels:

@@ -179,11 +179,13 @@ class TokenizeResponse(_message.Message):
     def __init__(self, token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class WorkerInfoRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("skip_tokenizer",)
+    SKIP_TOKENIZER_FIELD_NUMBER: _ClassVar[int]
+    skip_tokenizer: bool
+    def __init__(self, skip_tokenizer: _Optional[bool] = ...) -> None: ...
 
 class WorkerInfoResponse(_message.Message):
-    __slots__ = ("model", "context_length", "vocab_size", "eos_token_ids", "tokenizer_id", "tokenizer_json", "device", "dtype")
+    __slots__ = ("model", "context_length", "vocab_size", "eos_token_ids", "tokenizer_id", "tokenizer_json", "device", "dtype", "resident_memory_bytes", "kv_cache_bytes", "sessions")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -192,6 +194,9 @@ class WorkerInfoResponse(_message.Message):
     TOKENIZER_JSON_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
+    RESIDENT_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SESSIONS_FIELD_NUMBER: _ClassVar[int]
     model: str
     context_length: int
     vocab_size: int
@@ -200,7 +205,10 @@ class WorkerInfoResponse(_message.Message):
     tokenizer_json: bytes
     device: str
     dtype: str
-    def __init__(self, model: _Optional[str] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., tokenizer_id: _Optional[str] = ..., tokenizer_json: _Optional[bytes] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ...) -> None: ...
+    resident_memory_bytes: int
+    kv_cache_bytes: int
+    sessions: int
+    def __init__(self, model: _Optional[str] = ..., context_length: _Optional[int] = ..., vocab_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., tokenizer_id: _Optional[str] = ..., tokenizer_json: _Optional[bytes] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., resident_memory_bytes: _Optional[int] = ..., kv_cache_bytes: _Optional[int] = ..., sessions: _Optional[int] = ...) -> None: ...
 
 class TokenStats(_message.Message):
     __slots__ = ("top_ids", "top_logprobs", "entropy")

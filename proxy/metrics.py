@@ -6,7 +6,7 @@ filled as requests finish; scrape every replica.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
 
 from quickdraft.proto import quickdraft_pb2 as pb
 
@@ -17,6 +17,7 @@ class ProxyMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)  # process_resident_memory_bytes and friends, for this proxy process
         self.requests = Counter("quickdraft_requests", "Requests finished, by outcome", ["model", "drafter", "outcome"],
                                 registry=r)
         self.completion_tokens = Counter("quickdraft_completion_tokens", "Tokens generated", ["model"], registry=r)
@@ -53,6 +54,12 @@ class ProxyMetrics:
                                   "(as of its last pass)", ["worker"], registry=r)
         self.worker_batch = Gauge("quickdraft_worker_batch_size", "Sessions in the worker's last forward pass",
                                   ["worker"], registry=r)
+        self.worker_rss = Gauge("quickdraft_worker_resident_memory_bytes", "Resident memory of the worker process",
+                                ["worker"], registry=r)
+        self.worker_kv = Gauge("quickdraft_worker_kv_cache_bytes", "Memory of the worker's session KV caches",
+                               ["worker"], registry=r)
+        self.worker_sessions = Gauge("quickdraft_worker_sessions", "Sessions whose KV cache the worker holds",
+                                     ["worker"], registry=r)
         self.worker_in_flight = Gauge("quickdraft_worker_in_flight", "Steps this proxy has sent to the worker and "
                                       "awaits", ["worker"], registry=r)
 

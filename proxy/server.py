@@ -62,6 +62,10 @@ async def _health_round(service: DecodeProxyService, pool: WorkerPool, health: h
         m.worker_queue.labels(w.address).set(w.load.queue_depth)
         m.worker_batch.labels(w.address).set(w.load.batch_size)
         m.worker_in_flight.labels(w.address).set(w.in_flight)
+        if w.memory is not None:
+            m.worker_rss.labels(w.address).set(w.memory.resident_bytes)
+            m.worker_kv.labels(w.address).set(w.memory.kv_cache_bytes)
+            m.worker_sessions.labels(w.address).set(w.memory.sessions)
     serving = pool.ready()
     new = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
     if new != status:

@@ -32,6 +32,13 @@ class ModelMeta:
     tokenizer: Tokenizer
 
 
+@dataclass(frozen=True, slots=True)
+class WorkerMemory:
+    resident_bytes: int
+    kv_cache_bytes: int
+    sessions: int
+
+
 @dataclass(eq=False)
 class WorkerClient:
     address: str
@@ -42,6 +49,7 @@ class WorkerClient:
     in_flight: int = 0
     cost: PassCost = field(default_factory=PassCost)   # its pass time by positions scored
     load: Load = field(default_factory=Load)           # what its last pass looked like
+    memory: WorkerMemory | None = None                 # as of its last health check
 
     @classmethod
     def connect(cls, address: str) -> WorkerClient:
@@ -50,11 +58,16 @@ class WorkerClient:
 
     async def refresh(self, timeout: float = 5.0) -> bool:
         try:
-            info = await self.stub.Info(pb.WorkerInfoRequest(), timeout=timeout)
+            info = await self.stub.Info(pb.WorkerInfoRequest(skip_tokenizer=self.meta is not None), timeout=timeout)
         except grpc.aio.AioRpcError:
             self.healthy = False
             return False
-        if self.meta is None or self.meta.tokenizer_id != info.tokenizer_id:
+        if self.meta is not None and self.meta.tokenizer_id != info.tokenizer_id:
+            # The worker restarted with another model: ask again with its tokenizer.
+            self.meta = None
+            return await self.refresh(timeout)
+        self.memory = WorkerMemory(info.resident_memory_bytes, info.kv_cache_bytes, info.sessions)
+        if self.meta is None:
             self.meta = ModelMeta(
                 name=info.model,
                 context_length=info.context_length,

@@ -312,6 +312,8 @@ BENCHMARKS = {
     "drafters": "oracle replay of every drafter side by side (PATHS: trajectories)",
     "forward": "cost of one verification pass by context length and draft size (in-process model)",
     "load": "many sessions at once against a running stack (--proxy), speculation on vs off, by level (--sessions)",
+    "soak": "the largest --sessions level for --duration-s against a running stack, speculation on; samples the "
+            "proxy's and workers' memory from --metrics-url and says whether it stayed flat",
     "e2e": "starts a worker and a proxy, live-replays agent calls with speculation on vs off, on the model's "
            "own text and on the recorded agent text (oracle-traces worker)",
 }
@@ -328,7 +330,10 @@ def bench(
     max_new_tokens: Annotated[int, typer.Option(help="e2e, load: completion budget per call")] = 128,
     proxy: Annotated[str, typer.Option(help="load: HOST:PORT of the running proxy")] = "127.0.0.1:50051",
     sessions: Annotated[str, typer.Option(help="load: concurrency levels, comma-separated")] = "1,8,32,64",
-    duration_s: Annotated[float, typer.Option(help="load: seconds per level and mode")] = 60.0,
+    duration_s: Annotated[float, typer.Option(help="load: seconds per level and mode; soak: seconds in all")] = 60.0,
+    metrics_url: Annotated[str, typer.Option(
+        help="soak: the proxy's Prometheus endpoint (default: http://PROXY_HOST:8000/metrics)")] = None,
+    sample_s: Annotated[float, typer.Option(help="soak: seconds between memory samples")] = 10.0,
     context_cap: Annotated[int, typer.Option(help="load: longest prompt sent, in tokens")] = 2048,
     max_message_chars: Annotated[int, typer.Option(help="load: each message cut to this many characters")] = 1500,
     text: Annotated[list[str], typer.Option("--text", help="e2e: model (its own outputs) and/or oracle "
@@ -339,14 +344,33 @@ def bench(
     _quiet_transformers()
     if name not in BENCHMARKS:
         raise typer.BadParameter(f"unknown benchmark {name!r}; available: {', '.join(BENCHMARKS)}")
-    if name == "load":
-        from quickdraft.bench.load import run_load
-        from quickdraft.bench.traces import default_traces_dir
-
+    if name in ("load", "soak"):
         try:
             levels = [int(x) for x in sessions.split(",") if x.strip()]
         except ValueError:
             raise typer.BadParameter(f"--sessions takes numbers separated by commas, got {sessions!r}") from None
+    if name == "soak":
+        from quickdraft.bench.soak import run_soak
+        from quickdraft.bench.traces import default_traces_dir
+
+        url = metrics_url or f"http://{proxy.rsplit(':', 1)[0]}:8000/metrics"
+        result = run_soak(paths or [default_traces_dir()], proxy=proxy, metrics_url=url, sessions=max(levels),
+                          duration_s=duration_s, sample_s=sample_s, max_new_tokens=max_new_tokens,
+                          max_message_chars=max_message_chars, context_cap=context_cap, tokenizer=model)
+        table = Table("process", "samples", "MB after warm-up", "MB at the end", "growth MB", "flat")
+        for proc_name, m in result["memory"].items():
+            if m["flat"] is not None:
+                table.add_row(proc_name, str(m["samples"]), str(m["second_quarter_median_mb"]),
+                              str(m["last_quarter_median_mb"]), str(m["growth_mb"]), str(m["flat"]))
+        console.print(table)
+        console.print(f"{result['requests']} requests, {result['tokens_per_s']} tok/s, failed "
+                      f"{result['failed_requests']}, rejected (deliberate limits) {result['rejected_requests']}")
+        _write_json(json_out, result, kind="bench-soak")
+        return
+    if name == "load":
+        from quickdraft.bench.load import run_load
+        from quickdraft.bench.traces import default_traces_dir
+
         result = run_load(paths or [default_traces_dir()], proxy=proxy, levels=levels, duration_s=duration_s,
                           max_new_tokens=max_new_tokens, max_message_chars=max_message_chars,
                           context_cap=context_cap, tokenizer=model)

@@ -98,3 +98,7 @@ def test_metrics_endpoint_counts_what_was_served(http_base, client):
     assert total("quickdraft_worker_up", model="smollm2-135m") >= 1
     assert {"quickdraft_worker_queue_depth", "quickdraft_worker_batch_size"} <= {n for n, _, _ in samples}
     assert total("quickdraft_records_up") == 1.0
+    # Memory, for soaks and dashboards: the proxy process's own and each worker's (RSS, KV caches).
+    assert total("process_resident_memory_bytes") > 10 * 2**20
+    assert total("quickdraft_worker_resident_memory_bytes") > 100 * 2**20
+    assert total("quickdraft_worker_kv_cache_bytes") > 0 and total("quickdraft_worker_sessions") >= 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -22,6 +23,15 @@ from quickdraft.verifiers.runtime import ModelRuntime, VerifyError, VerifyInput,
 from quickdraft.verifiers.tree_verify import Sampling
 
 log = logging.getLogger(__name__)
+
+
+def resident_memory_bytes() -> int:
+    """This process's resident set size (Linux /proc; 0 where it is not available)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 WORKER_SERVICE = "quickdraft.v1.Worker"
 MAX_MESSAGE_BYTES = 256 << 20  # tokenizer.json of large vocabularies travels in Info
@@ -120,9 +130,12 @@ class WorkerService(pb_grpc.WorkerServicer):
             vocab_size=info.vocab_size,
             eos_token_ids=list(info.eos_token_ids),
             tokenizer_id=info.tokenizer_id,
-            tokenizer_json=info.tokenizer_json,
+            tokenizer_json=b"" if request.skip_tokenizer else info.tokenizer_json,
             device=info.device,
             dtype=info.dtype,
+            resident_memory_bytes=resident_memory_bytes(),
+            kv_cache_bytes=self.runtime.kv_cache_bytes,
+            sessions=self.runtime.session_count,
         )
 
     async def Tokenize(self, request, context):
