@@ -67,8 +67,13 @@ class SessionTable:
         sessions.move_to_end(session_id)
         evicted = []
         while len(sessions) > self.max_per_tenant:
-            _, old = sessions.popitem(last=False)
-            evicted.append(old)
+            # Least recently used first, but never a session with a request in progress (its drafter
+            # state and history are in use): when every other session is busy, run over the cap until
+            # one finishes.
+            victim = next((sid for sid, s in sessions.items() if s is not session and not s.lock.locked()), None)
+            if victim is None:
+                break
+            evicted.append(sessions.pop(victim))
         return session, evicted
 
     @staticmethod

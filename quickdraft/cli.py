@@ -357,11 +357,12 @@ def bench(
         result = run_soak(paths or [default_traces_dir()], proxy=proxy, metrics_url=url, sessions=max(levels),
                           duration_s=duration_s, sample_s=sample_s, max_new_tokens=max_new_tokens,
                           max_message_chars=max_message_chars, context_cap=context_cap, tokenizer=model)
-        table = Table("process", "samples", "MB after warm-up", "MB at the end", "growth MB", "flat")
+        table = Table("memory", "samples", "MB after warm-up", "MB at the end", "peak MB", "growth MB", "flat")
         for proc_name, m in result["memory"].items():
             if m["flat"] is not None:
+                verdict = str(m["flat"]) if m.get("verdict", True) else "(by design: up to the KV budget)"
                 table.add_row(proc_name, str(m["samples"]), str(m["second_quarter_median_mb"]),
-                              str(m["last_quarter_median_mb"]), str(m["growth_mb"]), str(m["flat"]))
+                              str(m["last_quarter_median_mb"]), str(m["max_mb"]), str(m["growth_mb"]), verdict)
         console.print(table)
         console.print(f"{result['requests']} requests, {result['tokens_per_s']} tok/s, failed "
                       f"{result['failed_requests']}, rejected (deliberate limits) {result['rejected_requests']}")

@@ -33,6 +33,6 @@ def test_a_short_soak_samples_proxy_and_worker_memory(proxy_address, http_base, 
     assert data["requests"] >= 3 and data["failed_requests"] == 0
     assert len(data["samples"]) >= 10
     assert data["memory"]["proxy"]["flat"] is not None
-    workers = [k for k in data["memory"] if k.startswith("worker") and not k.endswith("KV caches")]
+    workers = [k for k in data["memory"] if k.startswith("worker") and k.endswith("resident")]
     assert workers and all(data["memory"][w]["max_mb"] > 100 for w in workers)
     assert isinstance(data["memory_flat"], bool)
