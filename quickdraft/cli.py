@@ -256,7 +256,8 @@ def replay(
     oracle: Annotated[bool, typer.Option("--oracle", help="draft against the recorded responses, no model")] = False,
     proxy: Annotated[str, typer.Option(help="HOST:PORT of a running proxy (live replay)")] = None,
     drafter: Annotated[str, typer.Option(
-        help="suffix, stand, aded, pld or hybrid (default: suffix); oracle: several, comma-separated, are "
+        help="suffix, stand, aded, pld or hybrid (oracle default: suffix; live: the proxy's default, hybrid); "
+             "oracle: several, comma-separated, are "
              "replayed one after the other and compared (the JSON's top level is the first, `comparison` holds all)"
     )] = "",
     tokenizer: Annotated[str, typer.Option(help="tokenizer (catalog name or path)")] = "smollm2-135m",

@@ -31,7 +31,7 @@ class Settings(BaseSettings):
         default_factory=lambda: ["smollm2-135m", "gemma3-270m"],
         description="models `quickdraft up` starts a worker for (the small and the large model)",
     )
-    default_drafter: str = Field("suffix", description="drafter used when a request names none")
+    default_drafter: str = Field("hybrid", description="drafter used when a request names none")
     max_draft_tokens: int = Field(8, ge=0, le=64, description="draft tree nodes sent per verification step")
     adaptive_speculation: bool = Field(
         True, description="size each draft by the worker's load and the session's acceptance (never slower)"

@@ -43,7 +43,7 @@ def test_speculative_greedy_equals_plain_greedy(client, idx):
     # One token per step without speculation (the end-of-turn token takes a step too).
     assert plain.usage.verification_steps == plain.usage.completion_tokens + (plain.finish_reason == "stop")
     assert spec.usage.completion_tokens == len(spec.token_ids) > 0
-    assert spec.usage.drafter == "suffix" and plain.usage.drafter == "none"
+    assert spec.usage.drafter == "hybrid" and plain.usage.drafter == "none"  # the default
 
 
 def test_pld_drafter_is_lossless_too(client):
