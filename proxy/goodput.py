@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 # first (weights are read once per pass) and linear once compute dominates.
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 SIZES = (0, 1, 2, 4, 8, 16, 32, 64)
+EXPLORE_UP_TO = 32  # positions: unmeasured pass sizes up to this are predicted optimistically
 
 
 @dataclass(slots=True)
@@ -52,13 +53,23 @@ class PassCost:
         return sorted((self._tokens[b] / self._weight[b], self._ms[b] / self._weight[b]) for b in self._ms)
 
     def predict(self, tokens: int) -> float | None:
-        """Interpolated between measured buckets, extrapolated linearly beyond them; None without data."""
+        """Interpolated between measured buckets, extrapolated linearly beyond them; None without data.
+
+        A size whose bucket was never measured but lies below a measured one is predicted
+        optimistically, at the cost of the nearest smaller measured size (the curve is flat until
+        compute dominates). Otherwise a line drawn from small drafts to a prefill pass would make
+        mid-sized drafts look dear, they would never be sent, and so never measured. Only sizes of
+        one session's draft are explored this way: at batch sizes where compute dominates, the
+        line is the better guess and a wrong optimistic one would cost every session."""
         points = self.known()
         if not points:
             return None
         if len(points) == 1:
             return points[0][1]
         xs = [x for x, _ in points]
+        if tokens <= EXPLORE_UP_TO and _bucket(tokens) not in self._ms and tokens < xs[-1]:
+            below = [ms for x, ms in points if x <= tokens]
+            return below[-1] if below else points[0][1]
         i = bisect.bisect_left(xs, tokens)
         if i < len(points) and abs(xs[i] - tokens) < 1e-9:
             return points[i][1]

@@ -47,3 +47,15 @@ def test_pass_cost_interpolates_and_extrapolates():
     assert abs(CPU.predict(9) - 122) < 1e-6
     assert 122 < CPU.predict(13) < 142
     assert CPU.predict(1024) > 2200
+
+
+def test_unmeasured_draft_sizes_are_tried_not_priced_off_a_prefill_pass():
+    # Only single tokens, one-node drafts and a 300-token prefill measured so far: a line through
+    # them would price a 9-position pass at ~114 ms and no 8-node draft would ever be sent (so the
+    # curve would never be learned). Optimism sends it once; its measurement then decides.
+    cost = cost_curve([(1, 60), (2, 90), (300, 1100)])
+    assert cost.predict(9) == 90
+    assert choose_draft_size(CONFIDENT, 1.0, 1, cost) == 8
+    for _ in range(3):
+        cost.observe(9, 200)  # it turned out dear on this worker
+    assert choose_draft_size(CONFIDENT, 1.0, 1, cost) < 8
