@@ -29,6 +29,8 @@ from quickdraft.bench.load import _run_mode, _summary, conversations
 
 FLAT_FRACTION = 0.05
 FLAT_FLOOR_BYTES = 64 * 2**20
+WORKER_SERIES = {"quickdraft_worker_resident_memory_bytes": "rss", "quickdraft_worker_kv_cache_bytes": "kv",
+                 "quickdraft_worker_sessions": "sessions"}
 
 
 @dataclass(slots=True)
@@ -47,11 +49,8 @@ def _scrape(text: str, elapsed: float) -> Sample:
                 sample.proxy_rss = s.value
             elif s.name == "quickdraft_requests_in_flight":
                 sample.in_flight = s.value
-            elif s.name in ("quickdraft_worker_resident_memory_bytes", "quickdraft_worker_kv_cache_bytes",
-                            "quickdraft_worker_sessions"):
-                key = {"quickdraft_worker_resident_memory_bytes": "rss", "quickdraft_worker_kv_cache_bytes": "kv",
-                       "quickdraft_worker_sessions": "sessions"}[s.name]
-                sample.workers.setdefault(s.labels["worker"], {})[key] = s.value
+            elif s.name in WORKER_SERIES:
+                sample.workers.setdefault(s.labels["worker"], {})[WORKER_SERIES[s.name]] = s.value
     return sample
 
 

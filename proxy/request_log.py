@@ -3,13 +3,14 @@
 Requests are queued in memory and written in batches from a worker thread, so a
 slow or unreachable database never delays a response; while it is unreachable
 records wait in a bounded queue (the oldest are dropped past ``queue_limit`` and
-counted in ``quickdraft_records_dropped_total``).
+counted in ``quickdraft_records_dropped``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from collections import deque
 
@@ -17,6 +18,19 @@ from quickdraft.proto import quickdraft_pb2 as pb
 from quickdraft.records import RecordStore, RequestRecord
 
 log = logging.getLogger(__name__)
+
+
+def finished_record(tenant: str, chunk: pb.GenerateChunk) -> RequestRecord:
+    """The record of a request that finished, from its last chunk (the one with ``usage``)."""
+    u = chunk.usage
+    return RequestRecord(
+        tenant=tenant, session_id=chunk.session_id, route=u.route, drafter=u.drafter, status="OK",
+        finish_reason=chunk.finish_reason, prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens,
+        verification_steps=u.verification_steps, drafted_tokens=u.drafted_tokens,
+        accepted_draft_tokens=u.accepted_draft_tokens, reused_prompt_tokens=u.reused_prompt_tokens,
+        prefilled_tokens=u.prefilled_tokens, worker_failovers=u.worker_failovers,
+        ttft_ms=u.time_to_first_token_ms, total_ms=u.total_ms,
+    )
 
 
 class RequestLog:
@@ -44,20 +58,8 @@ class RequestLog:
         if self.store is not None:
             self.store.close()
 
-    def finished(self, tenant: str, session_id: str, usage: pb.Usage, finish_reason: str) -> None:
-        self._put(RequestRecord(
-            tenant=tenant, session_id=session_id, route=usage.route, drafter=usage.drafter, status="OK",
-            finish_reason=finish_reason, prompt_tokens=usage.prompt_tokens,
-            completion_tokens=usage.completion_tokens, verification_steps=usage.verification_steps,
-            drafted_tokens=usage.drafted_tokens, accepted_draft_tokens=usage.accepted_draft_tokens,
-            reused_prompt_tokens=usage.reused_prompt_tokens, prefilled_tokens=usage.prefilled_tokens,
-            worker_failovers=usage.worker_failovers, ttft_ms=usage.time_to_first_token_ms,
-            total_ms=usage.total_ms,
-        ))
-
-    def failed(self, tenant: str, session_id: str, route: str, drafter: str, status: str, total_ms: float) -> None:
-        self._put(RequestRecord(tenant=tenant, session_id=session_id, route=route, drafter=drafter, status=status,
-                                total_ms=total_ms))
+    def add(self, record: RequestRecord) -> None:
+        self._put(record)
 
     def _put(self, record: RequestRecord) -> None:
         if len(self.queue) >= self.queue_limit:
@@ -88,7 +90,7 @@ class RequestLog:
             log.info("request records go to %s (schema %s)", self.url.split("@")[-1], store.revision())
         self.healthy = True
         while self.queue:
-            batch = list(self.queue)[:500]
+            batch = list(itertools.islice(self.queue, 500))
             self.store.add_requests(batch)
             for _ in batch:
                 self.queue.popleft()

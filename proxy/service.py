@@ -6,7 +6,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import grpc
 
@@ -14,10 +14,11 @@ from quickdraft.proto import quickdraft_pb2 as pb
 from quickdraft.proxy.detokenize import TextStream
 from quickdraft.proxy.errors import InvalidRequest, Overloaded, ProxyError, Unauthenticated
 from quickdraft.proxy.metrics import ProxyMetrics
-from quickdraft.proxy.request_log import RequestLog
+from quickdraft.proxy.request_log import RequestLog, finished_record
 from quickdraft.proxy.sessions import Session, SessionTable
 from quickdraft.proxy.speculation import GenerationParams, SpeculationLoop
 from quickdraft.proxy.worker_pool import WorkerPool
+from quickdraft.records import RequestRecord
 from quickdraft.routing.router import Router
 from quickdraft.settings import Settings
 from quickdraft.suffix_cache.base import Drafter, Scope, SessionKey
@@ -60,17 +61,11 @@ class Admission:
         self.by_tenant[tenant] -= 1
 
 
-def _log_finished(tenant: str, chunk: pb.GenerateChunk) -> None:
-    u = chunk.usage
-    log.info("%s %s: %d+%d tokens in %d steps (%s), first token %.0f ms, total %.0f ms", tenant, chunk.session_id,
-             u.prompt_tokens, u.completion_tokens, u.verification_steps, u.drafter, u.time_to_first_token_ms,
-             u.total_ms, extra={
-                 "event": "request_finished", "tenant": tenant, "session_id": chunk.session_id, "route": u.route,
-                 "drafter": u.drafter, "finish_reason": chunk.finish_reason, "prompt_tokens": u.prompt_tokens,
-                 "completion_tokens": u.completion_tokens, "verification_steps": u.verification_steps,
-                 "accepted_draft_tokens": u.accepted_draft_tokens, "drafted_tokens": u.drafted_tokens,
-                 "reused_prompt_tokens": u.reused_prompt_tokens, "ttft_ms": round(u.time_to_first_token_ms, 1),
-                 "total_ms": round(u.total_ms, 1)})
+def _log_finished(record: RequestRecord) -> None:
+    r = record
+    log.info("%s %s: %d+%d tokens in %d steps (%s), first token %.0f ms, total %.0f ms", r.tenant, r.session_id,
+             r.prompt_tokens, r.completion_tokens, r.verification_steps, r.drafter, r.ttft_ms, r.total_ms,
+             extra={"event": "request_finished", **asdict(r)})
 
 
 class DecodeProxyService:
@@ -202,9 +197,10 @@ class DecodeProxyService:
                 if chunk.HasField("usage"):
                     outcome = "OK"
                     self.metrics.finished(chunk.usage, chunk.usage.completion_tokens)
+                    record = finished_record(tenant, chunk)
                     if self.request_log is not None:
-                        self.request_log.finished(tenant, chunk.session_id, chunk.usage, chunk.finish_reason)
-                    _log_finished(tenant, chunk)
+                        self.request_log.add(record)
+                    _log_finished(record)
                 yield chunk
         except ProxyError as exc:
             outcome = exc.code.name
@@ -223,8 +219,9 @@ class DecodeProxyService:
     def _record_failure(self, tenant: str, session_id: str, route: str, drafter: str, status: str,
                         started: float) -> None:
         if self.request_log is not None:
-            self.request_log.failed(tenant, session_id, route or "auto", drafter, status,
-                                    (time.perf_counter() - started) * 1e3)
+            self.request_log.add(RequestRecord(tenant=tenant, session_id=session_id, route=route or "auto",
+                                               drafter=drafter, status=status,
+                                               total_ms=(time.perf_counter() - started) * 1e3))
 
     async def _generate(self, prepared: Prepared, started: float) -> AsyncIterator[pb.GenerateChunk]:
         params = prepared.params

@@ -330,11 +330,12 @@ class ResponseLog:
             if block_ms:
                 await asyncio.sleep(block_ms / 1000)
             return
+        by_key = {state.key: (scope, state) for scope, state in self._scopes.items()}
         if not self.cluster:
             streams = {state.key: state.last_id for state in self._scopes.values()}
             while True:
                 reply = await self.redis.xread(streams, count=1000, block=block_ms)
-                if not self._apply_reply(reply, streams) or block_ms is not None:
+                if not self._apply_reply(reply, streams, by_key) or block_ms is not None:
                     return  # one blocking read per tail iteration; replay drains everything
         groups: dict[int, dict[str, bytes]] = {}
         for state in self._scopes.values():
@@ -342,7 +343,7 @@ class ResponseLog:
         deadline = time.monotonic() + (block_ms or 0) / 1000
         while True:
             replies = await asyncio.gather(*(self.redis.xread(g, count=1000) for g in groups.values()))
-            got = [self._apply_reply(reply, g) for reply, g in zip(replies, groups.values(), strict=True)]
+            got = [self._apply_reply(reply, g, by_key) for reply, g in zip(replies, groups.values(), strict=True)]
             if any(got):
                 if block_ms is not None:
                     return
@@ -351,12 +352,11 @@ class ResponseLog:
                 return
             await asyncio.sleep(self.settings.cluster_poll_ms / 1000)
 
-    def _apply_reply(self, reply, streams: dict[str, bytes]) -> int:
+    def _apply_reply(self, reply, streams: dict[str, bytes], by_key: dict[str, tuple[Scope, _ScopeLog]]) -> int:
         """Apply one XREAD reply; advances ``streams`` and the scopes' tail positions. Returns entries seen."""
         if not reply:
             return 0
         seen = 0
-        by_key = {state.key: (scope, state) for scope, state in self._scopes.items()}
         for raw_key, entries in reply:
             key = raw_key.decode() if isinstance(raw_key, bytes) else raw_key
             scope, state = by_key[key]

@@ -149,6 +149,7 @@ class SessionStore:
         self._used: dict[str, float] = {}
         self.evictions = 0
         self.over_budget_passes = 0
+        self.held_bytes = 0  # as of the last enforce_budget (after every pass): read by Info without the lock
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -189,6 +190,7 @@ class SessionStore:
             self._used.pop(key, None)
             evicted.append(key)
         self.evictions += len(evicted)
+        self.held_bytes = total
         if total > self.budget_bytes:
             self.over_budget_passes += 1
             if self.over_budget_passes % 100 == 1:

@@ -120,9 +120,6 @@ class ModelRuntime:
         self.kv_bytes_per_token = kv_bytes_per_token(config, loaded.dtype)
         self._lock = threading.Lock()  # one forward pass at a time
         self._info = self._make_info()
-        # Read by Info without the lock (a pass may hold it): refreshed after every pass.
-        self.kv_cache_bytes = 0
-        self.session_count = 0
 
     # -- metadata ------------------------------------------------------------
     def _eos_ids(self) -> tuple[int, ...]:
@@ -252,7 +249,6 @@ class ModelRuntime:
                 for step, out in zip(staged, self._packed_pass(staged), strict=True):
                     results[step.index] = out
             self.sessions.enforce_budget(keep=keys)
-            self.kv_cache_bytes, self.session_count = self.sessions.nbytes(), len(self.sessions)
             elapsed = (time.perf_counter() - started) * 1e3
             scored = sum(step.computed for step in staged)
             for out in results:

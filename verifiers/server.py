@@ -134,8 +134,8 @@ class WorkerService(pb_grpc.WorkerServicer):
             device=info.device,
             dtype=info.dtype,
             resident_memory_bytes=resident_memory_bytes(),
-            kv_cache_bytes=self.runtime.kv_cache_bytes,
-            sessions=self.runtime.session_count,
+            kv_cache_bytes=self.runtime.sessions.held_bytes,
+            sessions=len(self.runtime.sessions),
         )
 
     async def Tokenize(self, request, context):
