@@ -6,6 +6,11 @@ message, the prompt is the chat-template rendering of the messages before it and
 the response is its content's tokens. Each step drafts from prompt + accepted
 response so far, accepts the longest branch of the draft tree that equals the
 recorded response, and adds one bonus token.
+
+The draft budget is a mean over the run (MISSION.md: ``drafted_per_step`` is a mean):
+each step asks the drafter for up to four times the budget and sends the nodes whose
+acceptance chance clears a threshold steered to keep that mean (``MeanBudget``).
+``fixed_budget=True`` sends at most ``budget`` nodes every step instead.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from dataclasses import asdict, dataclass
 from quickdraft.bench.traces import tokenized_calls, trajectory_files
 from quickdraft.catalog import load_tokenizer, tokenizer_id
 from quickdraft.suffix_cache.base import Drafter, Scope, SessionKey
+from quickdraft.suffix_cache.budget import MeanBudget
 from quickdraft.suffix_cache.registry import make_drafter
 
 
@@ -40,6 +46,7 @@ class OracleReport:
     draft_us_per_step: float
     prepare_ms_per_call: float
     draft_budget: int
+    budget_mode: str
     wall_s: float
 
     def to_dict(self) -> dict:
@@ -85,6 +92,7 @@ def replay_oracle(
     progress: bool = True,
     redis_url: str | None = None,
     per_step: dict[str, array] | None = None,
+    fixed_budget: bool = False,
 ) -> OracleReport:
     """Replay trajectories through a drafter; with ``redis_url`` its learned state lives in Redis
     as the proxy's does (replayed at start, every response appended). ``per_step``, if given, receives
@@ -94,6 +102,8 @@ def replay_oracle(
     tok_id = tokenizer_id(tok)
     scope = Scope(tenant, tok_id)
     drafter = drafter or make_drafter(drafter_name)
+    allot = None if fixed_budget else MeanBudget(mean=budget)
+    ask = budget if allot is None else allot.cap
     shared = _SharedLogThread(redis_url, drafter) if redis_url else None
     calls = steps = out = accepted = drafted = 0
     draft_s = prepare_s = 0.0
@@ -117,7 +127,10 @@ def replay_oracle(
                 done = 0
                 while done < len(response):
                     t0 = time.perf_counter()
-                    tree = drafter.propose(key, budget)
+                    tree = drafter.propose(key, ask)
+                    if allot is not None:
+                        tree = allot.cut(tree)
+                        allot.spent(len(tree))
                     t1 = time.perf_counter()
                     n_acc = len(tree.longest_accepted(response[done:]))
                     new = response[done : done + n_acc + 1]
@@ -156,5 +169,6 @@ def replay_oracle(
         draft_us_per_step=round(draft_s / steps_ * 1e6, 2),
         prepare_ms_per_call=round(prepare_s / max(calls, 1) * 1e3, 3),
         draft_budget=budget,
+        budget_mode="fixed" if fixed_budget else "mean",
         wall_s=round(time.perf_counter() - started, 1),
     )

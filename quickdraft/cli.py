@@ -261,7 +261,10 @@ def replay(
              "replayed one after the other and compared (the JSON's top level is the first, `comparison` holds all)"
     )] = "",
     tokenizer: Annotated[str, typer.Option(help="tokenizer (catalog name or path)")] = "smollm2-135m",
-    budget: Annotated[int, typer.Option(help="oracle: draft tree nodes per step")] = 8,
+    budget: Annotated[int, typer.Option(
+        help="oracle: draft tree nodes per step, as a mean over the run (a step may send up to 4x)")] = 8,
+    fixed_budget: Annotated[bool, typer.Option(
+        help="oracle: send at most --budget nodes every step instead of a mean")] = False,
     max_calls: Annotated[int, typer.Option(help="live: calls to send")] = 20,
     max_new_tokens: Annotated[int, typer.Option(help="live: completion budget per call")] = 128,
     model: Annotated[str, typer.Option(help="live: model to ask for")] = "auto",
@@ -287,7 +290,7 @@ def replay(
                 raise typer.BadParameter(f"unknown drafter {name!r}; use one of {sorted(DRAFTERS)}")
         per_step: dict[str, dict] = {name: {} for name in names}
         reports = {name: replay_oracle(paths, name, tokenizer, budget=budget, redis_url=redis_url,
-                                       per_step=per_step[name]).to_dict() for name in names}
+                                       per_step=per_step[name], fixed_budget=fixed_budget).to_dict() for name in names}
         figures = dict(reports[names[0]])
         if len(names) > 1:
             figures["comparison"] = reports

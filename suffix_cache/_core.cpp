@@ -12,12 +12,16 @@
 //
 // grow_draft() turns weighted occurrences into a frequency tree of their
 // continuations and expands a draft tree best first by estimated path
-// probability.
+// probability. A Calibration (one per tenant and tokenizer) learns, from what
+// the target really emitted, how often a node with a given frequency estimate,
+// depth and context match is accepted, so the tree is grown -- and the caller
+// sizes it -- by acceptance chances rather than raw frequencies.
 
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <queue>
@@ -338,13 +342,110 @@ struct DraftParams {
 struct Draft {
   std::vector<int32_t> tokens;
   std::vector<int32_t> parents;
-  std::vector<double> probs;
+  std::vector<double> probs;   // acceptance chance of each node's path (calibrated when a Calibration is given)
+  std::vector<double> raws;    // the frequency tree's own path probability (what calibration learns from)
+  std::vector<int32_t> depths;
+  std::vector<int8_t> kinds;   // Support::kind() of each node
   int match_len = 0;
   double expected() const {
     double s = 0;
     for (double p : probs) s += p;
     return s;
   }
+};
+
+// How a draft node is supported: how recently the session itself showed its
+// continuation (or only the tenant's earlier responses did), and by how many
+// occurrences. Both change how far a frequency estimate can be trusted: a
+// continuation seen a few hundred tokens ago in this session is likelier than
+// its frequency says, one seen once in another run less.
+struct Support {
+  int64_t nearest = -1;  // tokens back to the closest session occurrence (-1: none)
+  int32_t count = 0;     // occurrences behind the node
+
+  int kind() const {
+    int recency = nearest < 0 ? 4 : nearest <= 64 ? 0 : nearest <= 1024 ? 1 : nearest <= 16384 ? 2 : 3;
+    int many = count <= 1 ? 0 : count <= 3 ? 1 : 2;
+    return recency * 3 + many;
+  }
+  static constexpr int kKinds = 15;
+};
+
+// Acceptance chances of draft nodes, learned online per scope. Raw path
+// probabilities of a frequency tree are biased in ways that depend on depth, on
+// how long the context match was and on how the node is supported (deep nodes
+// of short matches are over-rated, the first node of a long match under-rated),
+// and a tree grown or sized on biased numbers spends its budget in the wrong
+// places. Cells are (depth, raw probability on a log scale, context match,
+// support kind); each keeps decayed counts of nodes drafted and accepted, with
+// the raw estimate as a weak prior.
+class Calibration {
+ public:
+  static constexpr int kDepths = 12;
+  static constexpr int kProbs = 24;
+  static constexpr int kMatches = 6;
+  static constexpr int kCells = kDepths * kProbs * kMatches * Support::kKinds;
+
+  double estimate(int depth, double raw, int match_len, int kind) const {
+    int c = cell(depth, raw, match_len, kind);
+    return (accepted_[c] + kPrior * raw) / (drafted_[c] + kPrior);
+  }
+
+  void observe(int depth, double raw, int match_len, int kind, bool accepted) {
+    int c = cell(depth, raw, match_len, kind);
+    if (drafted_[c] >= kHalveAt) {  // keep adapting: old evidence fades
+      drafted_[c] *= 0.5f;
+      accepted_[c] *= 0.5f;
+    }
+    drafted_[c] += 1.0f;
+    accepted_[c] += accepted ? 1.0f : 0.0f;
+    ++observed_;
+  }
+
+  // Learn from a draft and the tokens the target emitted after it. What is
+  // estimated is a node's *path* being accepted, so a node under a rejected
+  // ancestor counts as rejected. A node whose path matches everything emitted so
+  // far but reaches deeper (not sent, or cut by a shorter verification) teaches
+  // nothing.
+  void observe_draft(const Draft& d, const std::vector<int32_t>& emitted) {
+    enum : int8_t { kRejected, kAccepted, kUnknown };
+    std::vector<int8_t> state(d.tokens.size(), kUnknown);
+    for (size_t i = 0; i < d.tokens.size(); ++i) {
+      int32_t parent = d.parents[i];
+      int8_t above = parent >= 0 ? state[parent] : kAccepted;
+      int depth = d.depths[i];
+      if (above == kRejected)
+        state[i] = kRejected;
+      else if (above == kAccepted && depth <= static_cast<int>(emitted.size()))
+        state[i] = emitted[depth - 1] == d.tokens[i] ? kAccepted : kRejected;
+      if (state[i] != kUnknown) observe(depth, d.raws[i], d.match_len, d.kinds[i], state[i] == kAccepted);
+    }
+  }
+
+  int64_t observed() const { return observed_; }
+
+ private:
+  static constexpr float kPrior = 2.0f;
+  static constexpr float kHalveAt = 4096.0f;
+
+  static int cell(int depth, double raw, int match_len, int kind) {
+    static constexpr int depth_edges[kDepths] = {1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64};
+    int d = kDepths - 1;
+    for (int i = 0; i < kDepths; ++i)
+      if (depth <= depth_edges[i]) {
+        d = i;
+        break;
+      }
+    // Thirds of a halving per bin: 1, 0.79, 0.63, 0.5, ... down to ~0.004.
+    int p = raw <= 0 ? kProbs - 1 : std::min(kProbs - 1, static_cast<int>(std::floor(-std::log2(raw) * 3.0)));
+    int m = match_len <= 1 ? 0 : match_len <= 3 ? 1 : match_len <= 7 ? 2 : match_len <= 15 ? 3 : match_len <= 31 ? 4 : 5;
+    int k = std::clamp(kind, 0, Support::kKinds - 1);
+    return ((d * kProbs + p) * kMatches + m) * Support::kKinds + k;
+  }
+
+  std::array<float, kCells> drafted_{};
+  std::array<float, kCells> accepted_{};
+  int64_t observed_ = 0;
 };
 
 struct TrieNode {
@@ -360,14 +461,20 @@ struct Weighted {
   double weight;
 };
 
-// Frequency tree of the occurrences' continuations, expanded best first.
-Draft grow_draft(const std::vector<Weighted>& occs, int max_depth, int budget, double min_prob, int match_len) {
+// Frequency tree of the occurrences' continuations, expanded best first by
+// acceptance chance (the calibrated path probability when `cal` is given, else
+// the raw one). A node's chance never exceeds its parent's, so every prefix of
+// the node list is the best tree of its size and callers may cut it anywhere.
+Draft grow_draft(const std::vector<Weighted>& occs, int max_depth, int budget, double min_prob, int match_len,
+                 const Calibration* cal = nullptr, const TokenIndex* session = nullptr) {
   Draft draft;
   draft.match_len = match_len;
   if (occs.empty() || budget <= 0 || max_depth <= 0) return draft;
   std::vector<TrieNode> trie;
+  std::vector<Support> support(1);
   trie.push_back({-1, 0.0, -1, -1});
   for (const auto& occ : occs) {
+    int64_t back = occ.index == session ? session->size() - occ.end : -1;
     const TokenIndex& index = *occ.index;
     int64_t size = index.size();
     int32_t node = 0;
@@ -381,38 +488,50 @@ Draft grow_draft(const std::vector<Weighted>& occs, int max_depth, int budget, d
       if (child < 0) {
         child = static_cast<int32_t>(trie.size());
         trie.push_back({tok, 0.0, -1, trie[node].first_child});
+        support.emplace_back();
         trie[node].first_child = child;
       }
       trie[child].weight += occ.weight;
+      Support& s = support[child];
+      ++s.count;
+      if (back >= 0 && (s.nearest < 0 || back < s.nearest)) s.nearest = back;
       node = child;
     }
   }
   struct Item {
     double prob;
+    double raw;
     int32_t serial;
     int32_t trie_node;
     int32_t parent;
+    int32_t depth;
     bool operator<(const Item& o) const { return prob < o.prob || (prob == o.prob && serial > o.serial); }
   };
   std::priority_queue<Item> heap;
   int32_t serial = 0;
-  auto push_children = [&](int32_t node, int32_t parent, double parent_prob) {
+  auto push_children = [&](int32_t node, int32_t parent, double parent_prob, double parent_raw, int32_t depth) {
+    if (depth > max_depth) return;
     double total = 0;
     for (int32_t c = trie[node].first_child; c >= 0; c = trie[c].next_sibling) total += trie[c].weight;
     if (total <= 0) return;
     for (int32_t c = trie[node].first_child; c >= 0; c = trie[c].next_sibling) {
-      double p = parent_prob * trie[c].weight / total;
-      if (p >= min_prob) heap.push({p, serial++, c, parent});
+      double raw = parent_raw * trie[c].weight / total;
+      int kind = support[c].kind();
+      double p = cal != nullptr ? std::min(parent_prob, cal->estimate(depth, raw, match_len, kind)) : raw;
+      if (p >= min_prob) heap.push({p, raw, serial++, c, parent, depth});
     }
   };
-  push_children(0, -1, 1.0);
+  push_children(0, -1, 1.0, 1.0, 1);
   while (!heap.empty() && static_cast<int>(draft.tokens.size()) < budget) {
     Item it = heap.top();
     heap.pop();
     draft.tokens.push_back(trie[it.trie_node].token);
     draft.parents.push_back(it.parent);
     draft.probs.push_back(it.prob);
-    push_children(it.trie_node, static_cast<int32_t>(draft.tokens.size()) - 1, it.prob);
+    draft.raws.push_back(it.raw);
+    draft.depths.push_back(it.depth);
+    draft.kinds.push_back(static_cast<int8_t>(support[it.trie_node].kind()));
+    push_children(it.trie_node, static_cast<int32_t>(draft.tokens.size()) - 1, it.prob, it.raw, it.depth + 1);
   }
   return draft;
 }
@@ -449,7 +568,7 @@ void add_weighted(std::vector<Weighted>& out, const TokenIndex& index, const std
 }
 
 Draft propose_merged(const TokenIndex& session, const TokenIndex* shared, const int32_t* ctx, int64_t ctx_len,
-                     int budget, const DraftParams& p) {
+                     int budget, const DraftParams& p, const Calibration* cal) {
   bool all_orders = p.length_decay > 0;
   auto own = session.occurrences(ctx, ctx_len, p.max_occurrences, session.size() - 1, p.max_match, all_orders);
   std::vector<Occurrence> other;
@@ -462,19 +581,20 @@ Draft propose_merged(const TokenIndex& session, const TokenIndex* shared, const 
   std::vector<Weighted> weighted;
   add_weighted(weighted, session, own, longest, 1.0, p);
   if (shared != nullptr) add_weighted(weighted, *shared, other, longest, p.shared_weight, p);
-  return grow_draft(weighted, depth_for(p, longest), budget, p.min_prob, longest);
+  return grow_draft(weighted, depth_for(p, longest), budget, p.min_prob, longest, cal, &session);
 }
 
 // Draft for a session: its own index (context = its tail) and optionally a shared
 // index of earlier responses. Unmerged (SuffixDecoding's rule): the tree promising
 // more accepted tokens wins; merged: one tree over both.
-Draft propose(const TokenIndex& session, const TokenIndex* shared, int budget, const DraftParams& p) {
+Draft propose(const TokenIndex& session, const TokenIndex* shared, int budget, const DraftParams& p,
+              const Calibration* cal = nullptr) {
   const auto& toks = session.tokens();
   int64_t n = static_cast<int64_t>(toks.size());
   if (n == 0 || budget <= 0) return Draft{};
   int64_t ctx_len = std::min<int64_t>(n, p.max_match);
   const int32_t* ctx = toks.data() + (n - ctx_len);
-  if (p.merge) return propose_merged(session, shared, ctx, ctx_len, budget, p);
+  if (p.merge) return propose_merged(session, shared, ctx, ctx_len, budget, p, cal);
   Draft best = draft_from(session, ctx, ctx_len, n - 1, budget, p);
   if (shared != nullptr && shared->live_tokens() > 0) {
     Draft other = draft_from(*shared, ctx, ctx_len, -1, budget, p);
@@ -662,11 +782,33 @@ PYBIND11_MODULE(_core, m) {
           },
           "Draft tree from the adaptive tri-gram matrix, scored by acceptance with an exploration bonus (UCB).");
 
+  py::class_<Calibration>(m, "Calibration",
+                          "Acceptance chances of draft nodes by depth, raw probability and context match, "
+                          "learned from what the target emitted (one per tenant and tokenizer).")
+      .def(py::init<>())
+      .def("estimate", &Calibration::estimate, py::arg("depth"), py::arg("raw"), py::arg("match_len"),
+           py::arg("kind") = 0)
+      .def("observe", &Calibration::observe, py::arg("depth"), py::arg("raw"), py::arg("match_len"), py::arg("kind"),
+           py::arg("accepted"))
+      .def("observe_draft", &Calibration::observe_draft, py::arg("proposal"), py::arg("emitted"),
+           "Learn from a proposal and the tokens the target emitted after it (accepted ones and the bonus).")
+      .def_property_readonly("observed", &Calibration::observed);
+
+  py::class_<Draft>(m, "Proposal", "A draft tree grown by the core, with what its calibration needs to learn.")
+      .def_readonly("tokens", &Draft::tokens)
+      .def_readonly("parents", &Draft::parents)
+      .def_readonly("probs", &Draft::probs)
+      .def_readonly("raws", &Draft::raws)
+      .def_readonly("depths", &Draft::depths)
+      .def_readonly("match_len", &Draft::match_len)
+      .def("__len__", [](const Draft& d) { return d.tokens.size(); });
+
   m.def(
       "propose",
-      [](const TokenIndex& session, const TokenIndex* shared, int budget, const DraftParams& p) {
-        return to_python(propose(session, shared, budget, p));
-      },
+      [](const TokenIndex& session, const TokenIndex* shared, int budget, const DraftParams& p,
+         const Calibration* calibration) { return propose(session, shared, budget, p, calibration); },
       py::arg("session"), py::arg("shared").none(true), py::arg("budget"), py::arg("params"),
-      "Draft tree (tokens, parents, probs, match_len) continuing the session's tokens.");
+      py::arg("calibration").none(true) = nullptr,
+      "Draft tree continuing the session's tokens, grown by calibrated acceptance chance when a calibration is "
+      "given.");
 }

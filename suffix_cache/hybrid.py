@@ -1,21 +1,24 @@
-"""Hybrid drafting: the suffix drafter leads, the n-gram drafters fill what it leaves.
+"""Hybrid drafting: the suffix drafter leads, the n-gram drafters stand in where it has nothing.
 
-Each step the first member (the suffix drafter) proposes under the budget. When
-its tree uses the whole budget it goes to the worker as it is; when it leaves
-budget unused (a short or missing match), STAND and ADED propose too, their node
-probabilities are put on one scale by a per-drafter, per-scope calibration (how
-often nodes it rated p were accepted, as a moving average), and the trees are
-merged into one: every node of the leader's tree first, then the others' nodes
-by calibrated probability (a node shared by several drafters keeps its best
-estimate) until the budget is spent.
+Each step the first member (the suffix drafter) proposes under the budget; its
+node probabilities are already calibrated acceptance chances (learned per scope
+by its core). When its tree is (nearly) empty -- no context match worth a node --
+STAND and ADED propose too, their probabilities are put on the same scale by a
+per-drafter, per-scope calibration (how often nodes it rated p were accepted, as
+a moving average), and the trees are merged by calibrated chance (a node shared
+by several drafters keeps its best estimate), best first, so any prefix of the
+result is again a tree a caller may cut.
 
-Why not merge all three by calibrated probability every step: on the dev traces
-(tuned on every third file, checked on the rest) that lost 1 % to the suffix
-drafter alone, and choosing the single best calibrated tree lost 4 %; the n-gram
-drafters' trees mostly repeat the suffix drafter's first nodes, so they pay off
-only where suffix matching finds little. Leading with the suffix tree gained
-0.2-0.3 % on both halves, and asking the others only when budget is left keeps
-drafting near the suffix drafter's cost. Every member still learns every step.
+Why the n-gram drafters only stand in: on the dev traces (tuned on every third
+file, checked on the rest) merging all three every step lost 1 % to the suffix
+drafter alone and choosing the single best calibrated tree lost 4 %: their trees
+mostly repeat the suffix tree's first nodes. Since the suffix tree is calibrated,
+filling whatever budget it leaves with n-gram nodes no longer adds anything
+either (2.8300 vs 2.8325 tokens per step at 3x the drafting time), so they are
+asked only when the suffix drafter has no node to offer. They still learn every
+accepted token (with the target's probabilities, for STAND), but in batches: a
+session's tokens are handed to them when they are next asked, or when the call
+ends, which keeps drafting near the suffix drafter's own cost.
 """
 
 from __future__ import annotations
@@ -70,13 +73,30 @@ class _Step:
     trees: list[DraftTree] = field(default_factory=list)
 
 
+@dataclass(slots=True)
+class _Backlog:
+    """Accepted tokens the stand-in drafters have not learned yet (one session)."""
+
+    tokens: list[int] = field(default_factory=list)
+    stats: list[PositionStats] | None = field(default_factory=list)  # None once a step came without stats
+
+    def add(self, tokens: Sequence[int], stats: Sequence[PositionStats] | None) -> None:
+        self.tokens.extend(tokens)
+        if self.stats is not None and stats is not None and len(stats) >= len(tokens):
+            self.stats.extend(stats[: len(tokens)])
+        else:
+            self.stats = None
+
+
 class HybridDrafter(Drafter):
     name = "hybrid"
 
-    def __init__(self, members: Sequence[Drafter] | None = None) -> None:
+    def __init__(self, members: Sequence[Drafter] | None = None, fill_below: int = 2) -> None:
         self.members: list[Drafter] = list(members) if members else [SuffixDrafter(), StandDrafter(), AdedDrafter()]
+        self.fill_below = fill_below  # the others are asked when the leader's tree has fewer nodes
         self._calibration: dict[tuple[Scope, str], Calibration] = {}
         self._last: dict[SessionKey, _Step] = {}
+        self._backlog: dict[SessionKey, _Backlog] = {}
 
     def _cal(self, scope: Scope, name: str) -> Calibration:
         cal = self._calibration.get((scope, name))
@@ -84,7 +104,15 @@ class HybridDrafter(Drafter):
             cal = self._calibration[(scope, name)] = Calibration()
         return cal
 
+    def _catch_up(self, key: SessionKey) -> None:
+        """Hand the stand-ins what the session accepted since they last learned."""
+        backlog = self._backlog.pop(key, None)
+        if backlog is not None and backlog.tokens:
+            for m in self.members[1:]:
+                m.accept(key, backlog.tokens, backlog.stats)
+
     def begin_call(self, key: SessionKey, prompt: Sequence[int]) -> None:
+        self._catch_up(key)
         for m in self.members:
             m.begin_call(key, prompt)
 
@@ -92,56 +120,43 @@ class HybridDrafter(Drafter):
         if budget <= 0:
             return DraftTree()
         leader = self.members[0].propose(key, budget)
-        if len(leader) >= budget or len(self.members) == 1:
-            self._last[key] = _Step([leader])
+        if len(leader) >= self.fill_below or len(self.members) == 1:
+            self._last.pop(key, None)
             return leader
+        self._catch_up(key)
         trees = [leader, *(m.propose(key, budget) for m in self.members[1:])]
         self._last[key] = _Step(trees)
-        # The leader's nodes rank above every other node: merge_trees caps estimates at 1, and the
-        # others are scaled just below it (ties go to the shallower node, then to the leader).
-        ranked = [(leader.token_ids, leader.parents, [1.0] * len(leader))]
+        ranked = [(leader.token_ids, leader.parents, list(leader.probs))]
         ranked += [(t.token_ids, t.parents, self._cal(key.scope, m.name).calibrated(t.probs))
                    for m, t in zip(self.members[1:], trees[1:], strict=True)]
-        tokens, parents, _, _ = _core.merge_trees(ranked, [1.0] + [0.999] * (len(trees) - 1), budget)
-        probs = self._estimates(key.scope, trees, tokens, parents)
+        tokens, parents, probs, _ = _core.merge_trees(ranked, [1.0] * len(trees), budget)
         return DraftTree(tokens, parents, probs, max(t.match_len for t in trees))
 
-    def _estimates(self, scope: Scope, trees: list[DraftTree], tokens: list[int], parents: list[int]) -> list[float]:
-        """Each merged node's calibrated path probability (its best over the members that proposed it),
-        so the proxy's draft sizing sees acceptance chances, not the leader's ranking boost."""
-        best: dict[tuple[int, ...], float] = {}
-        for member, tree in zip(self.members, trees, strict=True):
-            cal = self._cal(scope, member.name).calibrated(tree.probs)
-            paths: list[tuple[int, ...]] = []
-            for i, (tok, par) in enumerate(zip(tree.token_ids, tree.parents, strict=True)):
-                path = (*(paths[par] if par >= 0 else ()), tok)
-                paths.append(path)
-                best[path] = max(best.get(path, 0.0), cal[i])
-        out: list[float] = []
-        paths = []
-        for tok, par in zip(tokens, parents, strict=True):
-            path = (*(paths[par] if par >= 0 else ()), tok)
-            paths.append(path)
-            p = best.get(path, 0.0)
-            out.append(min(p, out[par]) if par >= 0 else p)  # a path is never likelier than its prefix
-        return out
-
     def accept(self, key: SessionKey, tokens: Sequence[int], stats: Sequence[PositionStats] | None = None) -> None:
+        self.members[0].accept(key, tokens, stats)
         step = self._last.pop(key, None)
-        if step is not None:
-            for member, tree in zip(self.members, step.trees, strict=False):
-                if tree.token_ids:
-                    self._cal(key.scope, member.name).update(tree, tree.longest_accepted(tokens))
-        for m in self.members:
+        if step is None:
+            backlog = self._backlog.get(key)
+            if backlog is None:
+                backlog = self._backlog[key] = _Backlog()
+            backlog.add(tokens, stats)
+            return
+        # The stand-ins drafted this step: they learn from its outcome now, and are calibrated on it.
+        for member, tree in zip(self.members[1:], step.trees[1:], strict=False):
+            if tree.token_ids:
+                self._cal(key.scope, member.name).update(tree, tree.longest_accepted(tokens))
+        for m in self.members[1:]:
             m.accept(key, tokens, stats)
 
     def end_call(self, key: SessionKey) -> None:
         self._last.pop(key, None)
+        self._catch_up(key)
         for m in self.members:
             m.end_call(key)
 
     def drop_session(self, key: SessionKey) -> None:
         self._last.pop(key, None)
+        self._backlog.pop(key, None)
         for m in self.members:
             m.drop_session(key)
 

@@ -156,3 +156,76 @@ def test_suffixdecoding_rule_picks_one_source():
     d.begin_call(key, [40, 41, 50, 51, 9, 40, 41])
     tree = d.propose(key, 8)
     assert {t for t, p in zip(tree.token_ids, tree.parents, strict=True) if p == -1} in ({42}, {50})
+
+
+def test_suffix_calibration_learns_from_what_the_target_emitted():
+    d = SuffixDrafter()
+    key = SessionKey(A, "s")
+    body = list(range(100, 120))
+    d.begin_call(key, body + [1] + body[:4])
+    cal = d.calibration(A)
+    before = [d.propose(key, 8).probs[0]]
+    for _ in range(50):  # the target keeps diverging right after the match
+        tree = d.propose(key, 8)
+        d.accept(key, [999])
+        d.begin_call(key, body + [1] + body[:4])
+    after = d.propose(key, 8).probs[0]
+    assert cal.observed >= 50
+    assert after < before[0] / 2  # the first node's acceptance chance follows the evidence
+    tree.validate()
+
+
+def test_calibration_counts_nodes_under_a_rejected_ancestor_as_rejected():
+    from quickdraft.suffix_cache import _core
+
+    d = SuffixDrafter()
+    key = SessionKey(A, "s")
+    d.begin_call(key, [1, 2, 3, 4, 9, 1, 2, 5, 6, 9, 1, 2])
+    proposal = _core.propose(d._sessions[key].index, None, 8, d.params.core(), d.calibration(A))
+    assert set(proposal.depths) >= {1, 2}
+    cal = _core.Calibration()
+    cal.observe_draft(proposal, [7])  # the target emitted 7: every node is rejected, at every depth
+    assert cal.observed == len(proposal)
+    cal2 = _core.Calibration()
+    first = proposal.tokens[0]
+    cal2.observe_draft(proposal, [first])  # one token: depth-2 nodes under it are unknown, not rejected
+    # Known: the depth-1 nodes, and everything under a rejected depth-1 node.
+    root = [i if par < 0 else None for i, par in enumerate(proposal.parents)]
+    for i, par in enumerate(proposal.parents):
+        if par >= 0:
+            root[i] = root[par]
+    known = sum(1 for i, dep in enumerate(proposal.depths) if dep == 1 or proposal.tokens[root[i]] != first)
+    assert 0 < known < len(proposal)
+    assert cal2.observed == known
+
+
+def test_probabilities_never_rise_along_a_path():
+    d = SuffixDrafter()
+    key = SessionKey(A, "s")
+    d.begin_call(key, [1, 2, 3, 4, 9, 1, 2, 5, 6, 9, 1, 2, 3, 4, 8, 1, 2])
+    for _ in range(5):
+        tree = d.propose(key, 16)
+        for p, parent in zip(tree.probs, tree.parents, strict=True):
+            assert parent < 0 or p <= tree.probs[parent]
+        d.accept(key, tree.token_ids[:1] + [9])
+
+
+def test_mean_budget_spends_the_mean_where_chances_are_high():
+    from quickdraft.suffix_cache.budget import MeanBudget
+    from quickdraft.suffix_cache.draft import DraftTree
+
+    budget = MeanBudget(mean=4)
+    likely = DraftTree.path(list(range(16)), [0.9] * 16)            # a long, likely copy
+    unlikely = DraftTree.path(list(range(16)), [0.05 * 0.9 ** i for i in range(16)])
+    sent_likely = sent_unlikely = 0
+    for step in range(2000):
+        tree = budget.cut(likely if step % 2 else unlikely)
+        tree.validate()
+        budget.spent(len(tree))
+        if step % 2:
+            sent_likely += len(tree)
+        else:
+            sent_unlikely += len(tree)
+    assert budget.sent <= 4 * budget.steps + budget.cap  # the mean holds
+    assert sent_likely > 3 * sent_unlikely                # and goes where acceptance is likely
+    assert budget.cap == 16

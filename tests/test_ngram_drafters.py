@@ -86,17 +86,45 @@ def test_aded_feedback_moves_away_from_rejected_candidates():
     assert d.propose(key, 1).token_ids == [4]
 
 
-def test_hybrid_merges_members_and_calibrates():
-    d = HybridDrafter()
+def test_hybrid_lets_a_suffix_tree_lead_as_it_is():
+    from quickdraft.suffix_cache.suffix import SuffixDrafter
+
+    d, alone = HybridDrafter(), SuffixDrafter()
     key = SessionKey(A, "s")
-    d.begin_call(key, [5, 6, 7, 8, 1, 5, 6])
+    for drafter in (d, alone):
+        drafter.begin_call(key, [5, 6, 7, 8, 1, 5, 6])
     tree = d.propose(key, 8)
     tree.validate()
     assert tree.token_ids[0] == 7
-    d.accept(key, [7, 8, 2])
-    d.end_call(key)
-    cal = d._calibration[(A, "suffix")]
+    assert tree.token_ids == alone.propose(key, 8).token_ids  # the n-gram drafters were not asked
+    assert (A, "stand") not in d._calibration
+
+
+def test_hybrid_asks_the_ngram_drafters_where_the_suffix_tree_is_empty():
+    d = HybridDrafter()
+    # STAND learns every session's prompt; the suffix drafter indexes only this session and earlier responses.
+    d.begin_call(SessionKey(A, "earlier"), [40, 41, 42, 43])
+    key = SessionKey(A, "now")
+    d.begin_call(key, [1, 2, 40])
+    assert d.members[0].propose(key, 8).token_ids == []
+    tree = d.propose(key, 8)
+    tree.validate()
+    assert tree.token_ids[0] == 41
+    d.accept(key, [41, 42, 9])
+    cal = d._calibration[(A, "stand")]
     assert sum(cal.drafted) > 0 and sum(cal.accepted) > 0
+
+
+def test_hybrid_stand_ins_learn_what_was_accepted_while_the_suffix_tree_led():
+    d = HybridDrafter()
+    key = SessionKey(A, "s")
+    d.begin_call(key, [5, 6, 7, 8, 1, 5, 6])
+    d.propose(key, 8)
+    d.accept(key, [7, 8, 70, 71])  # the suffix drafter led: STAND and ADED get these later, in one batch
+    stand = d.members[1]
+    assert stand.state.tables[A].distribution([70]) == []
+    d.end_call(key)
+    assert [t for t, _ in stand.state.tables[A].distribution([70])] == [71]
 
 
 def test_calibration_learns_acceptance_rates_per_bin():
