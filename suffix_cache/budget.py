@@ -15,7 +15,9 @@ what it drafts, up to the cap.
 
 from __future__ import annotations
 
+import bisect
 import math
+import operator
 from dataclasses import dataclass
 
 from quickdraft.suffix_cache.draft import DraftTree
@@ -40,6 +42,11 @@ class MeanBudget:
         # Never run more than one cap ahead of the budget, whatever the threshold says.
         room = max(0, min(self.cap, int(self.mean * (self.steps + 1) + self.cap) - self.sent))
         probs = tree.probs or [1.0] * len(tree)
+        # Trees grown best first (the suffix drafter's, merged ones) keep their likeliest nodes in
+        # front: the nodes above the threshold are a prefix, and any prefix is a tree.
+        k = bisect.bisect_right(probs, -self.threshold, key=operator.neg)
+        if min(probs[:k], default=1.0) >= self.threshold and max(probs[k:], default=0.0) < self.threshold:
+            return tree.truncated(min(k, room))
         index: dict[int, int] = {}
         out = DraftTree(match_len=tree.match_len)
         for i, (tok, parent) in enumerate(zip(tree.token_ids, tree.parents, strict=True)):
