@@ -1,4 +1,4 @@
-"""Builds the compiled drafting core; everything else is declared in pyproject.toml."""
+"""Builds the compiled cores; everything else is declared in pyproject.toml."""
 
 from pybind11.setup_helpers import Pybind11Extension
 from setuptools import setup
@@ -12,6 +12,18 @@ setup(
             depends=["suffix_cache/csrc/ngram_table.h"],
             cxx_std=17,
             extra_compile_args=["-O3"],
-        )
+        ),
+        # The worker's batch-invariant linear kernel. No -march: the AVX-512 and AVX2 paths are
+        # compiled per function and chosen at run time, so one build runs on any x86-64 CPU.
+        # -ffp-contract=off keeps the compiler from fusing the portable path's adds into FMAs,
+        # which would change its rounding (the summation order is part of the kernel's contract).
+        Pybind11Extension(
+            "quickdraft.verifiers._kernels",
+            ["verifiers/_kernels.cpp"],
+            depends=["verifiers/csrc/reduce.h"],
+            cxx_std=17,
+            extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=off"],
+            extra_link_args=["-fopenmp"],
+        ),
     ]
 )

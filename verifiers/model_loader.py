@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from quickdraft.catalog import gguf_location, load_tokenizer, model_cache_dir, resolve
-from quickdraft.verifiers import attention
+from quickdraft.verifiers import attention, small_linear
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,8 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     device: torch.device
     dtype: torch.dtype
+    # Linear layers routed through the batch-invariant kernel (verifiers/small_linear.py); 0: none.
+    invariant_linears: int = 0
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -73,5 +75,10 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto") -> LoadedMo
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, attn_implementation=attention.NAME)
     model.to(dev)
     model.eval()
+    # fp32 on CPU: the kernel is faster than BLAS at verification sizes and keeps every row's
+    # result independent of the rows beside it (CUDA and bf16 keep torch's own kernels).
+    invariant = small_linear.install(model) if dev.type == "cpu" and dt == torch.float32 else 0
+    if invariant:
+        log.info("%d linear layers use the batch-invariant %s kernel", invariant, small_linear.isa())
     tokenizer = load_tokenizer(name)
-    return LoadedModel(spec.name, model, tokenizer, dev, dt)
+    return LoadedModel(spec.name, model, tokenizer, dev, dt, invariant)

@@ -5,7 +5,9 @@ those tokens it believes this worker holds (``known_len``, with the last few as
 an anchor), sends the ones after them, and a draft tree. The worker keeps exactly
 the known prefix of its cache, prefills the new tokens (in chunks, so long
 prompts never build a huge attention matrix), scores the draft in the same pass
-as the last chunk, keeps the KV of the accepted branch and drops the rest. If it
+as the last chunk (with the batch-invariant CPU kernel: as the last new token,
+when more than a few arrive; see ``_prefill_head``), keeps the KV of the
+accepted branch and drops the rest. If it
 does not hold the known prefix (restarted, evicted, or diverged) it says so and
 the proxy resends the whole history.
 """
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from quickdraft.catalog import chat_prompt_ids
+from quickdraft.verifiers import small_linear
 from quickdraft.verifiers.attention import PLAN_KWARG
 from quickdraft.verifiers.batching import PackedCache, PackedItem, PackedPlan
 from quickdraft.verifiers.kv_cache import SessionKV, SessionStore, cache_length, keep_positions, set_cache_length
@@ -296,16 +299,28 @@ class ModelRuntime:
         return tokens, parents
 
     def _prefill_head(self, session: SessionKV, feed: list[int]) -> list[int]:
-        """Prefill all but the last chunk of new tokens (the model's own causal mask); returns the rest."""
+        """Prefill the new tokens that are not scored with the draft (the model's own causal mask,
+        chunks of PREFILL_CHUNK); returns the ones that are.
+
+        With the batch-invariant kernel, the split depends on the new tokens alone, never on the
+        draft: up to MAX_ROWS new tokens are all scored with the draft, more are prefilled but the
+        last one. So speculation on and off run the same prefill passes, and every position they
+        score lands on the same side of the kernel's row limit in both; the pass that scores the
+        draft runs the kernel whatever its size (``small_linear.invariant``).
+        """
+        if self.loaded.invariant_linears:
+            cut = len(feed) - 1 if len(feed) > small_linear.MAX_ROWS else 0
+        else:
+            cut = (len(feed) - 1) // PREFILL_CHUNK * PREFILL_CHUNK
         dev = self.device
-        while len(feed) > PREFILL_CHUNK:
-            chunk, feed = feed[:PREFILL_CHUNK], feed[PREFILL_CHUNK:]
+        for start in range(0, cut, PREFILL_CHUNK):
+            chunk = feed[start:min(cut, start + PREFILL_CHUNK)]
             past = cache_length(session.cache)
             ids = torch.tensor([chunk], dtype=torch.long, device=dev)
             pos = torch.arange(past, past + len(chunk), device=dev)[None]
             self.model(input_ids=ids, position_ids=pos, cache=session.cache, use_cache=True, logits_to_keep=1)
             session.tokens.extend(chunk)
-        return feed
+        return feed[cut:]
 
     def _masks(self, past: int, step: _Staged) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         pos, mask = tree_inputs(past, len(step.feed), step.draft_parents, self.device)
@@ -317,8 +332,9 @@ class ModelRuntime:
         pos, mask, sliding = self._masks(past, step)
         ids = torch.tensor([step.feed + step.draft_tokens], dtype=torch.long, device=self.device)
         attention_mask = mask if sliding is None else {"full_attention": mask, "sliding_attention": sliding}
-        result = self.model(input_ids=ids, position_ids=pos, attention_mask=attention_mask, cache=step.session.cache,
-                            use_cache=True, logits_to_keep=len(step.draft_tokens) + 1)
+        with small_linear.invariant():
+            result = self.model(input_ids=ids, position_ids=pos, attention_mask=attention_mask,
+                                cache=step.session.cache, use_cache=True, logits_to_keep=len(step.draft_tokens) + 1)
         return self._finish(step, past, result.logits[0])
 
     def _packed_pass(self, steps: list[_Staged]) -> list[VerifyOutput]:
@@ -343,15 +359,16 @@ class ModelRuntime:
         placeholder = torch.ones((1, 1, n, n), dtype=torch.bool, device=self.device)
         attention_mask = placeholder if not self.sliding_window else \
             {"full_attention": placeholder, "sliding_attention": placeholder}
-        result = self.model(
-            input_ids=torch.tensor([ids], dtype=torch.long, device=self.device),
-            position_ids=torch.cat(positions)[None],
-            attention_mask=attention_mask,
-            cache=PackedCache(plan, self.model.config.num_hidden_layers),
-            use_cache=True,
-            logits_to_keep=torch.tensor(keep, device=self.device),
-            **{PLAN_KWARG: plan},
-        )
+        with small_linear.invariant():  # each session's rows computed as if it were alone
+            result = self.model(
+                input_ids=torch.tensor([ids], dtype=torch.long, device=self.device),
+                position_ids=torch.cat(positions)[None],
+                attention_mask=attention_mask,
+                cache=PackedCache(plan, self.model.config.num_hidden_layers),
+                use_cache=True,
+                logits_to_keep=torch.tensor(keep, device=self.device),
+                **{PLAN_KWARG: plan},
+            )
         logits = result.logits[0]
         outs = []
         row = 0

@@ -149,11 +149,13 @@ def accept_walk(
 
 
 def token_stats(logits: torch.Tensor, k: int) -> list[TokenStats]:
-    """Top-k log-probabilities and entropy of each row (temperature 1)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    entropy = -(logp.exp() * logp).sum(-1)
-    top = torch.topk(logp, k, dim=-1)
-    return [
-        TokenStats(tuple(ids), tuple(vals), float(ent))
-        for ids, vals, ent in zip(top.indices.tolist(), top.values.tolist(), entropy.tolist(), strict=True)
-    ]
+    """Top-k log-probabilities and entropy of each row (temperature 1). Row by row: torch sums
+    one row in another order when it reduces several at once, and a position's figures must not
+    depend on how many draft rows shared its pass."""
+    out = []
+    for row in logits.float():
+        logp = torch.log_softmax(row, dim=-1)
+        entropy = -(logp.exp() * logp).sum()
+        top = torch.topk(logp, k)
+        out.append(TokenStats(tuple(top.indices.tolist()), tuple(top.values.tolist()), float(entropy)))
+    return out

@@ -1,0 +1,190 @@
+"""The batch-invariant linear kernel: a row's result never depends on the rows beside it, and
+greedy speculation with it in the model is token-for-token plain greedy decoding."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from quickdraft.verifiers import _kernels, small_linear
+
+# nn.Linear shapes (out, in): the model's own, and ones with tails (in not a multiple of 16,
+# out not a multiple of the 4-row weight tile).
+SHAPES = [(192, 576), (576, 1536), (37, 100), (5, 17), (64, 1)]
+
+
+def kernel(x, w, b=None, threads=2, isa="auto"):
+    y = torch.empty(x.shape[0], w.shape[0])
+    _kernels.linear(x.data_ptr(), w.data_ptr(), 0 if b is None else b.data_ptr(), y.data_ptr(),
+                    x.shape[0], w.shape[0], x.shape[1], threads, isa)
+    return y
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_a_row_is_bitwise_the_same_alone_and_in_any_batch(shape):
+    out_f, in_f = shape
+    gen = torch.Generator().manual_seed(out_f * 1000 + in_f)
+    w = torch.randn(out_f, in_f, generator=gen)
+    b = torch.randn(out_f, generator=gen)
+    x = torch.randn(70, in_f, generator=gen)
+    for bias in (None, b):
+        full = kernel(x, w, bias)
+        for m in range(70):
+            assert torch.equal(kernel(x[m:m + 1].contiguous(), w, bias, threads=1)[0], full[m])
+        for rows in (2, 3, 4, 5, 7, 8, 13, 16, 17, 31, 33, 64, 65, 70):
+            for threads in (1, 2, 3):
+                assert torch.equal(kernel(x[:rows].contiguous(), w, bias, threads), full[:rows])
+        # Other neighbours, another position in the batch: the same bits for row 5.
+        others = torch.randn(9, in_f, generator=gen)
+        mixed = torch.cat([others[:4], x[5:6], others[4:]])
+        assert torch.equal(kernel(mixed, w, bias)[4], full[5])
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_every_instruction_set_gives_the_same_bits(shape):
+    # One summation order, implemented by each path: a worker on another CPU computes the same.
+    out_f, in_f = shape
+    gen = torch.Generator().manual_seed(7)
+    w, b, x = torch.randn(out_f, in_f, generator=gen), torch.randn(out_f, generator=gen), torch.randn(11, in_f,
+                                                                                                        generator=gen)
+    isas = _kernels.supported_isas()
+    assert "scalar" in isas and _kernels.isa() == isas[0]
+    reference = kernel(x, w, b, isa="scalar")
+    for isa in isas:
+        assert torch.equal(kernel(x, w, b, isa=isa), reference), isa
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_close_to_torch(shape):
+    out_f, in_f = shape
+    gen = torch.Generator().manual_seed(3)
+    w, b, x = torch.randn(out_f, in_f, generator=gen), torch.randn(out_f, generator=gen), torch.randn(20, in_f,
+                                                                                                        generator=gen)
+    # fp32 sums of up to 1536 products of unit normals: only the summation order differs.
+    torch.testing.assert_close(kernel(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-4)
+
+
+def test_bad_arguments_are_refused():
+    w, x = torch.randn(4, 8), torch.randn(2, 8)
+    with pytest.raises(ValueError, match="unknown kernel"):
+        kernel(x, w, isa="sse9")
+    with pytest.raises(ValueError, match="negative"):
+        _kernels.linear(x.data_ptr(), w.data_ptr(), 0, x.data_ptr(), -1, 4, 8, 1, "auto")
+
+
+def test_installed_layers_route_small_calls_and_forced_passes_to_the_kernel():
+    gen = torch.Generator().manual_seed(11)
+    net = torch.nn.Sequential(torch.nn.Linear(48, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8, bias=False))
+    assert small_linear.install(net) == 2
+    assert type(net[0]) is small_linear.InvariantLinear
+    layer = net[0]
+    small_x = torch.randn(1, 3, 48, generator=gen)
+    big_x = torch.randn(small_linear.MAX_ROWS + 1, 48, generator=gen)
+    with torch.inference_mode():
+        assert torch.equal(layer(small_x), kernel(small_x[0], layer.weight, layer.bias)[None])
+        # Above MAX_ROWS torch's GEMM, unless the pass is forced onto the kernel.
+        assert torch.equal(layer(big_x), F.linear(big_x, layer.weight, layer.bias))
+        with small_linear.invariant():
+            forced = layer(big_x)
+        assert torch.equal(forced, kernel(big_x, layer.weight, layer.bias))
+        assert torch.equal(forced[:1], layer(big_x[:1]))
+    # Autograd still works: with gradients on, the layer is plain nn.Linear.
+    out = net(small_x).sum()
+    out.backward()
+    assert net[0].weight.grad is not None
+
+
+def assert_same_stats(got, expected):
+    # The linear layers are exact; torch's attention still sums a row's keys in an order that
+    # depends on the masked keys beside them, so the log-probabilities agree to about 1e-6.
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected, strict=True):
+        assert a.top_ids == b.top_ids
+        assert a.top_logprobs == pytest.approx(b.top_logprobs, abs=1e-4)
+        assert a.entropy == pytest.approx(b.entropy, abs=1e-4)
+
+
+@pytest.mark.model
+class TestModel:
+    """SmolLM2 on the worker runtime, with the kernel installed by the loader."""
+
+    @pytest.fixture(scope="class")
+    @staticmethod
+    def runtime():
+        from quickdraft.verifiers.model_loader import load_model
+        from quickdraft.verifiers.runtime import ModelRuntime
+
+        torch.set_num_threads(2)
+        loaded = load_model("smollm2-135m")
+        assert loaded.invariant_linears == 30 * 7 + 1  # every projection and the (tied) head
+        return ModelRuntime(loaded, kv_budget_bytes=1 << 30)
+
+    def test_speculative_greedy_is_plain_greedy_and_stats_are_bitwise(self, runtime):
+        from quickdraft.verifiers.runtime import VerifyInput
+
+        prompt = runtime.tokenize([{"role": "user", "content": "List five prime numbers and explain why."}])
+        known, hist, plain, plain_stats = 0, list(prompt), [], []
+        while len(plain) < 24:
+            r = runtime.verify(VerifyInput("sl-plain", known, hist[max(0, known - 16):known], hist[known:],
+                                           top_logprobs=3))
+            known, hist = r.cached_len, hist + r.tokens
+            plain += r.tokens
+            plain_stats += r.stats
+        known, hist, spec, spec_stats, steps = 0, list(prompt), [], [], 0
+        while len(spec) < 24:
+            right = plain[len(spec):len(spec) + 6]
+            # A wrong first sibling, the right path, a wrong leaf: draft rows beside the real ones.
+            tokens = [(right[0] + 9) % 49152, *right, (right[-1] + 4) % 49152]
+            parents = [-1, -1, *range(1, len(right)), 1]
+            r = runtime.verify(VerifyInput("sl-spec", known, hist[max(0, known - 16):known], hist[known:], tokens,
+                                           parents, top_logprobs=3))
+            known, hist = r.cached_len, hist + r.tokens
+            spec += r.tokens
+            spec_stats += r.stats
+            steps += 1
+        assert spec[:24] == plain[:24]
+        assert steps < 12
+        assert_same_stats(spec_stats[:24], plain_stats[:24])
+
+    def test_many_new_tokens_with_a_draft_equal_plain_decoding(self, runtime):
+        """More new tokens than MAX_ROWS: prefilled apart from the draft's pass, the same way in both
+        modes, so none of their positions is computed by torch in one mode and the kernel in the other."""
+        from quickdraft.verifiers.runtime import VerifyInput
+
+        first = runtime.tokenize([{"role": "user", "content": "Say hello."}])
+        more = runtime.tokenize([{"role": "user", "content": "Now describe, in two sentences, how a hash map "
+                                  "stores keys, resolves collisions and grows; then name one language that has "
+                                  "one built in and show its syntax for a lookup with a default value."}])
+        assert len(more) > small_linear.MAX_ROWS
+
+        def run(key, draft_from):
+            r = runtime.verify(VerifyInput(key, 0, [], first))
+            hist = first + r.tokens + more
+            known, out, stats = r.cached_len, [], []
+            while len(out) < 12:
+                right = draft_from[len(out):len(out) + 4] if draft_from else []
+                r = runtime.verify(VerifyInput(key, known, hist[max(0, known - 16):known], hist[known:], right,
+                                               list(range(-1, len(right) - 1)), top_logprobs=2))
+                known, hist = r.cached_len, hist + r.tokens
+                out += r.tokens
+                stats += r.stats
+            return out[:12], stats[:12]
+
+        plain, plain_stats = run("sl-many-plain", None)
+        spec, spec_stats = run("sl-many-spec", plain)
+        assert spec == plain
+        assert_same_stats(spec_stats, plain_stats)
+
+    def test_a_packed_session_computes_what_it_computes_alone(self, runtime):
+        from quickdraft.verifiers.runtime import VerifyInput
+
+        prompts = [runtime.tokenize([{"role": "user", "content": text}]) for text in
+                   ("Name a colour.", "What is 12 times 12? Answer with the number only, then explain.",
+                    "Write a haiku about compilers.")]
+        drafts = [([11, 12, 13], [-1, 0, 1]), ([198, 20, 21, 22], [-1, -1, 1, 2]), ([5], [-1])]
+        alone = [runtime.verify(VerifyInput(f"sl-alone{i}", 0, [], p, *d, top_logprobs=4))
+                 for i, (p, d) in enumerate(zip(prompts, drafts, strict=True))]
+        packed = runtime.verify_batch([VerifyInput(f"sl-packed{i}", 0, [], p, *d, top_logprobs=4)
+                                       for i, (p, d) in enumerate(zip(prompts, drafts, strict=True))])
+        assert packed[0].batch_size == 3 and packed[0].batch_tokens > small_linear.MAX_ROWS
+        for a, b in zip(alone, packed, strict=True):
+            assert a.tokens == b.tokens and a.stats == b.stats

@@ -1,0 +1,340 @@
+// Batch-invariant fp32 linear layer for the worker's CPU verification passes.
+//
+// y[m, n] = sum_k x[m, k] * w[n, k] (+ b[n]), with W in nn.Linear's layout [N, K].
+//
+// Why: speculation is lossless only if a position's logits and KV do not depend
+// on how many other rows share its forward pass. BLAS libraries pick different
+// kernels (and so different summation orders) for different M, and they are
+// slow at the small M of a verification pass (1 + a few draft tokens): the
+// weights must be streamed from memory once per pass whatever M is, and the
+// arithmetic of 16 rows takes less time than that stream.
+//
+// The summation order is fixed by one definition that every path implements
+// exactly, so the result is also the same on AVX-512, AVX2 and plain C++:
+//   * 16 accumulators ("lanes"), lane j starts at +0 and takes, for k = j,
+//     j + 16, j + 32, ... in increasing order, acc = fma(x[m, k], w[n, k], acc),
+//     with x = w = 0 past the end of K;
+//   * then a fixed tree: s8[i] = l[i] + l[i + 8], s4[i] = s8[i] + s8[i + 4],
+//     s2[i] = s4[i] + s4[i + 2], y = s2[0] + s2[1], then y += b[n] if biased.
+// Nothing in it depends on M, on the other rows, on the tile a row falls in or
+// on the thread that computes it (threads split N only).
+
+#include <pybind11/pybind11.h>
+
+#include <omp.h>
+
+#include "csrc/reduce.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace py = pybind11;
+
+namespace {
+
+using qd::tree16;
+#ifdef QD_X86
+using qd::avx512_tree;
+using qd::avx512_tree4;
+#endif
+
+struct Problem {
+  const float* x;
+  const float* w;
+  const float* b;  // nullptr: no bias
+  float* y;
+  int64_t M, N, K;
+};
+
+// Rows of x processed together; a block of M that stays in L2 while the weights stream past.
+constexpr int64_t M_BLOCK = 128;
+
+// ---------------------------------------------------------------- portable path
+void scalar_range(const Problem& p, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    const float* w = p.w + n * p.K;
+    for (int64_t m = 0; m < p.M; ++m) {
+      const float* x = p.x + m * p.K;
+      float acc[16] = {};
+      for (int64_t k0 = 0; k0 < p.K; k0 += 16) {
+        for (int j = 0; j < 16; ++j) {
+          const int64_t k = k0 + j;
+          const float xv = k < p.K ? x[k] : 0.0f;
+          const float wv = k < p.K ? w[k] : 0.0f;
+          acc[j] = std::fma(xv, wv, acc[j]);
+        }
+      }
+      float out = tree16(acc);
+      if (p.b) out += p.b[n];
+      p.y[m * p.N + n] = out;
+    }
+  }
+}
+
+#ifdef QD_X86
+// ---------------------------------------------------------------- AVX2 + FMA
+// A 16-lane accumulator is two 8-lane registers: lo holds lanes 0-7, hi lanes 8-15.
+__attribute__((target("avx2,fma"))) inline float avx2_tree(__m256 lo, __m256 hi) {
+  const __m256 s8 = _mm256_add_ps(lo, hi);
+  const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+  const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+  return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
+}
+
+// Lanes [lo, lo + 8) of a 16-lane chunk that holds `valid` elements: a mask with the sign bit set
+// in the lanes to load (masked lanes read as zero).
+__attribute__((target("avx2,fma"))) inline __m256i avx2_mask(int64_t valid, int lo) {
+  const __m256i lane = _mm256_add_epi32(_mm256_set1_epi32(lo), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(valid)), lane);
+}
+
+// Eight lanes from src; in the tail chunk (FULL false) the lanes outside `mask` read as zero.
+template <bool FULL>
+__attribute__((target("avx2,fma"))) inline __m256 avx2_load(const float* src, __m256i mask) {
+  if constexpr (FULL) return _mm256_loadu_ps(src);
+  else return _mm256_maskload_ps(src, mask);
+}
+
+template <int MT, int NR, bool FULL>
+__attribute__((target("avx2,fma"))) inline void avx2_step(const float* x, const float* w, int64_t K, __m256i mlo,
+                                                         __m256i mhi, __m256 (&lo)[MT][NR], __m256 (&hi)[MT][NR]) {
+  __m256 wl[NR], wh[NR];
+  #pragma GCC unroll 16
+  for (int r = 0; r < NR; ++r) {
+    wl[r] = avx2_load<FULL>(w + r * K, mlo);
+    wh[r] = avx2_load<FULL>(w + r * K + 8, mhi);
+  }
+  #pragma GCC unroll 16
+  for (int i = 0; i < MT; ++i) {
+    const __m256 xl = avx2_load<FULL>(x + i * K, mlo);
+    const __m256 xh = avx2_load<FULL>(x + i * K + 8, mhi);
+    #pragma GCC unroll 16
+    for (int r = 0; r < NR; ++r) {
+      lo[i][r] = _mm256_fmadd_ps(xl, wl[r], lo[i][r]);
+      hi[i][r] = _mm256_fmadd_ps(xh, wh[r], hi[i][r]);
+    }
+  }
+}
+
+template <int MT, int NR>
+__attribute__((target("avx2,fma"))) void avx2_tile(const Problem& p, int64_t m0, int64_t n0) {
+  __m256 lo[MT][NR], hi[MT][NR];
+  #pragma GCC unroll 16
+  for (int i = 0; i < MT; ++i)
+    #pragma GCC unroll 16
+    for (int r = 0; r < NR; ++r) lo[i][r] = hi[i][r] = _mm256_setzero_ps();
+  const float* w = p.w + n0 * p.K;
+  const float* x = p.x + m0 * p.K;
+  const int64_t K = p.K;
+  const __m256i all = _mm256_set1_epi32(-1);
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) avx2_step<MT, NR, true>(x + k, w + k, K, all, all, lo, hi);
+  if (k < K) avx2_step<MT, NR, false>(x + k, w + k, K, avx2_mask(K - k, 0), avx2_mask(K - k, 8), lo, hi);
+  #pragma GCC unroll 16
+  for (int i = 0; i < MT; ++i)
+    #pragma GCC unroll 16
+    for (int r = 0; r < NR; ++r) {
+      float out = avx2_tree(lo[i][r], hi[i][r]);
+      if (p.b) out += p.b[n0 + r];
+      p.y[(m0 + i) * p.N + n0 + r] = out;
+    }
+}
+
+template <int NR>
+__attribute__((target("avx2,fma"))) void avx2_rows(const Problem& p, int64_t m0, int64_t m1, int64_t n0) {
+  constexpr int MT = 2;
+  int64_t m = m0;
+  for (; m + MT <= m1; m += MT) avx2_tile<MT, NR>(p, m, n0);
+  for (; m < m1; ++m) avx2_tile<1, NR>(p, m, n0);
+}
+
+__attribute__((target("avx2,fma"))) void avx2_range(const Problem& p, int64_t n0, int64_t n1) {
+  constexpr int NR = 2;
+  for (int64_t mb = 0; mb < p.M; mb += M_BLOCK) {
+    const int64_t me = std::min(p.M, mb + M_BLOCK);
+    int64_t n = n0;
+    for (; n + NR <= n1; n += NR) avx2_rows<NR>(p, mb, me, n);
+    for (; n < n1; ++n) avx2_rows<1>(p, mb, me, n);
+  }
+}
+
+// ---------------------------------------------------------------- AVX-512
+inline void avx512_store(const Problem& p, int64_t m, int64_t n, float out) {
+  p.y[m * p.N + n] = p.b ? out + p.b[n] : out;
+}
+
+template <int MT, int NR>
+__attribute__((target("avx512f"))) inline void avx512_step(const float* x, const float* w, int64_t K, __mmask16 mask,
+                                                          __m512 (&acc)[MT][NR]) {
+  __m512 wv[NR];
+  #pragma GCC unroll 16
+  for (int r = 0; r < NR; ++r) wv[r] = _mm512_maskz_loadu_ps(mask, w + r * K);
+  #pragma GCC unroll 16
+  for (int i = 0; i < MT; ++i) {
+    const __m512 xv = _mm512_maskz_loadu_ps(mask, x + i * K);
+    #pragma GCC unroll 16
+    for (int r = 0; r < NR; ++r) acc[i][r] = _mm512_fmadd_ps(xv, wv[r], acc[i][r]);
+  }
+}
+
+// Rows [m0, m0 + MT) of x against weight rows [n0, n0 + NR), written to y.
+template <int MT, int NR>
+__attribute__((target("avx512f"))) void avx512_tile(const Problem& p, int64_t m0, int64_t n0) {
+  __m512 acc[MT][NR];
+  #pragma GCC unroll 16
+  for (int i = 0; i < MT; ++i)
+    #pragma GCC unroll 16
+    for (int r = 0; r < NR; ++r) acc[i][r] = _mm512_setzero_ps();
+  const float* w = p.w + n0 * p.K;
+  const float* x = p.x + m0 * p.K;
+  const int64_t K = p.K;
+  int64_t k = 0;
+  // Full chunks with an all-ones mask (a masked load with every lane set is a plain load), then
+  // the tail with zeros past K: one code path, so the tail cannot round differently.
+  for (; k + 16 <= K; k += 16) avx512_step<MT, NR>(x + k, w + k, K, static_cast<__mmask16>(0xFFFF), acc);
+  if (k < K) avx512_step<MT, NR>(x + k, w + k, K, static_cast<__mmask16>((1u << (K - k)) - 1u), acc);
+  // Reduce the accumulators four at a time, in (row, weight row) order.
+  constexpr int COUNT = MT * NR;
+  #pragma GCC unroll 16
+  for (int j = 0; j + 4 <= COUNT; j += 4) {
+    alignas(16) float out[4];
+    _mm_store_ps(out, avx512_tree4(acc[j / NR][j % NR], acc[(j + 1) / NR][(j + 1) % NR],
+                                   acc[(j + 2) / NR][(j + 2) % NR], acc[(j + 3) / NR][(j + 3) % NR]));
+    #pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q) avx512_store(p, m0 + (j + q) / NR, n0 + (j + q) % NR, out[q]);
+  }
+  #pragma GCC unroll 4
+  for (int j = COUNT / 4 * 4; j < COUNT; ++j)
+    avx512_store(p, m0 + j / NR, n0 + j % NR, avx512_tree(acc[j / NR][j % NR]));
+}
+
+// The tile: TILE_M rows of x against TILE_N weight rows, 16 accumulators in registers. Larger tiles
+// (6 x 4, 8 x 3, 2 x 8) and prefetching ahead of the weight stream measured the same here: at
+// M <= 16 a pass costs about memory time plus arithmetic time, whatever the tile.
+constexpr int TILE_M = 4;
+constexpr int TILE_N = 4;
+
+// A tile of `rows` (< R) rows of x, chosen at compile time.
+template <int R, int W>
+__attribute__((target("avx512f"))) void avx512_partial(const Problem& p, int64_t m, int64_t rows, int64_t n) {
+  if constexpr (R > 0) {
+    if (rows == R) avx512_tile<R, W>(p, m, n);
+    else avx512_partial<R - 1, W>(p, m, rows, n);
+  }
+}
+
+template <int W>
+__attribute__((target("avx512f"))) void avx512_rows(const Problem& p, int64_t m0, int64_t m1, int64_t n) {
+  int64_t m = m0;
+  for (; m + TILE_M <= m1; m += TILE_M) avx512_tile<TILE_M, W>(p, m, n);
+  avx512_partial<TILE_M - 1, W>(p, m, m1 - m, n);
+}
+
+// Blocks of M_BLOCK rows of x stay in L2 while the weights stream past; within a block every
+// group of TILE_N weight rows is loaded into L1 once and used by all the block's tiles.
+__attribute__((target("avx512f"))) void avx512_range(const Problem& p, int64_t n0, int64_t n1) {
+  for (int64_t mb = 0; mb < p.M; mb += M_BLOCK) {
+    const int64_t me = std::min(p.M, mb + M_BLOCK);
+    int64_t n = n0;
+    for (; n + TILE_N <= n1; n += TILE_N) avx512_rows<TILE_N>(p, mb, me, n);
+    for (; n < n1; ++n) avx512_rows<1>(p, mb, me, n);
+  }
+}
+
+#endif  // QD_X86
+
+// ---------------------------------------------------------------- dispatch
+using RangeFn = void (*)(const Problem&, int64_t, int64_t);
+
+struct Isa {
+  const char* name;
+  RangeFn fn;
+  bool supported;
+};
+
+#ifdef QD_X86
+constexpr int ISA_COUNT = 3;
+Isa* isas() {
+  __builtin_cpu_init();
+  static Isa table[ISA_COUNT] = {
+      {"avx512", avx512_range, static_cast<bool>(__builtin_cpu_supports("avx512f"))},
+      {"avx2", avx2_range,
+       static_cast<bool>(__builtin_cpu_supports("avx2")) && static_cast<bool>(__builtin_cpu_supports("fma"))},
+      {"scalar", scalar_range, true},
+  };
+  return table;
+}
+#else
+constexpr int ISA_COUNT = 1;
+Isa* isas() {
+  static Isa table[ISA_COUNT] = {{"scalar", scalar_range, true}};
+  return table;
+}
+#endif
+
+Isa* active_isa() {
+  static Isa* chosen = [] {
+    for (Isa* isa = isas();; ++isa)
+      if (isa->supported) return isa;
+  }();
+  return chosen;
+}
+
+Isa* find_isa(const std::string& name) {
+  if (name.empty() || name == "auto") return active_isa();
+  for (int i = 0; i < ISA_COUNT; ++i) {
+    Isa* isa = isas() + i;
+    if (name == isa->name) {
+      if (!isa->supported) throw std::invalid_argument("this CPU cannot run the " + name + " kernel");
+      return isa;
+    }
+  }
+  throw std::invalid_argument("unknown kernel: " + name);
+}
+
+void run(const Problem& p, int threads, RangeFn fn) {
+  // Whole blocks of 8 weight rows per thread, so no thread splits a tile (the result would be
+  // the same anyway; this only keeps the tiles full).
+  const int64_t blocks = (p.N + 7) / 8;
+  threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, blocks)));
+  if (threads == 1) {
+    fn(p, 0, p.N);
+    return;
+  }
+#pragma omp parallel num_threads(threads)
+  {
+    const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+    const int64_t n0 = std::min(p.N, blocks * t / nt * 8), n1 = std::min(p.N, blocks * (t + 1) / nt * 8);
+    if (n0 < n1) fn(p, n0, n1);
+  }
+}
+
+void linear(uintptr_t x, uintptr_t w, uintptr_t b, uintptr_t y, int64_t M, int64_t N, int64_t K, int threads,
+            const std::string& isa) {
+  if (M < 0 || N < 0 || K < 0) throw std::invalid_argument("negative size");
+  RangeFn fn = find_isa(isa)->fn;
+  const Problem p{reinterpret_cast<const float*>(x), reinterpret_cast<const float*>(w),
+                  reinterpret_cast<const float*>(b), reinterpret_cast<float*>(y), M, N, K};
+  if (M == 0 || N == 0) return;
+  py::gil_scoped_release release;
+  run(p, threads, fn);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_kernels, m) {
+  m.doc() = "Batch-invariant fp32 linear kernel for CPU verification passes";
+  m.def("linear", &linear, py::arg("x"), py::arg("w"), py::arg("b"), py::arg("y"), py::arg("m"), py::arg("n"),
+        py::arg("k"), py::arg("threads") = 1, py::arg("isa") = "auto",
+        "y[m, n] = x[m, :] . w[n, :] (+ b[n]) on contiguous fp32 buffers given by address (b = 0: no bias)");
+  m.def("isa", [] { return std::string(active_isa()->name); }, "the kernel this CPU runs by default");
+  m.def("supported_isas", [] {
+    py::list out;
+    for (int i = 0; i < ISA_COUNT; ++i)
+      if (isas()[i].supported) out.append(isas()[i].name);
+    return out;
+  });
+}
