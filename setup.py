@@ -20,7 +20,7 @@ setup(
         Pybind11Extension(
             "quickdraft.verifiers._kernels",
             ["verifiers/_kernels.cpp"],
-            depends=["verifiers/csrc/reduce.h"],
+            depends=["verifiers/csrc/attention.h", "verifiers/csrc/reduce.h"],
             cxx_std=17,
             extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=off"],
             extra_link_args=["-fopenmp"],

@@ -23,6 +23,7 @@
 
 #include <omp.h>
 
+#include "csrc/attention.h"
 #include "csrc/reduce.h"
 
 #include <algorithm>
@@ -323,6 +324,57 @@ void linear(uintptr_t x, uintptr_t w, uintptr_t b, uintptr_t y, int64_t M, int64
   run(p, threads, fn);
 }
 
+// ---------------------------------------------------------------- attention
+bool attention_avx512() {
+#ifdef QD_X86
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f");
+#else
+  return false;
+#endif
+}
+
+void attention(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t mask, uintptr_t out, int64_t H, int64_t Hkv,
+               int64_t Lq, int64_t Lk, int64_t D, int64_t k_head, int64_t k_tok, int64_t v_head, int64_t v_tok,
+               int64_t mask_row, float scale, int threads, const std::string& isa) {
+  if (H <= 0 || Hkv <= 0 || H % Hkv != 0) throw std::invalid_argument("query heads must be a multiple of kv heads");
+  if (D <= 0 || D % 64 != 0) throw std::invalid_argument("head dimension must be a multiple of 64");
+  if (Lq < 0 || Lk < 0) throw std::invalid_argument("negative length");
+  bool vector = attention_avx512();
+  if (isa == "scalar") vector = false;
+  else if (isa == "avx512" && !vector) throw std::invalid_argument("this CPU cannot run the avx512 kernel");
+  else if (isa != "avx512" && isa != "auto" && !isa.empty()) throw std::invalid_argument("unknown kernel: " + isa);
+  const qd_attention::Problem a{reinterpret_cast<const float*>(q), reinterpret_cast<const float*>(k),
+                                reinterpret_cast<const float*>(v), reinterpret_cast<const uint8_t*>(mask),
+                                reinterpret_cast<float*>(out), H, Hkv, Lq, Lk, D, k_head, k_tok, v_head, v_tok,
+                                mask_row, scale};
+  if (Lq == 0) return;
+  py::gil_scoped_release release;
+  threads = std::max(1, threads);
+  // An item is a block of query positions of one kv head: its K and V are read once for all of
+  // the block's rows. Blocks small enough that every thread gets about two items; whatever the
+  // split, every row computes the same operations.
+  const int64_t per_head = std::max<int64_t>(1, std::min<int64_t>(Lq, (2 * threads + Hkv - 1) / Hkv));
+  const int64_t block = vector ? (Lq + per_head - 1) / per_head : 1;
+  const int64_t blocks = (Lq + block - 1) / block, items = Hkv * blocks;
+  threads = static_cast<int>(std::min<int64_t>(threads, items));
+#pragma omp parallel num_threads(threads)
+  {
+    qd_attention::Scratch scratch;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < items; ++item) {
+      const int64_t g = item / blocks, i0 = item % blocks * block, i1 = std::min(Lq, i0 + block);
+#ifdef QD_X86
+      if (vector) {
+        qd_attention::avx512_item(a, g, i0, i1, scratch);
+        continue;
+      }
+#endif
+      qd_attention::scalar_item(a, g, i0, scratch);
+    }
+  }
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_kernels, m) {
@@ -331,6 +383,14 @@ PYBIND11_MODULE(_kernels, m) {
         py::arg("k"), py::arg("threads") = 1, py::arg("isa") = "auto",
         "y[m, n] = x[m, :] . w[n, :] (+ b[n]) on contiguous fp32 buffers given by address (b = 0: no bias)");
   m.def("isa", [] { return std::string(active_isa()->name); }, "the kernel this CPU runs by default");
+  m.def("attention", &attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("mask"), py::arg("out"),
+        py::arg("heads"), py::arg("kv_heads"), py::arg("q_len"), py::arg("k_len"), py::arg("head_dim"),
+        py::arg("k_head_stride"), py::arg("k_token_stride"), py::arg("v_head_stride"), py::arg("v_token_stride"),
+        py::arg("mask_row_stride"), py::arg("scale"), py::arg("threads") = 1, py::arg("isa") = "auto",
+        "softmax(q k^T * scale, over the keys the uint8 mask shows) v, one row independent of the others; "
+        "q [heads, q_len, head_dim] and out [q_len, heads, head_dim] contiguous fp32, strides in elements");
+  m.def("attention_isa", [] { return std::string(attention_avx512() ? "avx512" : "scalar"); },
+        "the attention kernel this CPU runs by default");
   m.def("supported_isas", [] {
     py::list out;
     for (int i = 0; i < ISA_COUNT; ++i)

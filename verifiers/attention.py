@@ -14,6 +14,7 @@ import torch
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import sdpa_mask
 
+from quickdraft.verifiers import invariant_attention
 from quickdraft.verifiers.batching import packed_attention
 
 NAME = "quickdraft_sdpa"
@@ -42,6 +43,9 @@ def grouped_sdpa(
         out = torch.nn.functional.scaled_dot_product_attention(
             query, key, value, dropout_p=dropout, scale=scaling, is_causal=q_len > 1, enable_gqa=n_rep > 1
         )
+    elif invariant_attention.applies(query, key, attention_mask, dropout):
+        # A verification pass on CPU: every row computed as plain decoding computes it.
+        return invariant_attention.attention(query, key, value, attention_mask, scaling), None
     else:
         if attention_mask.dtype != torch.bool and attention_mask.dtype != query.dtype:
             attention_mask = attention_mask.to(query.dtype)

@@ -21,6 +21,8 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from quickdraft.verifiers import invariant_attention
+
 
 @dataclass(slots=True)
 class PackedItem:
@@ -69,9 +71,19 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, plan: PackedP
                      scaling: float | None) -> torch.Tensor:
     """Attention of each session's queries over its own cache; returns [1, tokens, heads, dim]."""
     n_rep = getattr(module, "num_key_value_groups", 1)
-    batch, heads, _, dim = query.shape
+    batch, heads, total, dim = query.shape
     layer = module.layer_idx
     sliding = bool(getattr(module, "is_sliding", False))
+    if invariant_attention.applies(query, query, plan.items[0].mask, dropout):
+        # Each session's rows written in place, computed exactly as if the session were alone.
+        out = torch.empty((1, total, heads, dim), dtype=query.dtype)
+        for item in plan.items:
+            cache_layer = item.cache.layers[layer]
+            mask = item.sliding_mask if sliding and item.sliding_mask is not None else item.mask
+            end = item.start + item.length
+            invariant_attention.attention(query[:, :, item.start:end], cache_layer.keys, cache_layer.values, mask,
+                                          scaling, out[:, item.start:end])
+        return out
     outs = []
     for item in plan.items:
         cache_layer = item.cache.layers[layer]

@@ -48,9 +48,15 @@ def isa() -> str | None:
     return _kernels.isa() if _kernels is not None else None
 
 
+def forced() -> bool:
+    """Whether this thread is inside ``invariant()``."""
+    return getattr(_state, "forced", False)
+
+
 @contextlib.contextmanager
 def invariant() -> Iterator[None]:
-    """Every installed linear layer called in this block (on this thread) uses the kernel."""
+    """Every installed linear layer called in this block (on this thread) uses the kernel, and so
+    does attention where it can (``invariant_attention.py``)."""
     previous = getattr(_state, "forced", False)
     _state.forced = True
     try:
@@ -79,7 +85,7 @@ class InvariantLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         if x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled() \
-                and (rows <= MAX_ROWS or getattr(_state, "forced", False)):
+                and (rows <= MAX_ROWS or forced()):
             return linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 

@@ -1,0 +1,394 @@
+// Batch-invariant attention for the worker's CPU verification passes.
+//
+// One query row's output depends only on that row and on the keys it may see,
+// taken in cache order; never on the masked keys between them (the sibling
+// branches of a draft tree), on how many rows share the call, or on threads.
+// So a draft node computes exactly what the same token computes when plain
+// decoding feeds it alone, and a session packed with others computes what it
+// computes alone. torch's SDPA blocks keys and rows by the call's shape and
+// sums masked keys' zeros in between, which moves the rounding.
+//
+// Definition, for query row q (head h, position i), with t = 0, 1, ... over the
+// visible keys j in increasing order (kv head h / n_rep):
+//   s_t = dot(q, k_j) * scale              dot: acc = fma(q[d], k_j[d], acc) for
+//                                          d = 0, 1, ..., D - 1 from acc = +0
+//   m   = max_t s_t
+//   p_t = exp16(s_t - m)                   exp16 below, elementwise
+//   l   = tree(lane sums: lane t % 16 adds p_t in increasing t)
+//   o   = sum over t in increasing order of fma(p_t, v_j, o), per dimension
+//   out = o / l
+// The AVX-512 path and the portable path implement it operation for operation.
+
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "reduce.h"
+
+namespace qd_attention {
+
+using qd::tree16;
+
+struct Problem {
+  const float* q;        // [H, Lq, D] contiguous
+  const float* k;        // kv head g, key j at k + g * k_head + j * k_tok (D contiguous floats)
+  const float* v;
+  const uint8_t* mask;   // row i at mask + i * mask_row; nonzero: visible
+  float* out;            // [Lq, H, D] contiguous
+  int64_t H, Hkv, Lq, Lk, D;
+  int64_t k_head, k_tok, v_head, v_tok, mask_row;
+  float scale;
+};
+
+// exp(x) for x <= 0: Cody-Waite reduction by ln 2 and a degree-7 polynomial (Cephes' expf
+// coefficients), about 1 ulp; below -87 it is 0. Every step is one IEEE operation.
+constexpr float EXP_CUTOFF = -87.0f;
+constexpr float LOG2E = 1.44269504088896341f;
+constexpr float LN2_HI = 0.693359375f;
+constexpr float LN2_LO = -2.12194440e-4f;
+constexpr float ROUNDER = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
+constexpr float P0 = 5.0000001201e-1f, P1 = 1.6666665459e-1f, P2 = 4.1665795894e-2f, P3 = 8.3334519073e-3f,
+                P4 = 1.3981999507e-3f, P5 = 1.9875691500e-4f;
+
+inline float exp16(float x) {
+  if (x < EXP_CUTOFF) return 0.0f;
+  const float n = (x * LOG2E + ROUNDER) - ROUNDER;
+  float r = std::fma(n, -LN2_HI, x);
+  r = std::fma(n, -LN2_LO, r);
+  float p = std::fma(P5, r, P4);
+  p = std::fma(p, r, P3);
+  p = std::fma(p, r, P2);
+  p = std::fma(p, r, P1);
+  p = std::fma(p, r, P0);
+  const float y = std::fma(p, r * r, r) + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return y * scale;
+}
+
+// Scratch of one worker thread, for one item (a block of query positions of one kv head).
+struct Scratch {
+  std::vector<float> p;         // [rows][Lk + 16]: scores, then softmax weights, compacted per row
+  std::vector<float> o;         // [rows][D]: value sums between key blocks
+  std::vector<int32_t> keys;    // [positions][Lk]: each position's visible keys, in order
+  std::vector<int64_t> counts;  // [positions]: how many
+  std::vector<float> l;         // [rows]: softmax denominators
+  std::vector<float> kt;        // [D][16]: a block of 16 keys, transposed
+  std::vector<float> qt;        // [D][rows]: the item's queries, transposed
+  void fit(int64_t rows, int64_t positions, int64_t Lk, int64_t D) {
+    l.resize(static_cast<size_t>(rows));
+    kt.resize(static_cast<size_t>(D * 16));
+    qt.resize(static_cast<size_t>(D * rows));
+    p.resize(static_cast<size_t>(rows * (Lk + 16)));
+    o.resize(static_cast<size_t>(rows * D));
+    keys.resize(static_cast<size_t>(positions * Lk));
+    counts.resize(static_cast<size_t>(positions));
+  }
+};
+
+// One score's dot product, in the definition's order (a chain: the vector path gets its
+// parallelism from 16 keys at a time instead).
+inline float dot(const float* q, const float* k, int64_t D) {
+  float acc = 0.0f;
+  for (int64_t d = 0; d < D; ++d) acc = std::fma(q[d], k[d], acc);
+  return acc;
+}
+
+// The keys position i sees, in order; *run (if given) gets how many leading keys 0, 1, 2, ...
+// it sees. The mask holds 0/1 bytes and is mostly ones (the cached context): eight at a time
+// while they are all ones.
+inline int64_t visible_keys(const Problem& a, int64_t i, int32_t* keys, int64_t* run = nullptr) {
+  const uint8_t* row = a.mask + i * a.mask_row;
+  constexpr uint64_t ALL = 0x0101010101010101ULL;
+  int64_t n = 0, j = 0;
+  for (; j + 8 <= a.Lk; j += 8) {
+    uint64_t word;
+    std::memcpy(&word, row + j, sizeof word);
+    if (word != ALL) break;
+    for (int b = 0; b < 8; ++b) keys[n + b] = static_cast<int32_t>(j + b);
+    n += 8;
+  }
+  while (j < a.Lk && row[j]) keys[n++] = static_cast<int32_t>(j++);
+  if (run) *run = n;
+  for (; j + 8 <= a.Lk; j += 8) {
+    uint64_t word;
+    std::memcpy(&word, row + j, sizeof word);
+    if (word == ALL) {
+      for (int b = 0; b < 8; ++b) keys[n + b] = static_cast<int32_t>(j + b);
+      n += 8;
+    } else if (word != 0) {
+      for (int b = 0; b < 8; ++b)
+        if (row[j + b]) keys[n++] = static_cast<int32_t>(j + b);
+    }
+  }
+  for (; j < a.Lk; ++j)
+    if (row[j]) keys[n++] = static_cast<int32_t>(j);
+  return n;
+}
+
+// ---------------------------------------------------------------- portable path
+// The item: kv head g, query position i, its n_rep query heads (which share the mask).
+inline void scalar_item(const Problem& a, int64_t g, int64_t i, Scratch& s) {
+  const int64_t n_rep = a.H / a.Hkv, D = a.D;
+  s.fit(1, 1, a.Lk, D);
+  const int64_t n = visible_keys(a, i, s.keys.data());
+  for (int64_t r = 0; r < n_rep; ++r) {
+    const int64_t h = g * n_rep + r;
+    const float* q = a.q + (h * a.Lq + i) * D;
+    float m = -INFINITY;
+    for (int64_t t = 0; t < n; ++t) {
+      const float score = dot(q, a.k + g * a.k_head + s.keys[t] * a.k_tok, D) * a.scale;
+      s.p[t] = score;
+      m = std::max(m, score);
+    }
+    float lanes[16] = {};
+    for (int64_t t = 0; t < n; ++t) {
+      s.p[t] = exp16(s.p[t] - m);
+      lanes[t % 16] += s.p[t];
+    }
+    const float l = tree16(lanes);
+    float* out = a.out + (i * a.H + h) * D;
+    for (int64_t d = 0; d < D; ++d) {
+      float o = 0.0f;
+      for (int64_t t = 0; t < n; ++t) o = std::fma(s.p[t], a.v[g * a.v_head + s.keys[t] * a.v_tok + d], o);
+      out[d] = o / l;
+    }
+  }
+}
+
+#ifdef QD_X86
+// ---------------------------------------------------------------- AVX-512
+__attribute__((target("avx512f"))) inline __m512 avx512_exp16(__m512 x) {
+  const __mmask16 live = _mm512_cmp_ps_mask(x, _mm512_set1_ps(EXP_CUTOFF), _CMP_GE_OQ);
+  const __m512 rounder = _mm512_set1_ps(ROUNDER);
+  const __m512 n = _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(x, _mm512_set1_ps(LOG2E)), rounder), rounder);
+  __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-LN2_HI), x);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(-LN2_LO), r);
+  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(P5), r, _mm512_set1_ps(P4));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(P3));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(P2));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(P1));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(P0));
+  const __m512 y = _mm512_add_ps(_mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r), _mm512_set1_ps(1.0f));
+  // n is in [-126, 0] for live lanes; dead lanes are zeroed below, whatever their bits.
+  const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+  return _mm512_maskz_mov_ps(live, _mm512_mul_ps(y, _mm512_castsi512_ps(bits)));
+}
+
+// One item: kv head g, query positions [i0, i1), each with the n_rep query heads of g (rows
+// ordered position-major). Keys [0, c) are visible to every row (the cached context, in a
+// verification pass); their K and V blocks are loaded once for all rows. The keys each row sees
+// after c (its new tokens and draft ancestors) follow, in order, row by row.
+struct Item {
+  int64_t g, i0, i1, n_rep, rows, c;
+  const float* q(const Problem& a, int64_t row) const {
+    return a.q + ((g * n_rep + row % n_rep) * a.Lq + i0 + row / n_rep) * a.D;
+  }
+  float* out(const Problem& a, int64_t row) const {
+    return a.out + ((i0 + row / n_rep) * a.H + g * n_rep + row % n_rep) * a.D;
+  }
+};
+
+// Keys per block of the shared prefix's value sums: a block of V stays in L1 while every row
+// of the item uses it.
+inline int64_t key_block(int64_t D) { return std::max<int64_t>(16, 16384 / (4 * D)); }
+
+// 16 rows of 16 floats -> 16 columns (r[c] holds column c of the 16 rows afterwards).
+__attribute__((target("avx512f"))) inline void avx512_transpose16(__m512 (&r)[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  // In each 128-bit lane L, a[4i + e] holds rows 4i..4i+3 of column 4L + e.
+  __m512 a[16];
+  for (int i = 0; i < 4; ++i) {
+    const __m512d t0 = _mm512_castps_pd(t[4 * i]), t1 = _mm512_castps_pd(t[4 * i + 1]);
+    const __m512d t2 = _mm512_castps_pd(t[4 * i + 2]), t3 = _mm512_castps_pd(t[4 * i + 3]);
+    a[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(t0, t2));
+    a[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(t0, t2));
+    a[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(t1, t3));
+    a[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(t1, t3));
+  }
+  for (int e = 0; e < 4; ++e) {
+    const __m512 x = _mm512_shuffle_f32x4(a[e], a[4 + e], 0x88), y = _mm512_shuffle_f32x4(a[e], a[4 + e], 0xDD);
+    const __m512 z = _mm512_shuffle_f32x4(a[8 + e], a[12 + e], 0x88), w = _mm512_shuffle_f32x4(a[8 + e], a[12 + e], 0xDD);
+    r[e] = _mm512_shuffle_f32x4(x, z, 0x88);
+    r[8 + e] = _mm512_shuffle_f32x4(x, z, 0xDD);
+    r[4 + e] = _mm512_shuffle_f32x4(y, w, 0x88);
+    r[12 + e] = _mm512_shuffle_f32x4(y, w, 0xDD);
+  }
+}
+
+// G rows' scores for the 16 transposed keys in kt: G independent FMA chains over d (up to 12,
+// enough to keep both FMA units busy through the 4-cycle latency).
+template <int G>
+__attribute__((target("avx512f"))) void avx512_score_rows(const Problem& a, const Item& it, int64_t row0, int64_t j0,
+                                                          __mmask16 live, const float* kt, Scratch& s) {
+  __m512 acc[G];
+  for (int r = 0; r < G; ++r) acc[r] = _mm512_setzero_ps();
+  const float* q = s.qt.data() + row0;  // q of row row0 + r, dimension d: q[d * rows + r]
+  for (int64_t d = 0; d < a.D; ++d, q += it.rows) {
+    const __m512 k = _mm512_loadu_ps(kt + d * 16);
+    #pragma GCC unroll 12
+    for (int r = 0; r < G; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(q[r]), k, acc[r]);
+  }
+  const __m512 scale = _mm512_set1_ps(a.scale);
+  for (int r = 0; r < G; ++r)
+    _mm512_mask_storeu_ps(s.p.data() + (row0 + r) * (a.Lk + 16) + j0, live, _mm512_mul_ps(acc[r], scale));
+}
+
+// Scores of every row of the item for prefix keys [j0, j0 + 16) (fewer at the end): the block
+// of K is transposed once, then each row's 16 scores are 16 independent chains over d.
+__attribute__((target("avx512f"))) void avx512_prefix_scores(const Problem& a, const Item& it, int64_t j0,
+                                                             int64_t j1, Scratch& s) {
+  const int64_t D = a.D, n = j1 - j0;
+  const __mmask16 live = n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
+  float* kt = s.kt.data();
+  for (int64_t c = 0; c < D; c += 16) {
+    __m512 r[16];
+    const float* k = a.k + it.g * a.k_head + j0 * a.k_tok + c;
+    if (n == 16) {
+      #pragma GCC unroll 16
+      for (int j = 0; j < 16; ++j) r[j] = _mm512_loadu_ps(k + j * a.k_tok);
+    } else {
+      for (int j = 0; j < 16; ++j) r[j] = j < n ? _mm512_loadu_ps(k + j * a.k_tok) : _mm512_setzero_ps();
+    }
+    avx512_transpose16(r);
+    for (int d = 0; d < 16; ++d) _mm512_storeu_ps(kt + (c + d) * 16, r[d]);
+  }
+  for (int64_t row0 = 0; row0 < it.rows; row0 += 12) {
+    switch (std::min<int64_t>(12, it.rows - row0)) {
+      case 12: avx512_score_rows<12>(a, it, row0, j0, live, kt, s); break;
+      case 11: avx512_score_rows<11>(a, it, row0, j0, live, kt, s); break;
+      case 10: avx512_score_rows<10>(a, it, row0, j0, live, kt, s); break;
+      case 9: avx512_score_rows<9>(a, it, row0, j0, live, kt, s); break;
+      case 8: avx512_score_rows<8>(a, it, row0, j0, live, kt, s); break;
+      case 7: avx512_score_rows<7>(a, it, row0, j0, live, kt, s); break;
+      case 6: avx512_score_rows<6>(a, it, row0, j0, live, kt, s); break;
+      case 5: avx512_score_rows<5>(a, it, row0, j0, live, kt, s); break;
+      case 4: avx512_score_rows<4>(a, it, row0, j0, live, kt, s); break;
+      case 3: avx512_score_rows<3>(a, it, row0, j0, live, kt, s); break;
+      case 2: avx512_score_rows<2>(a, it, row0, j0, live, kt, s); break;
+      default: avx512_score_rows<1>(a, it, row0, j0, live, kt, s); break;
+    }
+  }
+}
+
+// A row's scores for its keys after the shared prefix.
+__attribute__((target("avx512f"))) inline void avx512_rest_scores(const Problem& a, const Item& it, int64_t row,
+                                                                  const int32_t* keys, int64_t n, Scratch& s) {
+  const float* q = it.q(a, row);
+  float* p = s.p.data() + row * (a.Lk + 16);
+  for (int64_t t = it.c; t < n; ++t) p[t] = dot(q, a.k + it.g * a.k_head + keys[t] * a.k_tok, a.D) * a.scale;
+}
+
+// Softmax weights of one row in place (compacted scores -> p_t); returns l.
+__attribute__((target("avx512f"))) inline float avx512_softmax(float* p, int64_t n) {
+  __m512 mv = _mm512_set1_ps(-INFINITY);
+  int64_t t = 0;
+  for (; t + 16 <= n; t += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(p + t));
+  float m = _mm512_reduce_max_ps(mv);
+  for (; t < n; ++t) m = std::max(m, p[t]);
+  const __m512 mb = _mm512_set1_ps(m);
+  __m512 lanes = _mm512_setzero_ps();
+  for (t = 0; t < n; t += 16) {
+    const __mmask16 live = n - t >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - t)) - 1u);
+    // Past n the lanes hold exp(-inf) = 0: adding +0 to a sum of non-negative terms changes nothing.
+    const __m512 x = _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), live, p + t);
+    const __m512 e = avx512_exp16(_mm512_sub_ps(x, mb));
+    _mm512_mask_storeu_ps(p + t, live, e);
+    lanes = _mm512_add_ps(lanes, e);
+  }
+  alignas(64) float l[16];
+  _mm512_store_ps(l, lanes);
+  return tree16(l);
+}
+
+// o_r += p_r[t] v_j for keys j in [j0, j1) of the shared prefix (t = j there), R rows, 64
+// dimensions from d0; the sums live in the scratch between key blocks.
+template <int R>
+__attribute__((target("avx512f"))) void avx512_values(const Problem& a, const Item& it, int64_t row0, int64_t j0,
+                                                      int64_t j1, int64_t d0, Scratch& s) {
+  __m512 o[R][4];
+  const float* p[R];
+  for (int r = 0; r < R; ++r) {
+    p[r] = s.p.data() + (row0 + r) * (a.Lk + 16);
+    for (int c = 0; c < 4; ++c) o[r][c] = _mm512_loadu_ps(s.o.data() + (row0 + r) * a.D + d0 + 16 * c);
+  }
+  for (int64_t j = j0; j < j1; ++j) {
+    const float* v = a.v + it.g * a.v_head + j * a.v_tok + d0;
+    __m512 vv[4];
+    #pragma GCC unroll 4
+    for (int c = 0; c < 4; ++c) vv[c] = _mm512_loadu_ps(v + 16 * c);
+    #pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      const __m512 pb = _mm512_set1_ps(p[r][j]);
+      #pragma GCC unroll 4
+      for (int c = 0; c < 4; ++c) o[r][c] = _mm512_fmadd_ps(pb, vv[c], o[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < 4; ++c) _mm512_storeu_ps(s.o.data() + (row0 + r) * a.D + d0 + 16 * c, o[r][c]);
+}
+
+// Value sums of every row of the item over the prefix keys [j0, j1), four rows at a time.
+__attribute__((target("avx512f"))) void avx512_prefix_values(const Problem& a, const Item& it, int64_t j0,
+                                                             int64_t j1, Scratch& s) {
+  for (int64_t row0 = 0; row0 < it.rows; row0 += 4) {
+    for (int64_t d0 = 0; d0 < a.D; d0 += 64) {
+      switch (std::min<int64_t>(4, it.rows - row0)) {
+        case 4: avx512_values<4>(a, it, row0, j0, j1, d0, s); break;
+        case 3: avx512_values<3>(a, it, row0, j0, j1, d0, s); break;
+        case 2: avx512_values<2>(a, it, row0, j0, j1, d0, s); break;
+        default: avx512_values<1>(a, it, row0, j0, j1, d0, s); break;
+      }
+    }
+  }
+}
+
+__attribute__((target("avx512f"))) inline void avx512_item(const Problem& a, int64_t g, int64_t i0, int64_t i1,
+                                                           Scratch& s) {
+  const int64_t n_rep = a.H / a.Hkv, positions = i1 - i0;
+  Item it{g, i0, i1, n_rep, n_rep * positions, a.Lk};
+  s.fit(it.rows, positions, a.Lk, a.D);
+  for (int64_t pos = 0; pos < positions; ++pos) {
+    int32_t* keys = s.keys.data() + pos * a.Lk;
+    int64_t run;
+    s.counts[pos] = visible_keys(a, i0 + pos, keys, &run);
+    it.c = std::min(it.c, run);
+  }
+  for (int64_t row = 0; row < it.rows; ++row) {
+    const float* q = it.q(a, row);
+    for (int64_t d = 0; d < a.D; ++d) s.qt[d * it.rows + row] = q[d];
+  }
+  const int64_t block = key_block(a.D);
+  for (int64_t j0 = 0; j0 < it.c; j0 += 16) avx512_prefix_scores(a, it, j0, std::min(it.c, j0 + 16), s);
+  for (int64_t row = 0; row < it.rows; ++row) {
+    const int64_t pos = row / n_rep;
+    avx512_rest_scores(a, it, row, s.keys.data() + pos * a.Lk, s.counts[pos], s);
+    s.l[row] = avx512_softmax(s.p.data() + row * (a.Lk + 16), s.counts[pos]);
+  }
+  std::fill(s.o.begin(), s.o.begin() + it.rows * a.D, 0.0f);
+  for (int64_t j0 = 0; j0 < it.c; j0 += block) avx512_prefix_values(a, it, j0, std::min(it.c, j0 + block), s);
+  for (int64_t row = 0; row < it.rows; ++row) {
+    const int64_t pos = row / n_rep, n = s.counts[pos];
+    const int32_t* keys = s.keys.data() + pos * a.Lk;
+    const float* p = s.p.data() + row * (a.Lk + 16);
+    float* o = s.o.data() + row * a.D;
+    for (int64_t d0 = 0; d0 < a.D; d0 += 16) {
+      __m512 acc = _mm512_loadu_ps(o + d0);
+      for (int64_t t = it.c; t < n; ++t)
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(p[t]), _mm512_loadu_ps(a.v + g * a.v_head + keys[t] * a.v_tok + d0), acc);
+      _mm512_storeu_ps(it.out(a, row) + d0, _mm512_div_ps(acc, _mm512_set1_ps(s.l[row])));
+    }
+  }
+}
+#endif
+
+}  // namespace qd_attention
