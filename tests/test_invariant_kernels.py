@@ -63,6 +63,19 @@ def test_close_to_torch(shape):
     torch.testing.assert_close(kernel(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-4)
 
 
+def test_results_ignore_the_callers_denormal_mode():
+    # Products of 1e-20 and 1e-21 are denormal: a thread in flush-to-zero mode would drop them.
+    gen = torch.Generator().manual_seed(5)
+    w, x = torch.randn(24, 40, generator=gen) * 1e-21, torch.randn(6, 40, generator=gen) * 1e-20
+    ieee = kernel(x, w)
+    assert (ieee != 0).any()
+    assert torch.set_flush_denormal(True)
+    try:
+        assert torch.equal(kernel(x, w), ieee) and torch.equal(kernel(x, w, threads=1), ieee)
+    finally:
+        torch.set_flush_denormal(False)
+
+
 def test_bad_arguments_are_refused():
     w, x = torch.randn(4, 8), torch.randn(2, 8)
     with pytest.raises(ValueError, match="unknown kernel"):
@@ -105,9 +118,14 @@ def attention(q, k, v, mask, isa="auto", threads=2):
     return out
 
 
-def tree_case(past, n_rep=3, kv_heads=3, dim=64, seed=0):
+# (query heads per kv head, kv heads, head dim): SmolLM2's and Gemma 3 270M's shapes.
+MODELS = [(3, 3, 64), (4, 1, 256)]
+
+
+def tree_case(past, n_rep=3, kv_heads=3, dim=64, seed=0, window=0):
     """A cache of `past` positions (inside a larger buffer, as the KV cache holds it) and a pass of
-    2 new tokens and a draft tree: a wrong sibling first, then a 6-node path."""
+    2 new tokens and a draft tree: a wrong sibling first, then a 6-node path. With `window`, each
+    position also stops seeing keys that many positions back (a local-attention layer)."""
     gen = torch.Generator().manual_seed(seed)
     parents = [-1, -1, 1, 2, 3, 4, 5]
     q_len, k_len = 2 + len(parents), past + 2 + len(parents)
@@ -123,21 +141,28 @@ def tree_case(past, n_rep=3, kv_heads=3, dim=64, seed=0):
         mask[row, past + row] = True
         if parent >= 0:
             mask[row, past + 2:] |= mask[2 + parent, past + 2:]
+    if window:
+        depth = torch.tensor([0, 1, *(1 + d for d in (1, 1, 2, 3, 4, 5, 6))])
+        positions = torch.cat([torch.arange(past), past + depth])
+        mask &= (positions[past:, None] - positions[None, :]) < window
     return q, kbuf[:, :k_len], vbuf[:, :k_len], mask
 
 
 @pytest.mark.skipif(_kernels.attention_isa() != "avx512", reason="the vector attention path needs AVX-512")
-@pytest.mark.parametrize("past", [0, 5, 100, 700])
-def test_attention_vector_path_is_the_portable_definition(past):
-    q, k, v, mask = tree_case(past)
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("past,window", [(0, 0), (5, 0), (100, 0), (700, 0), (700, 40)])
+def test_attention_vector_path_is_the_portable_definition(model, past, window):
+    q, k, v, mask = tree_case(past, *model, window=window)
     assert torch.equal(attention(q, k, v, mask), attention(q, k, v, mask, isa="scalar", threads=1))
     for threads in (1, 3):
         assert torch.equal(attention(q, k, v, mask, threads=threads), attention(q, k, v, mask))
 
 
-@pytest.mark.parametrize("past", [0, 37, 700])
-def test_an_attention_row_sees_only_its_keys(past):
-    q, k, v, mask = tree_case(past, seed=past)
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("past,window", [(0, 0), (37, 0), (700, 0), (700, 40)])
+def test_an_attention_row_sees_only_its_keys(model, past, window):
+    n_rep, kv_heads, dim = model
+    q, k, v, mask = tree_case(past, *model, seed=past, window=window)
     full = attention(q, k, v, mask)
     for row in range(q.shape[1]):
         # The same row alone, over its visible keys only (no masked siblings between them, other
@@ -146,8 +171,8 @@ def test_an_attention_row_sees_only_its_keys(past):
         alone = attention(q[:, row:row + 1], k[:, seen], v[:, seen], torch.ones(1, len(seen), dtype=torch.bool))
         assert torch.equal(alone[0], full[row])
     reference = torch.nn.functional.scaled_dot_product_attention(
-        q.reshape(1, 3, -1, 64), k[None], v[None], attn_mask=mask.repeat(3, 1)[None, None]
-    ).reshape(9, -1, 64).transpose(0, 1)
+        q.reshape(1, kv_heads, -1, dim), k[None], v[None], attn_mask=mask.repeat(n_rep, 1)[None, None]
+    ).reshape(n_rep * kv_heads, -1, dim).transpose(0, 1)
     torch.testing.assert_close(full, reference, rtol=1e-5, atol=1e-5)
 
 

@@ -302,11 +302,13 @@ void run(const Problem& p, int threads, RangeFn fn) {
   const int64_t blocks = (p.N + 7) / 8;
   threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, blocks)));
   if (threads == 1) {
+    qd::FpMode mode;
     fn(p, 0, p.N);
     return;
   }
 #pragma omp parallel num_threads(threads)
   {
+    qd::FpMode mode;
     const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
     const int64_t n0 = std::min(p.N, blocks * t / nt * 8), n1 = std::min(p.N, blocks * (t + 1) / nt * 8);
     if (n0 < n1) fn(p, n0, n1);
@@ -360,6 +362,7 @@ void attention(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t mask, uintptr_t 
   threads = static_cast<int>(std::min<int64_t>(threads, items));
 #pragma omp parallel num_threads(threads)
   {
+    qd::FpMode mode;
     qd_attention::Scratch scratch;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < items; ++item) {

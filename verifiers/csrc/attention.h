@@ -91,8 +91,8 @@ struct Scratch {
   }
 };
 
-// One score's dot product, in the definition's order (a chain: the vector path gets its
-// parallelism from 16 keys at a time instead).
+// One score's dot product, in the definition's order (a chain: the vector path runs 16 keys'
+// chains side by side).
 inline float dot(const float* q, const float* k, int64_t D) {
   float acc = 0.0f;
   for (int64_t d = 0; d < D; ++d) acc = std::fma(q[d], k[d], acc);
@@ -182,8 +182,9 @@ __attribute__((target("avx512f"))) inline __m512 avx512_exp16(__m512 x) {
 
 // One item: kv head g, query positions [i0, i1), each with the n_rep query heads of g (rows
 // ordered position-major). Keys [0, c) are visible to every row (the cached context, in a
-// verification pass); their K and V blocks are loaded once for all rows. The keys each row sees
-// after c (its new tokens and draft ancestors) follow, in order, row by row.
+// verification pass); their K and V blocks are loaded once for all rows. The keys each position
+// sees after c (its new tokens and draft ancestors; all of them under a sliding window) follow,
+// in order, for that position's rows.
 struct Item {
   int64_t g, i0, i1, n_rep, rows, c;
   const float* q(const Problem& a, int64_t row) const {
@@ -243,49 +244,43 @@ __attribute__((target("avx512f"))) void avx512_score_rows(const Problem& a, cons
     _mm512_mask_storeu_ps(s.p.data() + (row0 + r) * (a.Lk + 16) + j0, live, _mm512_mul_ps(acc[r], scale));
 }
 
-// Scores of every row of the item for prefix keys [j0, j0 + 16) (fewer at the end): the block
-// of K is transposed once, then each row's 16 scores are 16 independent chains over d.
-__attribute__((target("avx512f"))) void avx512_prefix_scores(const Problem& a, const Item& it, int64_t j0,
-                                                             int64_t j1, Scratch& s) {
-  const int64_t D = a.D, n = j1 - j0;
+// Scores of rows [row0, row0 + rows) for the keys keys[0..n) (n <= 16), which are those rows'
+// visible keys t0, t0 + 1, ... in compacted order: the block of K is transposed once, then each
+// row's scores are 16 independent chains over d.
+__attribute__((target("avx512f"))) void avx512_block_scores(const Problem& a, const Item& it, const int32_t* keys,
+                                                            int64_t n, int64_t t0, int64_t row0, int64_t rows,
+                                                            Scratch& s) {
+  const int64_t D = a.D;
   const __mmask16 live = n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << n) - 1u);
   float* kt = s.kt.data();
+  const float* k = a.k + it.g * a.k_head;
   for (int64_t c = 0; c < D; c += 16) {
     __m512 r[16];
-    const float* k = a.k + it.g * a.k_head + j0 * a.k_tok + c;
     if (n == 16) {
       #pragma GCC unroll 16
-      for (int j = 0; j < 16; ++j) r[j] = _mm512_loadu_ps(k + j * a.k_tok);
+      for (int j = 0; j < 16; ++j) r[j] = _mm512_loadu_ps(k + keys[j] * a.k_tok + c);
     } else {
-      for (int j = 0; j < 16; ++j) r[j] = j < n ? _mm512_loadu_ps(k + j * a.k_tok) : _mm512_setzero_ps();
+      for (int j = 0; j < 16; ++j) r[j] = j < n ? _mm512_loadu_ps(k + keys[j] * a.k_tok + c) : _mm512_setzero_ps();
     }
     avx512_transpose16(r);
     for (int d = 0; d < 16; ++d) _mm512_storeu_ps(kt + (c + d) * 16, r[d]);
   }
-  for (int64_t row0 = 0; row0 < it.rows; row0 += 12) {
-    switch (std::min<int64_t>(12, it.rows - row0)) {
-      case 12: avx512_score_rows<12>(a, it, row0, j0, live, kt, s); break;
-      case 11: avx512_score_rows<11>(a, it, row0, j0, live, kt, s); break;
-      case 10: avx512_score_rows<10>(a, it, row0, j0, live, kt, s); break;
-      case 9: avx512_score_rows<9>(a, it, row0, j0, live, kt, s); break;
-      case 8: avx512_score_rows<8>(a, it, row0, j0, live, kt, s); break;
-      case 7: avx512_score_rows<7>(a, it, row0, j0, live, kt, s); break;
-      case 6: avx512_score_rows<6>(a, it, row0, j0, live, kt, s); break;
-      case 5: avx512_score_rows<5>(a, it, row0, j0, live, kt, s); break;
-      case 4: avx512_score_rows<4>(a, it, row0, j0, live, kt, s); break;
-      case 3: avx512_score_rows<3>(a, it, row0, j0, live, kt, s); break;
-      case 2: avx512_score_rows<2>(a, it, row0, j0, live, kt, s); break;
-      default: avx512_score_rows<1>(a, it, row0, j0, live, kt, s); break;
+  for (int64_t r0 = row0; r0 < row0 + rows; r0 += 12) {
+    switch (std::min<int64_t>(12, row0 + rows - r0)) {
+      case 12: avx512_score_rows<12>(a, it, r0, t0, live, kt, s); break;
+      case 11: avx512_score_rows<11>(a, it, r0, t0, live, kt, s); break;
+      case 10: avx512_score_rows<10>(a, it, r0, t0, live, kt, s); break;
+      case 9: avx512_score_rows<9>(a, it, r0, t0, live, kt, s); break;
+      case 8: avx512_score_rows<8>(a, it, r0, t0, live, kt, s); break;
+      case 7: avx512_score_rows<7>(a, it, r0, t0, live, kt, s); break;
+      case 6: avx512_score_rows<6>(a, it, r0, t0, live, kt, s); break;
+      case 5: avx512_score_rows<5>(a, it, r0, t0, live, kt, s); break;
+      case 4: avx512_score_rows<4>(a, it, r0, t0, live, kt, s); break;
+      case 3: avx512_score_rows<3>(a, it, r0, t0, live, kt, s); break;
+      case 2: avx512_score_rows<2>(a, it, r0, t0, live, kt, s); break;
+      default: avx512_score_rows<1>(a, it, r0, t0, live, kt, s); break;
     }
   }
-}
-
-// A row's scores for its keys after the shared prefix.
-__attribute__((target("avx512f"))) inline void avx512_rest_scores(const Problem& a, const Item& it, int64_t row,
-                                                                  const int32_t* keys, int64_t n, Scratch& s) {
-  const float* q = it.q(a, row);
-  float* p = s.p.data() + row * (a.Lk + 16);
-  for (int64_t t = it.c; t < n; ++t) p[t] = dot(q, a.k + it.g * a.k_head + keys[t] * a.k_tok, a.D) * a.scale;
 }
 
 // Softmax weights of one row in place (compacted scores -> p_t); returns l.
@@ -368,12 +363,17 @@ __attribute__((target("avx512f"))) inline void avx512_item(const Problem& a, int
     for (int64_t d = 0; d < a.D; ++d) s.qt[d * it.rows + row] = q[d];
   }
   const int64_t block = key_block(a.D);
-  for (int64_t j0 = 0; j0 < it.c; j0 += 16) avx512_prefix_scores(a, it, j0, std::min(it.c, j0 + 16), s);
-  for (int64_t row = 0; row < it.rows; ++row) {
-    const int64_t pos = row / n_rep;
-    avx512_rest_scores(a, it, row, s.keys.data() + pos * a.Lk, s.counts[pos], s);
-    s.l[row] = avx512_softmax(s.p.data() + row * (a.Lk + 16), s.counts[pos]);
+  // Keys [0, c): every row of the item at once (every position's list starts 0, 1, 2, ...).
+  for (int64_t t0 = 0; t0 < it.c; t0 += 16)
+    avx512_block_scores(a, it, s.keys.data() + t0, std::min<int64_t>(16, it.c - t0), t0, 0, it.rows, s);
+  // Then each position's own keys, for its n_rep rows.
+  for (int64_t pos = 0; pos < positions; ++pos) {
+    const int32_t* keys = s.keys.data() + pos * a.Lk;
+    for (int64_t t0 = it.c; t0 < s.counts[pos]; t0 += 16)
+      avx512_block_scores(a, it, keys + t0, std::min<int64_t>(16, s.counts[pos] - t0), t0, pos * n_rep, n_rep, s);
   }
+  for (int64_t row = 0; row < it.rows; ++row)
+    s.l[row] = avx512_softmax(s.p.data() + row * (a.Lk + 16), s.counts[row / n_rep]);
   std::fill(s.o.begin(), s.o.begin() + it.rows * a.D, 0.0f);
   for (int64_t j0 = 0; j0 < it.c; j0 += block) avx512_prefix_values(a, it, j0, std::min(it.c, j0 + block), s);
   for (int64_t row = 0; row < it.rows; ++row) {

@@ -11,6 +11,20 @@
 
 namespace qd {
 
+// The IEEE floating-point mode (round to nearest, no flush-to-zero, no denormals-are-zero)
+// for the life of the guard, on this thread: a pool thread that some library left in FTZ/DAZ
+// mode must not round a row differently from the thread that computed it last time.
+class FpMode {
+ public:
+#ifdef QD_X86
+  FpMode() : saved_(_mm_getcsr()) { _mm_setcsr(0x1F80); }
+  ~FpMode() { _mm_setcsr(saved_); }
+
+ private:
+  unsigned saved_;
+#endif
+};
+
 inline float tree16(const float* l) {
   float s8[8], s4[4], s2[2];
   for (int i = 0; i < 8; ++i) s8[i] = l[i] + l[i + 8];
