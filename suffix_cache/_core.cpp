@@ -337,6 +337,10 @@ struct DraftParams {
   double length_decay = 0.0;  // 0: only the longest matches count
   double recency_decay = 1.0;
   double shared_weight = 1.0;
+  // Occurrences whose preceding tokens share more of the current context's last
+  // `context_window` tokens weigh exp(context_weight * shared fraction) more (0: off).
+  int context_window = 0;
+  double context_weight = 0.0;
 };
 
 struct Draft {
@@ -355,20 +359,22 @@ struct Draft {
 };
 
 // How a draft node is supported: how recently the session itself showed its
-// continuation (or only the tenant's earlier responses did), and by how many
-// occurrences. Both change how far a frequency estimate can be trusted: a
+// continuation (or only the tenant's earlier responses did), by how many
+// occurrences, and how much the best of them shares the current context. Both change how far a frequency estimate can be trusted: a
 // continuation seen a few hundred tokens ago in this session is likelier than
 // its frequency says, one seen once in another run less.
 struct Support {
   int64_t nearest = -1;  // tokens back to the closest session occurrence (-1: none)
   int32_t count = 0;     // occurrences behind the node
+  float overlap = -1;    // best context overlap of the occurrences behind the node (-1: not measured)
 
   int kind() const {
     int recency = nearest < 0 ? 4 : nearest <= 64 ? 0 : nearest <= 1024 ? 1 : nearest <= 16384 ? 2 : 3;
     int many = count <= 1 ? 0 : count <= 3 ? 1 : 2;
-    return recency * 3 + many;
+    int ctx = overlap < 0 ? 0 : overlap < 0.25f ? 0 : overlap < 0.5f ? 1 : 2;
+    return (ctx * 5 + recency) * 3 + many;
   }
-  static constexpr int kKinds = 15;
+  static constexpr int kKinds = 45;
 };
 
 // Acceptance chances of draft nodes, learned online per scope. Raw path
@@ -459,6 +465,7 @@ struct Weighted {
   const TokenIndex* index;
   int32_t end;
   double weight;
+  float overlap = -1;
 };
 
 // Frequency tree of the occurrences' continuations, expanded best first by
@@ -494,6 +501,7 @@ Draft grow_draft(const std::vector<Weighted>& occs, int max_depth, int budget, d
       trie[child].weight += occ.weight;
       Support& s = support[child];
       ++s.count;
+      s.overlap = std::max(s.overlap, occ.overlap);
       if (back >= 0 && (s.nearest < 0 || back < s.nearest)) s.nearest = back;
       node = child;
     }
@@ -553,8 +561,61 @@ Draft draft_from(const TokenIndex& index, const int32_t* ctx, int64_t ctx_len, i
   return grow_draft(deepest, depth_for(p, best), budget, p.min_prob, best);
 }
 
+// The distinct tokens of the `w` positions before the last `skip` of a sequence
+// ending at `end` (fewer at a sequence start), sorted.
+std::vector<int32_t> window_before(const TokenIndex& index, int64_t end, int skip, int w) {
+  std::vector<int32_t> out;
+  for (int64_t pos = end - skip; pos > end - skip - w && pos >= index.floor(); --pos) {
+    int32_t t = index.at(pos);
+    if (t == BOUNDARY) break;
+    out.push_back(t);
+  }
+  std::sort(out.begin(), out.end());
+  out.erase(std::unique(out.begin(), out.end()), out.end());
+  return out;
+}
+
+// Share of the distinct tokens of `mine` (sorted, at most 64) that also occur in
+// the `w` positions before the last `skip` of a sequence ending at `end`.
+float overlap_with(const std::vector<int32_t>& mine, const TokenIndex& index, int64_t end, int skip, int w) {
+  if (mine.empty()) return 0.0f;
+  uint64_t hit = 0;
+  for (int64_t pos = end - skip; pos > end - skip - w && pos >= index.floor(); --pos) {
+    int32_t t = index.at(pos);
+    if (t == BOUNDARY) break;
+    auto it = std::lower_bound(mine.begin(), mine.end(), t);
+    if (it != mine.end() && *it == t) hit |= uint64_t{1} << (it - mine.begin());
+  }
+  return static_cast<float>(__builtin_popcountll(hit)) / static_cast<float>(mine.size());
+}
+
+// The session's own context window before a match of each length, built on first use.
+struct ContextWindows {
+  const TokenIndex& session;
+  int w;
+  std::vector<std::vector<int32_t>> by_skip;
+  std::vector<bool> built;
+  const std::vector<int32_t>& get(int skip) {
+    if (skip >= static_cast<int>(by_skip.size())) {
+      by_skip.resize(skip + 1);
+      built.resize(skip + 1, false);
+    }
+    if (!built[skip]) {
+      by_skip[skip] = window_before(session, session.size() - 1, skip, w);
+      built[skip] = true;
+    }
+    return by_skip[skip];
+  }
+};
+
+// Weight of each occurrence: length_decay^(longest - its match) for shorter
+// matches, the source's weight, recency_decay^(rank), and -- with a context
+// window -- exp(context_weight * overlap), where overlap is the share of the
+// tokens just before the current match that also precede the occurrence's match.
+// Agent text reuses phrasing near the words it is about (a file name, an
+// identifier); the occurrence whose surroundings share them is the likelier copy.
 void add_weighted(std::vector<Weighted>& out, const TokenIndex& index, const std::vector<Occurrence>& occs,
-                  int longest, double source_weight, const DraftParams& p) {
+                  int longest, double source_weight, const DraftParams& p, ContextWindows* windows) {
   // Occurrences come most recent first within each order; rank them by position instead.
   std::vector<Occurrence> sorted(occs);
   std::sort(sorted.begin(), sorted.end(), [](const Occurrence& a, const Occurrence& b) { return a.end > b.end; });
@@ -562,7 +623,12 @@ void add_weighted(std::vector<Weighted>& out, const TokenIndex& index, const std
   for (const auto& o : sorted) {
     double w = source_weight * recency;
     if (o.match_len < longest) w *= p.length_decay > 0 ? std::pow(p.length_decay, longest - o.match_len) : 0.0;
-    if (w > 0) out.push_back({&index, o.end, w});
+    float overlap = -1;
+    if (w > 0 && windows != nullptr) {
+      overlap = overlap_with(windows->get(o.match_len), index, o.end, o.match_len, p.context_window);
+      w *= std::exp(p.context_weight * overlap);
+    }
+    if (w > 0) out.push_back({&index, o.end, w, overlap});
     recency *= p.recency_decay;
   }
 }
@@ -579,8 +645,11 @@ Draft propose_merged(const TokenIndex& session, const TokenIndex* shared, const 
   for (const auto& o : other) longest = std::max(longest, static_cast<int>(o.match_len));
   if (longest == 0) return Draft{};
   std::vector<Weighted> weighted;
-  add_weighted(weighted, session, own, longest, 1.0, p);
-  if (shared != nullptr) add_weighted(weighted, *shared, other, longest, p.shared_weight, p);
+  int w = std::clamp(p.context_window, 0, 64);
+  ContextWindows windows{session, w, {}, {}};
+  ContextWindows* win = w > 0 ? &windows : nullptr;
+  add_weighted(weighted, session, own, longest, 1.0, p, win);
+  if (shared != nullptr) add_weighted(weighted, *shared, other, longest, p.shared_weight, p, win);
   return grow_draft(weighted, depth_for(p, longest), budget, p.min_prob, longest, cal, &session);
 }
 
@@ -685,7 +754,9 @@ PYBIND11_MODULE(_core, m) {
       .def_readwrite("merge", &DraftParams::merge)
       .def_readwrite("length_decay", &DraftParams::length_decay)
       .def_readwrite("recency_decay", &DraftParams::recency_decay)
-      .def_readwrite("shared_weight", &DraftParams::shared_weight);
+      .def_readwrite("shared_weight", &DraftParams::shared_weight)
+      .def_readwrite("context_window", &DraftParams::context_window)
+      .def_readwrite("context_weight", &DraftParams::context_weight);
 
   py::class_<TokenIndex>(m, "TokenIndex")
       .def(py::init<std::vector<int>>(), py::arg("orders") = std::vector<int>{1, 2, 3, 4, 6, 8, 12, 16})

@@ -12,8 +12,9 @@ compiled (``_core.cpp``); this module keeps the sessions and scopes.
 
 QuickDraft's default departs from that rule in three ways, each measured on the
 dev traces (bench/RESULTS.md): one frequency tree over both indexes' occurrences
-(shorter matches and earlier responses at lower weight) instead of the better of
-two trees; node probabilities calibrated per scope against what the target really
+(shorter matches and earlier responses at lower weight, occurrences whose
+surroundings share the current context's tokens at higher weight) instead of the
+better of two trees; node probabilities calibrated per scope against what the target really
 emitted (by depth, raw probability and match length), so the tree is grown, and
 the proxy sizes it, by acceptance chances; and deeper drafts (up to 32 tokens)
 where a long match makes a long copy likely.
@@ -45,12 +46,14 @@ class SuffixParams:
     recency_decay: float = 1.0   # ... times recency_decay ** (its rank by recency)
     shared_weight: float = 0.5   # ... times this for occurrences in the tenant's earlier responses
     global_max_tokens: int = 4_000_000  # response tokens kept per scope before eviction
+    context_window: int = 16     # ... times exp(context_weight * the share of the context's last
+    context_weight: float = 2.0  #     context_window tokens that also precede the occurrence's match)
     calibrate: bool = True       # grow trees by calibrated acceptance chances (learned per scope)
 
     def core(self) -> _core.DraftParams:
         p = _core.DraftParams()
         for name in ("max_depth", "factor", "offset", "min_prob", "max_occurrences", "merge", "length_decay",
-                     "recency_decay", "shared_weight"):
+                     "recency_decay", "shared_weight", "context_window", "context_weight"):
             setattr(p, name, getattr(self, name))
         return p
 

@@ -29,7 +29,9 @@ def test_suffix_drafts_the_continuation_seen_in_the_prompt():
 
 
 def test_suffix_frequency_picks_the_common_continuation_first():
-    d = SuffixDrafter()
+    from quickdraft.suffix_cache.suffix import SuffixParams
+
+    d = SuffixDrafter(SuffixParams(context_window=0))  # frequencies alone, no context weighting
     key = SessionKey(A, "s")
     prompt = [1, 2, 7, 3, 1, 2, 7, 4, 1, 2, 8, 6, 1, 2]
     d.begin_call(key, prompt)
@@ -142,6 +144,23 @@ def test_merged_tree_hedges_between_session_and_earlier_responses():
     assert roots == {42, 50}  # the shared response's continuation and the session's, as siblings
     # The session's own occurrence weighs more than the shared one (shared_weight < 1).
     assert tree.token_ids[0] == 50
+
+
+def test_occurrence_sharing_the_context_outweighs_a_more_frequent_one():
+    from quickdraft.suffix_cache.suffix import SuffixParams
+
+    topic = list(range(200, 216))  # e.g. the file and function the agent is talking about
+    prompt = (topic + [5, 6, 70]                               # [5, 6] once after the topic: 70
+              + list(range(300, 316)) + [5, 6, 80]             # twice elsewhere: 80
+              + list(range(400, 416)) + [5, 6, 80]
+              + list(range(500, 516)) + topic[:11] + [5, 6])   # now: the topic again, then [5, 6]
+    key = SessionKey(A, "s")
+    with_context = SuffixDrafter()
+    with_context.begin_call(key, prompt)
+    assert with_context.propose(key, 4).token_ids[0] == 70
+    frequency_only = SuffixDrafter(SuffixParams(context_window=0))
+    frequency_only.begin_call(key, prompt)
+    assert frequency_only.propose(key, 4).token_ids[0] == 80
 
 
 def test_suffixdecoding_rule_picks_one_source():
