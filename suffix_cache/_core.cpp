@@ -218,6 +218,18 @@ class TokenIndex {
 
   int32_t at(int64_t pos) const { return toks_[pos]; }
 
+  // Arena position of the token's last occurrence (-1: none, not among the last
+  // few sharing its hash, or no 1-gram chain).
+  int64_t last_position(int32_t tok) const {
+    if (orders_.front() != 1) return -1;
+    const int32_t* head = heads_[0].find(hash_of(&tok, 1));
+    if (head == nullptr) return -1;
+    int32_t pos = *head;
+    for (int walked = 0; pos >= floor_ && walked < 16; ++walked, pos = prev_[0][pos])
+      if (toks_[pos] == tok) return pos;  // the 1-gram hash keys two ids on one key
+    return -1;
+  }
+
   size_t memory_bytes() const {
     size_t total = toks_.capacity() * sizeof(int32_t) + hash_.capacity() * sizeof(uint64_t);
     for (const auto& p : prev_) total += p.capacity() * sizeof(int32_t);
@@ -359,22 +371,28 @@ struct Draft {
 };
 
 // How a draft node is supported: how recently the session itself showed its
-// continuation (or only the tenant's earlier responses did), by how many
-// occurrences, and how much the best of them shares the current context. Both change how far a frequency estimate can be trusted: a
+// continuation (or, when only the tenant's earlier responses did, how recently the
+// session used the node's token at all), by how many occurrences, and how much the
+// best of them shares the current context. Both change how far a frequency estimate can be trusted: a
 // continuation seen a few hundred tokens ago in this session is likelier than
 // its frequency says, one seen once in another run less.
 struct Support {
   int64_t nearest = -1;  // tokens back to the closest session occurrence (-1: none)
   int32_t count = 0;     // occurrences behind the node
   float overlap = -1;    // best context overlap of the occurrences behind the node (-1: not measured)
+  int64_t token_back = -1;  // tokens back to the node's token anywhere in the session (-1: never)
 
   int kind() const {
-    int recency = nearest < 0 ? 4 : nearest <= 64 ? 0 : nearest <= 1024 ? 1 : nearest <= 16384 ? 2 : 3;
+    int recency;
+    if (nearest >= 0)
+      recency = nearest <= 64 ? 0 : nearest <= 1024 ? 1 : nearest <= 16384 ? 2 : 3;
+    else  // only other sessions' responses show it: has this session used the token at all?
+      recency = token_back < 0 ? 4 : token_back <= 64 ? 5 : token_back <= 1024 ? 6 : 7;
     int many = count <= 1 ? 0 : count <= 3 ? 1 : 2;
     int ctx = overlap < 0 ? 0 : overlap < 0.25f ? 0 : overlap < 0.5f ? 1 : 2;
-    return (ctx * 5 + recency) * 3 + many;
+    return (ctx * 8 + recency) * 3 + many;
   }
-  static constexpr int kKinds = 45;
+  static constexpr int kKinds = 72;
 };
 
 // Acceptance chances of draft nodes, learned online per scope. Raw path
@@ -496,6 +514,10 @@ Draft grow_draft(const std::vector<Weighted>& occs, int max_depth, int budget, d
         child = static_cast<int32_t>(trie.size());
         trie.push_back({tok, 0.0, -1, trie[node].first_child});
         support.emplace_back();
+        if (session != nullptr) {
+          int64_t last = session->last_position(tok);
+          if (last >= 0) support.back().token_back = session->size() - 1 - last;
+        }
         trie[node].first_child = child;
       }
       trie[child].weight += occ.weight;
