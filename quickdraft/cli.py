@@ -342,6 +342,10 @@ def bench(
     max_message_chars: Annotated[int, typer.Option(help="load: each message cut to this many characters")] = 1500,
     text: Annotated[list[str], typer.Option("--text", help="e2e: model (its own outputs) and/or oracle "
                                             "(recorded agent text); default both")] = None,
+    warm: Annotated[int, typer.Option(
+        help="e2e: start the proxy with the tenant's earlier responses from the last N trajectories "
+             "(oracle-replayed into a Redis log of the run's own; 0: a cold proxy)")] = 0,
+    redis_url: Annotated[str, typer.Option(help="e2e with --warm: the Redis to hold that log")] = None,
     json_out: Annotated[pathlib.Path, typer.Option("--json", help="write the figures here")] = None,
 ) -> None:
     """Run a named benchmark."""
@@ -394,7 +398,8 @@ def bench(
         from quickdraft.bench.traces import default_traces_dir
 
         result = run_e2e(paths or [default_traces_dir()], texts=text or TEXTS, model=model, max_calls=max_calls,
-                         max_new_tokens=max_new_tokens, threads=threads, device=device)
+                         max_new_tokens=max_new_tokens, threads=threads, device=device, warm=warm,
+                         redis_url=redis_url or "redis://127.0.0.1:6379/0")
         table = Table("text", "calls", "tokens/step", "tok/s spec", "tok/s plain", "speedup", "identical")
         for t in text or TEXTS:
             r = result[t]

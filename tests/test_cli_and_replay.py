@@ -111,3 +111,29 @@ def test_live_replay_is_lossless_on_the_real_model(tmp_path, proxy_address):
     assert LIVE_KEYS <= data.keys()
     assert data["calls"] == 3 and data["outputs_identical"] is True
     assert data["skipped_calls"] >= 0 and data["tokens_per_s_plain"] > 0
+
+
+def test_e2e_warm_start_log_holds_the_warm_trajectories_and_is_removed(tmp_path):
+    """`bench e2e --warm N`: the last N trajectories' responses wait in a Redis log of the run's own."""
+    import redis
+
+    from quickdraft.bench.e2e import _warm_log
+    from quickdraft.bench.traces import trajectory_calls
+
+    db = "redis://127.0.0.1:6379/0"
+    client = redis.Redis.from_url(db)
+    files = trace_files(3)
+    with _warm_log(files, 1, db, "smollm2-135m") as warmed:
+        prefix = warmed["env"]["QUICKDRAFT_REDIS_PREFIX"]
+        assert warmed["names"] == {files[-1].name.removesuffix(".traj.json")}
+        keys = [k.decode() for k in client.scan_iter(match=f"{prefix}:*")]
+        logs = [k for k in keys if k.endswith(":log")]
+        assert len(logs) == 1  # one tenant and tokenizer
+        # One entry per response of the warm trajectory, and none of the others.
+        assert client.xlen(logs[0]) == sum(1 for _ in trajectory_calls(files[-1]))
+        assert warmed["output_tokens"] > 100
+    assert not list(client.scan_iter(match=f"{prefix}:*"))
+    with pytest.raises(ValueError, match="--warm 3"):
+        with _warm_log(files, 3, db, "smollm2-135m"):
+            pass
+    client.close()
