@@ -42,7 +42,7 @@ class GenerationParams:
     top_k: int = 0
     seed: int = 0
     speculate: bool = True
-    draft_budget: int = 8
+    draft_budget: int = 32
     adaptive: bool = True        # size each draft by the worker's load (proxy/goodput.py)
 
 
@@ -76,19 +76,20 @@ class SpeculationLoop:
     stats: LoopStats = field(default_factory=LoopStats)
     seed: int = 0
 
-    def _draft(self, remaining: int) -> DraftTree:
+    def _draft(self, remaining: int) -> tuple[DraftTree, DraftTree]:
+        """The tree to send, and the whole tree it was cut from (for judging the drafter)."""
         if not self.params.speculate or self.params.draft_budget <= 0 or remaining <= 1:
-            return DraftTree()
+            return DraftTree(), DraftTree()
         tree = self.drafter.propose(self.drafter_key, self.params.draft_budget)
         # Nodes deeper than the remaining completion budget could never be kept.
-        tree = tree.pruned_to_depth(remaining - 1)
+        tree = full = tree.pruned_to_depth(remaining - 1)
         if self.params.adaptive and tree.token_ids:
             s = self.session
             worker = self.pool.pick(self.params.model, s.worker_key)
             batch = max(worker.load.batch_size, worker.in_flight + 1)
             size = choose_draft_size(tree.probs, s.acceptance.ratio, batch, worker.cost)
             tree = tree.truncated(size)
-        return tree
+        return tree, full
 
     async def _verify(self, worker: WorkerClient, tree: DraftTree) -> pb.VerifyResponse:
         s = self.session
@@ -153,7 +154,7 @@ class SpeculationLoop:
         produced = 0
         while True:
             remaining = p.max_tokens - produced
-            tree = self._draft(remaining)
+            tree, full = self._draft(remaining)
             response = await self._verify_anywhere(tree)
             emitted = list(response.tokens)[:remaining]
             n_acc = min(len(response.accepted_nodes), len(emitted))
@@ -165,7 +166,9 @@ class SpeculationLoop:
             s.history.extend(emitted)
             s.worker_len = min(response.cached_len, len(s.history))
             self.stats.steps += 1
-            s.acceptance.observe(tree.expected_accepted(), n_acc)
+            # Judged on the whole tree, so a session whose drafts were cut to nothing keeps
+            # learning whether they would have paid (else one bad stretch silences it for good).
+            s.acceptance.observe(*full.judged(emitted))
             s.tokens_per_step = 0.8 * s.tokens_per_step + 0.2 * len(emitted)
             s.last_scored = max(response.computed_tokens, 1)
             self.stats.accepted_draft_tokens += n_acc

@@ -32,7 +32,11 @@ class Settings(BaseSettings):
         description="models `quickdraft up` starts a worker for (the small and the large model)",
     )
     default_drafter: str = Field("hybrid", description="drafter used when a request names none")
-    max_draft_tokens: int = Field(8, ge=0, le=64, description="draft tree nodes sent per verification step")
+    max_draft_tokens: int = Field(
+        32, ge=0, le=64,
+        description="most draft tree nodes one verification step may send (adaptive speculation sends fewer "
+                    "where they would not pay)",
+    )
     adaptive_speculation: bool = Field(
         True, description="size each draft by the worker's load and the session's acceptance (never slower)"
     )

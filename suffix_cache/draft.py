@@ -79,6 +79,31 @@ class DraftTree:
         """Expected accepted tokens if node probabilities are calibrated."""
         return float(sum(self.probs))
 
+    def judged(self, emitted: Sequence[int]) -> tuple[float, int]:
+        """(expected, accepted) over the nodes whose fate ``emitted`` settles, sent or not.
+
+        A node is accepted when its whole path equals the start of ``emitted``, rejected when
+        its path departs from it anywhere within ``emitted``'s length; a node that follows
+        ``emitted`` all the way and reaches deeper is undecided and left out. Judging the
+        whole tree (not only the nodes sent) lets a session whose drafts were cut to nothing
+        still show that they would have been accepted."""
+        expected, accepted = 0.0, 0
+        state: list[int] = []  # 1 accepted, 0 rejected, -1 undecided
+        depths = self.node_depths()
+        for i, (tok, parent) in enumerate(zip(self.token_ids, self.parents, strict=True)):
+            above = 1 if parent < 0 else state[parent]
+            if above == 0:
+                fate = 0
+            elif above == 1 and depths[i] <= len(emitted):
+                fate = int(emitted[depths[i] - 1] == tok)
+            else:
+                fate = -1
+            state.append(fate)
+            if fate >= 0:
+                expected += self.probs[i] if self.probs else 1.0
+                accepted += fate
+        return expected, accepted
+
     def truncated(self, budget: int) -> DraftTree:
         """The first ``budget`` nodes: still a tree, since parents come first."""
         if len(self) <= budget:

@@ -59,3 +59,12 @@ def test_pruning_and_truncation_keep_trees_valid(nodes, depth):
     tree.pruned_to_depth(depth).validate()
     assert tree.pruned_to_depth(depth).depth() <= depth
     tree.truncated(depth).validate()
+
+
+def test_judged_settles_sent_and_unsent_nodes_alike():
+    # 5 (0.5) -> 7 (0.4) -> 8 (0.3), and 6 (0.3) beside 5.
+    tree = DraftTree([5, 6, 7, 8], [-1, -1, 0, 2], [0.5, 0.3, 0.4, 0.3])
+    assert tree.judged([5, 7, 9]) == (pytest.approx(1.5), 2)   # 8 departs at depth 3
+    assert tree.judged([5]) == (pytest.approx(0.8), 1)         # 7 and 8 follow 5 deeper: undecided
+    assert tree.judged([6]) == (pytest.approx(1.5), 1)         # under a rejected 5, 7 and 8 are rejected
+    assert DraftTree().judged([1, 2]) == (0.0, 0)

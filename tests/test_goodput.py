@@ -59,3 +59,19 @@ def test_unmeasured_draft_sizes_are_tried_not_priced_off_a_prefill_pass():
     for _ in range(3):
         cost.observe(9, 200)  # it turned out dear on this worker
     assert choose_draft_size(CONFIDENT, 1.0, 1, cost) < 8
+
+
+def test_a_session_silenced_by_a_bad_stretch_speaks_again_once_its_drafts_would_pay():
+    from quickdraft.proxy.goodput import Acceptance
+    from quickdraft.suffix_cache.draft import DraftTree
+
+    acceptance = Acceptance()
+    tree = DraftTree.path([1, 2, 3, 4, 5, 6, 7, 8], CONFIDENT)
+    for _ in range(10):  # the target goes elsewhere at once, step after step
+        acceptance.observe(*tree.judged([99]))
+    assert choose_draft_size(tree.probs, acceptance.ratio, 1, CPU) == 0
+    # Nothing is sent now, yet every step still judges the whole tree against what the
+    # target emitted (one token per step): the drafts would have been right again.
+    for _ in range(10):
+        acceptance.observe(*tree.judged([1]))
+    assert choose_draft_size(tree.probs, acceptance.ratio, 1, CPU) == 8
