@@ -514,10 +514,6 @@ Draft grow_draft(const std::vector<Weighted>& occs, int max_depth, int budget, d
         child = static_cast<int32_t>(trie.size());
         trie.push_back({tok, 0.0, -1, trie[node].first_child});
         support.emplace_back();
-        if (session != nullptr) {
-          int64_t last = session->last_position(tok);
-          if (last >= 0) support.back().token_back = session->size() - 1 - last;
-        }
         trie[node].first_child = child;
       }
       trie[child].weight += occ.weight;
@@ -535,6 +531,7 @@ Draft grow_draft(const std::vector<Weighted>& occs, int max_depth, int budget, d
     int32_t trie_node;
     int32_t parent;
     int32_t depth;
+    int32_t kind;
     bool operator<(const Item& o) const { return prob < o.prob || (prob == o.prob && serial > o.serial); }
   };
   std::priority_queue<Item> heap;
@@ -546,9 +543,16 @@ Draft grow_draft(const std::vector<Weighted>& occs, int max_depth, int budget, d
     if (total <= 0) return;
     for (int32_t c = trie[node].first_child; c >= 0; c = trie[c].next_sibling) {
       double raw = parent_raw * trie[c].weight / total;
-      int kind = support[c].kind();
+      Support& sup = support[c];
+      // Only a node no session occurrence supports is keyed by its token's recency: look it
+      // up here, for the nodes considered, rather than for every node of the frequency tree.
+      if (sup.nearest < 0 && session != nullptr) {
+        int64_t last = session->last_position(trie[c].token);
+        if (last >= 0) sup.token_back = session->size() - 1 - last;
+      }
+      int kind = sup.kind();
       double p = cal != nullptr ? std::min(parent_prob, cal->estimate(depth, raw, match_len, kind)) : raw;
-      if (p >= min_prob) heap.push({p, raw, serial++, c, parent, depth});
+      if (p >= min_prob) heap.push({p, raw, serial++, c, parent, depth, kind});
     }
   };
   push_children(0, -1, 1.0, 1.0, 1);
@@ -560,7 +564,7 @@ Draft grow_draft(const std::vector<Weighted>& occs, int max_depth, int budget, d
     draft.probs.push_back(it.prob);
     draft.raws.push_back(it.raw);
     draft.depths.push_back(it.depth);
-    draft.kinds.push_back(static_cast<int8_t>(support[it.trie_node].kind()));
+    draft.kinds.push_back(static_cast<int8_t>(it.kind));
     push_children(it.trie_node, static_cast<int32_t>(draft.tokens.size()) - 1, it.prob, it.raw, it.depth + 1);
   }
   return draft;
