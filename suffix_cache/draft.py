@@ -75,10 +75,6 @@ class DraftTree:
                 out.probs.append(self.probs[i])
         return out
 
-    def expected_accepted(self) -> float:
-        """Expected accepted tokens if node probabilities are calibrated."""
-        return float(sum(self.probs))
-
     def judged(self, emitted: Sequence[int]) -> tuple[float, int]:
         """(expected, accepted) over the nodes whose fate ``emitted`` settles, sent or not.
 
