@@ -345,7 +345,8 @@ def bench(
     warm: Annotated[int, typer.Option(
         help="e2e: start the proxy with the tenant's earlier responses from the last N trajectories "
              "(oracle-replayed into a Redis log of the run's own; 0: a cold proxy)")] = 0,
-    redis_url: Annotated[str, typer.Option(help="e2e with --warm: the Redis to hold that log")] = None,
+    redis_url: Annotated[str, typer.Option(help="e2e with --warm: the Redis to hold that log")] = \
+        "redis://127.0.0.1:6379/0",
     json_out: Annotated[pathlib.Path, typer.Option("--json", help="write the figures here")] = None,
 ) -> None:
     """Run a named benchmark."""
@@ -399,7 +400,7 @@ def bench(
 
         result = run_e2e(paths or [default_traces_dir()], texts=text or TEXTS, model=model, max_calls=max_calls,
                          max_new_tokens=max_new_tokens, threads=threads, device=device, warm=warm,
-                         redis_url=redis_url or "redis://127.0.0.1:6379/0")
+                         redis_url=redis_url)
         table = Table("text", "calls", "tokens/step", "tok/s spec", "tok/s plain", "speedup", "identical")
         for t in text or TEXTS:
             r = result[t]
