@@ -39,13 +39,18 @@ def test_a_row_is_bitwise_the_same_alone_and_in_any_batch(shape):
         assert torch.equal(kernel(mixed, w, bias)[4], full[5])
 
 
+def _linear_problem(shape, rows, seed):
+    """Weights, bias and input rows of unit normals for an (out, in) linear layer."""
+    out_f, in_f = shape
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(out_f, in_f, generator=gen), torch.randn(out_f, generator=gen), torch.randn(rows, in_f,
+                                                                                                   generator=gen)
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 def test_every_instruction_set_gives_the_same_bits(shape):
     # One summation order, implemented by each path: a worker on another CPU computes the same.
-    out_f, in_f = shape
-    gen = torch.Generator().manual_seed(7)
-    w, b, x = torch.randn(out_f, in_f, generator=gen), torch.randn(out_f, generator=gen), torch.randn(11, in_f,
-                                                                                                        generator=gen)
+    w, b, x = _linear_problem(shape, rows=11, seed=7)
     isas = _kernels.supported_isas()
     assert "scalar" in isas and _kernels.isa() == isas[0]
     reference = kernel(x, w, b, isa="scalar")
@@ -55,10 +60,7 @@ def test_every_instruction_set_gives_the_same_bits(shape):
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_close_to_torch(shape):
-    out_f, in_f = shape
-    gen = torch.Generator().manual_seed(3)
-    w, b, x = torch.randn(out_f, in_f, generator=gen), torch.randn(out_f, generator=gen), torch.randn(20, in_f,
-                                                                                                        generator=gen)
+    w, b, x = _linear_problem(shape, rows=20, seed=3)
     # fp32 sums of up to 1536 products of unit normals: only the summation order differs.
     torch.testing.assert_close(kernel(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-4)
 
