@@ -25,7 +25,7 @@ import torch
 
 from quickdraft.catalog import chat_prompt_ids
 from quickdraft.verifiers import small_linear
-from quickdraft.verifiers.attention import PLAN_KWARG
+from quickdraft.verifiers.attention import CAUSAL_CHUNK_KWARG, PLAN_KWARG
 from quickdraft.verifiers.batching import PackedCache, PackedItem, PackedPlan
 from quickdraft.verifiers.kv_cache import SessionKV, SessionStore, cache_length, keep_positions, set_cache_length
 from quickdraft.verifiers.model_loader import LoadedModel
@@ -318,7 +318,8 @@ class ModelRuntime:
             past = cache_length(session.cache)
             ids = torch.tensor([chunk], dtype=torch.long, device=dev)
             pos = torch.arange(past, past + len(chunk), device=dev)[None]
-            self.model(input_ids=ids, position_ids=pos, cache=session.cache, use_cache=True, logits_to_keep=1)
+            self.model(input_ids=ids, position_ids=pos, cache=session.cache, use_cache=True, logits_to_keep=1,
+                       **{CAUSAL_CHUNK_KWARG: True})
             session.tokens.extend(chunk)
         return feed[cut:]
 
