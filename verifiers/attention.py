@@ -12,7 +12,8 @@ causally, its own: with an explicit mask SDPA's CPU kernel pays for reading the
 mask and cannot skip the masked half of the chunk's own block. Such a chunk is
 computed as two mask-free flash passes (the cached prefix, then the chunk's own
 causal block) merged by their log-sum-exp, which is exact up to rounding and
-about a third faster at agent context lengths (bench/RESULTS.md).
+about a third faster at agent context lengths (bench/RESULTS.md). A sliding-window
+layer's chunk reads only the keys its window reaches, not the whole cache.
 """
 
 from __future__ import annotations
@@ -74,9 +75,13 @@ def grouped_sdpa(
         return packed_attention(module, query, plan, dropout, scaling), None
     n_rep = getattr(module, "num_key_value_groups", 1)
     batch, heads, q_len, dim = query.shape
-    if (kwargs.get(CAUSAL_CHUNK_KWARG) and query.device.type == "cpu" and dropout == 0.0
-            and getattr(module, "sliding_window", None) is None):
-        # Sliding-window layers keep their mask: they do not see the whole prefix.
+    window = getattr(module, "sliding_window", None)
+    if kwargs.get(CAUSAL_CHUNK_KWARG) and window and attention_mask is not None:
+        # A sliding-window layer's queries see only the last `window` positions: the cache keeps
+        # every position (for rollback), but a prefill chunk need not read the older ones.
+        first = max(0, key.shape[2] - q_len - window + 1)
+        key, value, attention_mask = key[:, :, first:], value[:, :, first:], attention_mask[:, :, :, first:]
+    if kwargs.get(CAUSAL_CHUNK_KWARG) and not window and query.device.type == "cpu" and dropout == 0.0:
         out = causal_chunk_attention(query, key, value, n_rep, scaling)
     elif attention_mask is None:
         # Plain causal prefill from an empty cache: SDPA handles the grouping itself.
