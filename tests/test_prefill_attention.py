@@ -30,6 +30,15 @@ def test_chunk_attention_equals_masked_attention(past, q_len, n_rep):
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_chunk_attention_keeps_a_bf16_model_in_bf16():
+    torch.manual_seed(1)
+    query = torch.randn(1, 6, 12, 64)
+    key, value = torch.randn(1, 2, 40, 64), torch.randn(1, 2, 40, 64)
+    got = causal_chunk_attention(query.bfloat16(), key.bfloat16(), value.bfloat16(), 3, None)
+    assert got.dtype == torch.bfloat16
+    assert torch.allclose(got.float(), masked_reference(query, key, value, 3, None), atol=3e-2)
+
+
 @pytest.mark.model
 @pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
 def test_chunked_prefill_on_the_real_model_matches_the_masked_path(name):

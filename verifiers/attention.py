@@ -56,7 +56,8 @@ def causal_chunk_attention(
     top = torch.maximum(lse_past, lse_own)
     w_past = torch.exp(lse_past - top).unsqueeze(-1)
     w_own = torch.exp(lse_own - top).unsqueeze(-1)
-    return (out_past * w_past + out_own * w_own) / (w_past + w_own)
+    # The log-sum-exps are fp32 whatever the query's dtype: merge in fp32, hand back the query's.
+    return ((out_past * w_past + out_own * w_own) / (w_past + w_own)).to(query.dtype)
 
 
 def grouped_sdpa(
