@@ -53,6 +53,16 @@ class OracleReport:
         return asdict(self)
 
 
+def _blobs(drafter: Drafter, scope: Scope) -> dict[str, bytes]:
+    blob = drafter.export_state(scope)
+    return {drafter.name: blob} if blob else {}
+
+
+def _restore(drafter: Drafter, scope: Scope, blobs: dict[str, bytes]) -> None:
+    if drafter.name in blobs:
+        drafter.import_state(scope, blobs[drafter.name])
+
+
 class _SharedLogThread:
     """The Redis response log on its own event loop, so the synchronous replay can publish to it."""
 
@@ -66,7 +76,8 @@ class _SharedLogThread:
 
         settings = Settings()
         self.log = ResponseLog(LogSettings(url, prefix=settings.redis_prefix, max_tokens=settings.redis_max_tokens),
-                               apply=drafter.learn_response)
+                               apply=drafter.learn_response, export_state=lambda scope: _blobs(drafter, scope),
+                               import_state=lambda scope, blobs: _restore(drafter, scope, blobs))
         self._call(self.log.start())
 
     def _call(self, coro):

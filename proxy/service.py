@@ -81,7 +81,7 @@ class DecodeProxyService:
         if settings.redis_url:
             self.shared_log = ResponseLog(
                 LogSettings(settings.redis_url, prefix=settings.redis_prefix, max_tokens=settings.redis_max_tokens),
-                apply=self._learn_remote,
+                apply=self._learn_remote, export_state=self._export_state, import_state=self._import_state,
             )
 
         self.request_log = RequestLog(settings.database_url) if settings.record_requests else None
@@ -101,6 +101,17 @@ class DecodeProxyService:
     def _learn_remote(self, scope: Scope, tokens: list[int]) -> None:
         for drafter in self.drafters.values():
             drafter.learn_response(scope, tokens)
+
+    def _export_state(self, scope: Scope) -> dict[str, bytes]:
+        blobs = {name: d.export_state(scope) for name, d in self.drafters.items()}
+        return {name: blob for name, blob in blobs.items() if blob}
+
+    def _import_state(self, scope: Scope, blobs: dict[str, bytes]) -> None:
+        for name, blob in blobs.items():
+            drafter = self.drafters.get(name)
+            if drafter is not None and not drafter.import_state(scope, blob):
+                log.warning("ignored drafter %r's stored state for tenant %r: not of this version", name,
+                            scope.tenant)
 
     # -- request checks --------------------------------------------------------
     def tenant_of(self, metadata: tuple[tuple[str, str], ...] | None) -> str:

@@ -24,7 +24,9 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <queue>
+#include <string>
 #include <stdexcept>
 #include <vector>
 
@@ -448,7 +450,34 @@ class Calibration {
 
   int64_t observed() const { return observed_; }
 
+  // The learned counts as bytes (a header names the layout), so a restarted or new
+  // replica can start from what another one learned.
+  py::bytes dump() const {
+    std::string out;
+    uint32_t head[2] = {kMagic, static_cast<uint32_t>(kCells)};
+    out.append(reinterpret_cast<const char*>(head), sizeof(head));
+    out.append(reinterpret_cast<const char*>(&observed_), sizeof(observed_));
+    out.append(reinterpret_cast<const char*>(drafted_.data()), sizeof(drafted_));
+    out.append(reinterpret_cast<const char*>(accepted_.data()), sizeof(accepted_));
+    return py::bytes(out);
+  }
+
+  // Replace the counts by a dump's; false (and nothing changed) if it is not one of this layout.
+  bool load(const py::bytes& data) {
+    std::string in = data;
+    uint32_t head[2];
+    if (in.size() != sizeof(head) + sizeof(observed_) + sizeof(drafted_) + sizeof(accepted_)) return false;
+    std::memcpy(head, in.data(), sizeof(head));
+    if (head[0] != kMagic || head[1] != static_cast<uint32_t>(kCells)) return false;
+    const char* at = in.data() + sizeof(head);
+    std::memcpy(&observed_, at, sizeof(observed_));
+    std::memcpy(drafted_.data(), at + sizeof(observed_), sizeof(drafted_));
+    std::memcpy(accepted_.data(), at + sizeof(observed_) + sizeof(drafted_), sizeof(accepted_));
+    return true;
+  }
+
  private:
+  static constexpr uint32_t kMagic = 0x31434451;  // "QDC1"
   static constexpr float kPrior = 2.0f;
   static constexpr float kHalveAt = 4096.0f;
 
@@ -889,7 +918,10 @@ PYBIND11_MODULE(_core, m) {
            py::arg("accepted"))
       .def("observe_draft", &Calibration::observe_draft, py::arg("proposal"), py::arg("emitted"),
            "Learn from a proposal and the tokens the target emitted after it (accepted ones and the bonus).")
-      .def_property_readonly("observed", &Calibration::observed);
+      .def_property_readonly("observed", &Calibration::observed)
+      .def("dump", &Calibration::dump, "The learned counts as bytes.")
+      .def("load", &Calibration::load, py::arg("data"),
+           "Replace the counts by a dump's; False (nothing changed) if the bytes are not a dump of this layout.");
 
   py::class_<Draft>(m, "Proposal", "A draft tree grown by the core, with what its calibration needs to learn.")
       .def_readonly("tokens", &Draft::tokens)

@@ -90,3 +90,13 @@ class Drafter(ABC):
 
     def learn_response(self, scope: Scope, response: Sequence[int]) -> None:  # noqa: B027 (optional hook)
         """Learn a response produced elsewhere (another replica, or a restart's replay)."""
+
+    def export_state(self, scope: Scope) -> bytes | None:
+        """What the scope taught this drafter that replaying responses cannot rebuild (for example
+        how often its drafts were accepted), as bytes for the shared store; None: nothing."""
+        return None
+
+    def import_state(self, scope: Scope, data: bytes) -> bool:
+        """Start the scope from ``export_state``'s bytes (another replica's, or a previous run's);
+        False if they are not this drafter's (the drafter then keeps what it has)."""
+        return False

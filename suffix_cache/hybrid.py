@@ -167,3 +167,11 @@ class HybridDrafter(Drafter):
     def learn_response(self, scope: Scope, response: Sequence[int]) -> None:
         for m in self.members:
             m.learn_response(scope, response)
+
+    # The leader's calibration is what sizes every tree; the stand-ins' rarely-used scales
+    # relearn within a few steps, so only the leader's state is carried.
+    def export_state(self, scope: Scope) -> bytes | None:
+        return self.members[0].export_state(scope)
+
+    def import_state(self, scope: Scope, data: bytes) -> bool:
+        return self.members[0].import_state(scope, data)

@@ -12,6 +12,13 @@ restarted replica starts warm. The hot path never touches Redis: a response is
 applied in memory at once and queued; a writer task appends queued responses in
 pipelined batches, one command per response.
 
+Learned state the log cannot rebuild (how often a drafter's drafts were accepted:
+it comes from drafts against what the target emitted, not from responses alone) is
+kept beside it as a snapshot, a hash ``{prefix}:{<tenant>|<tokenizer>}:state`` with
+one field per drafter: every replica writes its own every ``state_every_s`` and on
+close (the last writer wins), and a starting replica reads it after replaying the
+log, so a restarted or added replica also starts with calibrated drafts.
+
 Bounds. Each replica keeps the responses it holds (its own and replayed ones) up
 to ``max_tokens`` per scope, oldest evicted first; the stream is trimmed to the
 oldest response still held (``XTRIM MINID``) and to ``max_age_s``. Every replica
@@ -72,6 +79,7 @@ class LogSettings:
     block_ms: int = 1000            # longest wait of one XREAD; new entries end it at once
     rescan_s: float = 2.0           # how often other replicas' new scopes are looked for
     cluster_poll_ms: int = 100      # Redis Cluster: interval of the tail's non-blocking reads
+    state_every_s: float = 30.0     # how often the drafters' learned state is snapshotted
 
 
 @dataclass(slots=True)
@@ -105,9 +113,13 @@ class ResponseLog:
     """One replica's view of the shared response logs."""
 
     def __init__(self, settings: LogSettings, apply: Callable[[Scope, list[int]], None],
-                 replica_id: str | None = None) -> None:
+                 replica_id: str | None = None,
+                 export_state: Callable[[Scope], dict[str, bytes]] | None = None,
+                 import_state: Callable[[Scope, dict[str, bytes]], None] | None = None) -> None:
         self.settings = settings
         self.apply = apply
+        self.export_state = export_state
+        self.import_state = import_state
         self.replica_id = replica_id or uuid.uuid4().hex[:12]
         self.redis: aioredis.Redis | RedisCluster = aioredis.from_url(settings.url, **_TIMEOUTS)
         self.cluster: bool | None = None  # unknown until the server first answers
@@ -122,10 +134,14 @@ class ResponseLog:
         self.dropped = 0           # responses lost from the queue (limit reached while Redis was down)
         self.reseeds = 0
         self.applied_remote = 0
+        self.states_restored = 0
 
     # -- keys ----------------------------------------------------------------
     def key_for(self, scope: Scope) -> str:
         return f"{self.settings.prefix}:{{{quote(scope.tenant, safe='')}|{quote(scope.tokenizer, safe='')}}}:log"
+
+    def state_key_for(self, scope: Scope) -> str:
+        return self.key_for(scope).removesuffix(":log") + ":state"
 
     def scope_of(self, key: str) -> Scope | None:
         head = f"{self.settings.prefix}:{{"
@@ -147,10 +163,13 @@ class ResponseLog:
             await self._check_server()
             await self._discover()
             await self._read_new(block_ms=None)
+            await self._load_states()
             self.healthy = True
         except UNREACHABLE as exc:
             log.warning("Redis at %s is unreachable (%s): starting cold, will catch up", self.settings.url, exc)
         self._tasks = [asyncio.create_task(self._writer()), asyncio.create_task(self._tail())]
+        if self.export_state is not None:
+            self._tasks.append(asyncio.create_task(self._snapshots()))
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -160,6 +179,8 @@ class ResponseLog:
             await asyncio.wait(self._tasks, timeout=2)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._flush(), timeout=5)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._save_states(), timeout=5)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.redis.aclose(), timeout=2)
 
@@ -194,6 +215,47 @@ class ResponseLog:
             old = state.held.popleft()
             state.held_tokens -= len(old.tokens) // 4
             state.applied.discard((old.origin, old.seq))
+
+    # -- learned state ------------------------------------------------------------
+    async def _save_states(self) -> None:
+        if self.export_state is None or not self._scopes:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        written = 0
+        for scope in list(self._scopes):
+            blobs = self.export_state(scope)
+            if blobs:
+                key = self.state_key_for(scope)
+                pipe.hset(key, mapping=blobs)
+                pipe.expire(key, int(self.settings.max_age_s))
+                written += 1
+        if written:
+            await pipe.execute()
+
+    async def _load_states(self) -> None:
+        if self.import_state is None:
+            return
+        for scope in list(self._scopes):
+            try:
+                raw = await self.redis.hgetall(self.state_key_for(scope))
+            except (RedisError, RedisClusterException) as exc:  # e.g. a foreign key of another type
+                log.warning("cannot read the learned state of tenant %r: %s", scope.tenant, exc)
+                continue
+            if raw:
+                blobs = {(k.decode() if isinstance(k, bytes) else k): v for k, v in raw.items()}
+                self.import_state(scope, blobs)
+                self.states_restored += 1
+        if self.states_restored:
+            log.info("restored the drafters' learned state of %d scope(s) from Redis", self.states_restored)
+
+    async def _snapshots(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.state_every_s)
+            try:
+                if self.healthy:
+                    await self._save_states()
+            except (*UNREACHABLE, RedisError, RedisClusterException) as exc:
+                log.warning("Redis state snapshot failed (%s); next try in %.0f s", exc, self.settings.state_every_s)
 
     # -- background tasks --------------------------------------------------------
     async def _writer(self) -> None:

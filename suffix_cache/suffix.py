@@ -22,6 +22,7 @@ where a long match makes a long copy likely.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -129,6 +130,19 @@ class SuffixDrafter(Drafter):
 
     def drop_session(self, key: SessionKey) -> None:
         self._sessions.pop(key, None)
+
+    def export_state(self, scope: Scope) -> bytes | None:
+        # The calibration is learned from drafts against what the target emitted: the response
+        # log cannot rebuild it, so it travels as a snapshot (mostly empty cells: compressed).
+        cal = self._calibrations.get(scope)
+        return zlib.compress(cal.dump(), 1) if cal is not None and cal.observed else None
+
+    def import_state(self, scope: Scope, data: bytes) -> bool:
+        try:
+            raw = zlib.decompress(data)
+        except zlib.error:
+            return False
+        return self.calibration(scope).load(raw)
 
     # -- drafting ----------------------------------------------------------
     def propose(self, key: SessionKey, budget: int) -> DraftTree:

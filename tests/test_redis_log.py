@@ -21,7 +21,30 @@ class Replica:
     def __init__(self, url: str, prefix: str, **kw) -> None:
         self.drafter = SuffixDrafter()
         self.log = ResponseLog(LogSettings(url, prefix=prefix, block_ms=50, rescan_s=0.2, **kw),
-                               apply=self.drafter.learn_response)
+                               apply=self.drafter.learn_response, export_state=self.export,
+                               import_state=self.restore)
+        self.restored: list[tuple[Scope, bool]] = []
+
+    def export(self, scope: Scope) -> dict[str, bytes]:
+        blob = self.drafter.export_state(scope)
+        return {"suffix": blob} if blob else {}
+
+    def restore(self, scope: Scope, blobs: dict[str, bytes]) -> None:
+        self.restored.append((scope, self.drafter.import_state(scope, blobs["suffix"])))
+
+    def decode(self, scope: Scope, context: list[int], answer: list[int]) -> None:
+        """Draft and accept as the speculation loop does: the calibration learns from each step."""
+        key = SessionKey(scope, f"run-{uuid.uuid4().hex}")
+        self.drafter.begin_call(key, context)
+        done = 0
+        while done < len(answer):
+            tree = self.drafter.propose(key, 8)
+            n = len(tree.longest_accepted(answer[done:]))
+            self.drafter.accept(key, answer[done:done + n + 1])
+            done += n + 1
+        self.drafter.end_call(key)
+        self.log.publish(scope, answer)
+        self.drafter.drop_session(key)
 
     def learn(self, scope: Scope, tokens: list[int]) -> None:
         self.drafter.learn_response(scope, tokens)
@@ -70,6 +93,50 @@ async def test_a_restarted_replica_starts_warm(prefix):
     await restarted.log.start()  # replays the log before serving
     try:
         assert all(restarted.drafts(A, [5, 1000 + i, 2000 + i])[:2] == [3000 + i, 4000 + i] for i in range(20))
+    finally:
+        await restarted.log.close()
+
+
+async def test_a_restarted_replica_keeps_what_its_drafts_taught_it(prefix):
+    """The calibration (learned from drafts against emitted tokens) is snapshotted beside the log."""
+    first = Replica(SHARED_REDIS, prefix, state_every_s=0.1)
+    await first.log.start()
+    try:
+        for i in range(30):
+            first.decode(A, [7, 8, 9], [500 + i % 5, 600, 601, 602, 603, 700 + i])
+        learned = first.drafter.calibration(A)
+        assert learned.observed > 0
+        state_key = first.log.state_key_for(A)
+        # The periodic snapshot, while the replica runs (not only at close).
+        assert await eventually(lambda: redis.Redis.from_url(SHARED_REDIS).exists(state_key) == 1, timeout=3)
+        assert await first.log.flush()
+    finally:
+        await first.log.close()  # writes a last snapshot
+    restarted = Replica(SHARED_REDIS, prefix)
+    await restarted.log.start()
+    try:
+        assert restarted.restored == [(A, True)]
+        cal = restarted.drafter.calibration(A)
+        assert cal.observed == learned.observed
+        assert cal.dump() == learned.dump()
+        assert restarted.drafter.calibration(B).observed == 0  # nothing of tenant A's for tenant B
+    finally:
+        await restarted.log.close()
+
+
+async def test_a_stored_state_of_another_layout_is_ignored(prefix):
+    first = Replica(SHARED_REDIS, prefix)
+    await first.log.start()
+    first.learn(A, ANSWER)
+    assert await first.log.flush()
+    await first.log.close()
+    redis.Redis.from_url(SHARED_REDIS).hset(first.log.state_key_for(A), "suffix", b"not a calibration")
+    restarted = Replica(SHARED_REDIS, prefix)
+    await restarted.log.start()
+    try:
+        assert restarted.restored == [(A, False)]
+        assert restarted.drafter.calibration(A).observed == 0
+        assert restarted.drafts(A, [1, 900, 901])[:2] == [902, 903]  # the log itself still replayed
     finally:
         await restarted.log.close()
 
