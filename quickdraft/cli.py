@@ -315,6 +315,8 @@ def replay(
 BENCHMARKS = {
     "drafters": "oracle replay of every drafter side by side (PATHS: trajectories)",
     "forward": "cost of one verification pass by context length and draft size (in-process model)",
+    "prefill": "time to prefill --prefill-tokens tokens chunk by chunk, masked SDPA vs the worker's two-pass "
+               "attention, side by side (in-process model)",
     "load": "many sessions at once against a running stack (--proxy), speculation on vs off, by level (--sessions)",
     "soak": "the largest --sessions level for --duration-s against a running stack, speculation on; samples the "
             "proxy's and workers' memory from --metrics-url and says whether it stayed flat",
@@ -327,8 +329,9 @@ BENCHMARKS = {
 def bench(
     name: Annotated[str, typer.Argument(help="; ".join(f"{k}: {v}" for k, v in BENCHMARKS.items()))],
     paths: Annotated[list[pathlib.Path], typer.Argument(help="trajectories (default: the dev traces)")] = None,
-    model: Annotated[str, typer.Option(help="forward, e2e: model to measure")] = "smollm2-135m",
-    threads: Annotated[int, typer.Option(help="forward, e2e: torch CPU threads (0: default)")] = 0,
+    model: Annotated[str, typer.Option(help="forward, prefill, e2e: model to measure")] = "smollm2-135m",
+    threads: Annotated[int, typer.Option(help="forward, prefill, e2e: torch CPU threads (0: default)")] = 0,
+    prefill_tokens: Annotated[int, typer.Option(help="prefill: prompt length (capped at the model's context)")] = 8192,
     device: Annotated[str, typer.Option(help="e2e: worker device (auto, cpu, cuda)")] = "auto",
     max_calls: Annotated[int, typer.Option(help="e2e: calls per text")] = 20,
     max_new_tokens: Annotated[int, typer.Option(help="e2e, load: completion budget per call")] = 128,
@@ -408,6 +411,26 @@ def bench(
                           f"{r['tokens_per_s_plain']:.2f}", f"{r['speedup']:.2f}x", str(r["outputs_identical"]))
         console.print(table)
         _write_json(json_out, result, kind="bench-e2e")
+        return
+    if name == "prefill":
+        import torch
+
+        from quickdraft.bench.prefill_cost import measure as measure_prefill
+        from quickdraft.verifiers.model_loader import load_model
+
+        if threads:
+            torch.set_num_threads(threads)
+        loaded = load_model(model)
+        tokens = min(prefill_tokens, loaded.model.config.max_position_embeddings)
+        result = measure_prefill(loaded.model, tokens)
+        table = Table("path", "seconds (median)", "per 1k tokens")
+        for path, key in (("masked SDPA", "masked_s"), ("two-pass (worker)", "two_pass_s")):
+            table.add_row(path, f"{result[key]:.2f}", f"{result[key] / tokens * 1000:.2f}")
+        console.print(table)
+        console.print(f"speedup {result['speedup']:.2f}x, last logits differ by at most "
+                      f"{result['max_logit_diff']:.1e}, same argmax: {result['same_argmax']}")
+        _write_json(json_out, {"benchmark": "prefill", "model": model, "threads": torch.get_num_threads(),
+                               **result}, kind="bench-prefill")
         return
     if name == "forward":
         import torch

@@ -137,3 +137,16 @@ def test_e2e_warm_start_log_holds_the_warm_trajectories_and_is_removed(tmp_path)
         with _warm_log(files, 3, db, "smollm2-135m"):
             pass
     client.close()
+
+
+@pytest.mark.model
+def test_prefill_benchmark_compares_the_two_attention_paths(tmp_path):
+    out = tmp_path / "prefill.json"
+    done = quickdraft("bench", "prefill", "--prefill-tokens", "1300", "--threads", "1", "--json", str(out))
+    assert done.returncode == 0, done.stderr
+    data = json.loads(out.read_text())
+    assert data["tokens"] == 1300 and data["chunk"] == 1024
+    assert [r["path"] for r in data["runs"]] == ["masked", "two-pass", "two-pass", "masked"]
+    assert all(len(r["chunk_seconds"]) == 2 for r in data["runs"])  # 1,024 + 276
+    assert data["masked_s"] > 0 and data["two_pass_s"] > 0
+    assert data["same_argmax"] and data["max_logit_diff"] < 1e-3
