@@ -15,6 +15,7 @@ the proxy resends the whole history.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import threading
 import time
@@ -123,6 +124,11 @@ class ModelRuntime:
         self.kv_bytes_per_token = kv_bytes_per_token(config, loaded.dtype)
         self._lock = threading.Lock()  # one forward pass at a time
         self._info = self._make_info()
+        # The two-pass prefill attention is asked for through the model's keyword arguments, which
+        # transformers hands down to every attention call; a model whose forward takes none keeps SDPA.
+        takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD
+                           for p in inspect.signature(self.model.forward).parameters.values())
+        self._prefill_kwargs = {CAUSAL_CHUNK_KWARG: True} if takes_kwargs else {}
 
     # -- metadata ------------------------------------------------------------
     def _eos_ids(self) -> tuple[int, ...]:
@@ -319,7 +325,7 @@ class ModelRuntime:
             ids = torch.tensor([chunk], dtype=torch.long, device=dev)
             pos = torch.arange(past, past + len(chunk), device=dev)[None]
             self.model(input_ids=ids, position_ids=pos, cache=session.cache, use_cache=True, logits_to_keep=1,
-                       **{CAUSAL_CHUNK_KWARG: True})
+                       **self._prefill_kwargs)
             session.tokens.extend(chunk)
         return feed[cut:]
 
