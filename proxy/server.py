@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 
 import grpc
@@ -116,6 +117,11 @@ async def serve_proxy(settings: Settings, ready: asyncio.Event | None = None) ->
     log.info("proxy listening on %s (workers: %s)", address,
              ", ".join(settings.workers) or "none yet; waiting for `quickdraft worker --register`")
     await service.start()
+    # Everything loaded so far (tokenizers, the replayed drafting state's Python side, the gRPC
+    # stack) lives as long as the process: keep it out of the cyclic collector's scans, so the
+    # collections that per-step garbage triggers stay short on the hot path.
+    gc.collect()
+    gc.freeze()
     watcher = asyncio.create_task(_watch_workers(service, pool, health))
     tasks = [asyncio.create_task(server.wait_for_termination())]
     if settings.http_port:
