@@ -121,6 +121,41 @@ class FlatMap {
   size_t count_ = 0;
 };
 
+// Positions already taken by a longer order's chain (an occurrence of an 8-token match is on
+// the 4-gram chain too): a small open-addressing set, since a lookup list grows quadratic.
+// Sized for `capacity` insertions at most half full, so it never fills.
+class PositionSet {
+ public:
+  explicit PositionSet(size_t capacity) {
+    size_t size = 64;
+    shift_ = 32 - 6;
+    while (size < 2 * capacity) {
+      size *= 2;
+      --shift_;
+    }
+    keys_.assign(size, kEmpty);
+    mask_ = size - 1;
+  }
+  bool contains(int32_t pos) const {
+    for (size_t i = slot(pos);; i = (i + 1) & mask_) {
+      if (keys_[i] == pos) return true;
+      if (keys_[i] == kEmpty) return false;
+    }
+  }
+  void insert(int32_t pos) {
+    size_t i = slot(pos);
+    while (keys_[i] != kEmpty && keys_[i] != pos) i = (i + 1) & mask_;
+    keys_[i] = pos;
+  }
+
+ private:
+  static constexpr int32_t kEmpty = -1;
+  size_t slot(int32_t pos) const { return (static_cast<uint32_t>(pos) * 2654435761u) >> shift_; }
+  std::vector<int32_t> keys_;
+  size_t mask_ = 0;
+  int shift_ = 0;
+};
+
 struct Occurrence {
   int32_t end;        // arena position of the last matched token
   int32_t match_len;  // context tokens matching up to there
@@ -189,7 +224,7 @@ class TokenIndex {
   std::vector<Occurrence> occurrences(const int32_t* ctx, int64_t ctx_len, int max_occ, int64_t exclude_end,
                                       int max_match, bool all_orders = false) const {
     std::vector<Occurrence> found;
-    std::vector<int32_t> seen;
+    PositionSet seen(static_cast<size_t>(std::max(max_occ, 1)) * orders_.size());
     int64_t limit = std::min<int64_t>(ctx_len, max_match);
     int64_t last = size() - 1;
     for (int oi = static_cast<int>(orders_.size()) - 1; oi >= 0; --oi) {
@@ -202,12 +237,11 @@ class TokenIndex {
       int taken = 0;
       while (pos >= floor_ && taken < max_occ && walked < 4 * max_occ) {
         ++walked;
-        if (pos != exclude_end && pos < last && toks_[pos + 1] != BOUNDARY &&
-            std::find(seen.begin(), seen.end(), pos) == seen.end()) {
+        if (pos != exclude_end && pos < last && toks_[pos + 1] != BOUNDARY && !seen.contains(pos)) {
           int n = match_len(pos, ctx, ctx_len, static_cast<int>(limit));
           if (n >= order) {  // n < order: a hash collision
             found.push_back({pos, n});
-            seen.push_back(pos);
+            seen.insert(pos);
             ++taken;
           }
         }
@@ -617,40 +651,50 @@ Draft draft_from(const TokenIndex& index, const int32_t* ctx, int64_t ctx_len, i
 }
 
 // The distinct tokens of the `w` positions before the last `skip` of a sequence
-// ending at `end` (fewer at a sequence start), sorted.
-std::vector<int32_t> window_before(const TokenIndex& index, int64_t end, int skip, int w) {
-  std::vector<int32_t> out;
+// ending at `end` (fewer at a sequence start), sorted, with a 256-bit filter of
+// their low bits: most tokens of an occurrence's window are not in the current one,
+// and the filter says so without a search.
+struct Window {
+  std::vector<int32_t> tokens;
+  std::array<uint64_t, 4> filter{};
+  bool may_hold(int32_t t) const { return (filter[(t >> 6) & 3] >> (t & 63)) & 1; }
+};
+
+Window window_before(const TokenIndex& index, int64_t end, int skip, int w) {
+  Window out;
   for (int64_t pos = end - skip; pos > end - skip - w && pos >= index.floor(); --pos) {
     int32_t t = index.at(pos);
     if (t == BOUNDARY) break;
-    out.push_back(t);
+    out.tokens.push_back(t);
+    out.filter[(t >> 6) & 3] |= uint64_t{1} << (t & 63);
   }
-  std::sort(out.begin(), out.end());
-  out.erase(std::unique(out.begin(), out.end()), out.end());
+  std::sort(out.tokens.begin(), out.tokens.end());
+  out.tokens.erase(std::unique(out.tokens.begin(), out.tokens.end()), out.tokens.end());
   return out;
 }
 
-// Share of the distinct tokens of `mine` (sorted, at most 64) that also occur in
-// the `w` positions before the last `skip` of a sequence ending at `end`.
-float overlap_with(const std::vector<int32_t>& mine, const TokenIndex& index, int64_t end, int skip, int w) {
-  if (mine.empty()) return 0.0f;
+// Share of the distinct tokens of `mine` (at most 64) that also occur in the `w`
+// positions before the last `skip` of a sequence ending at `end`.
+float overlap_with(const Window& mine, const TokenIndex& index, int64_t end, int skip, int w) {
+  if (mine.tokens.empty()) return 0.0f;
   uint64_t hit = 0;
   for (int64_t pos = end - skip; pos > end - skip - w && pos >= index.floor(); --pos) {
     int32_t t = index.at(pos);
     if (t == BOUNDARY) break;
-    auto it = std::lower_bound(mine.begin(), mine.end(), t);
-    if (it != mine.end() && *it == t) hit |= uint64_t{1} << (it - mine.begin());
+    if (!mine.may_hold(t)) continue;
+    auto it = std::lower_bound(mine.tokens.begin(), mine.tokens.end(), t);
+    if (it != mine.tokens.end() && *it == t) hit |= uint64_t{1} << (it - mine.tokens.begin());
   }
-  return static_cast<float>(__builtin_popcountll(hit)) / static_cast<float>(mine.size());
+  return static_cast<float>(__builtin_popcountll(hit)) / static_cast<float>(mine.tokens.size());
 }
 
 // The session's own context window before a match of each length, built on first use.
 struct ContextWindows {
   const TokenIndex& session;
   int w;
-  std::vector<std::vector<int32_t>> by_skip;
+  std::vector<Window> by_skip;
   std::vector<bool> built;
-  const std::vector<int32_t>& get(int skip) {
+  const Window& get(int skip) {
     if (skip >= static_cast<int>(by_skip.size())) {
       by_skip.resize(skip + 1);
       built.resize(skip + 1, false);
