@@ -93,7 +93,8 @@ class Drafter(ABC):
 
     def export_state(self, scope: Scope) -> bytes | None:
         """What the scope taught this drafter that replaying responses cannot rebuild (for example
-        how often its drafts were accepted), as bytes for the shared store; None: nothing."""
+        how often its drafts were accepted), as bytes for the shared store; None: nothing new since
+        the last export. May be called from another thread than the one drafting."""
         return None
 
     def import_state(self, scope: Scope, data: bytes) -> bool:

@@ -220,10 +220,13 @@ class ResponseLog:
     async def _save_states(self) -> None:
         if self.export_state is None or not self._scopes:
             return
+        # Exporting copies and compresses the drafters' tables (about a megabyte each): off the
+        # event loop, so a snapshot never stalls the requests it serves.
+        scopes = list(self._scopes)
+        exported = await asyncio.to_thread(lambda: [(scope, self.export_state(scope)) for scope in scopes])
         pipe = self.redis.pipeline(transaction=False)
         written = 0
-        for scope in list(self._scopes):
-            blobs = self.export_state(scope)
+        for scope, blobs in exported:
             if blobs:
                 key = self.state_key_for(scope)
                 pipe.hset(key, mapping=blobs)

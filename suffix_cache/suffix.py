@@ -75,6 +75,7 @@ class SuffixDrafter(Drafter):
         self._sessions: dict[SessionKey, _Session] = {}
         self._responses: dict[Scope, _core.TokenIndex] = {}
         self._calibrations: dict[Scope, _core.Calibration] = {}
+        self._exported: dict[Scope, int] = {}  # the calibration's observation count at its last export
 
     # -- state -------------------------------------------------------------
     def responses(self, scope: Scope) -> _core.TokenIndex:
@@ -134,15 +135,23 @@ class SuffixDrafter(Drafter):
     def export_state(self, scope: Scope) -> bytes | None:
         # The calibration is learned from drafts against what the target emitted: the response
         # log cannot rebuild it, so it travels as a snapshot (mostly empty cells: compressed).
+        # Unchanged since the last export (an idle tenant): nothing new to store.
         cal = self._calibrations.get(scope)
-        return zlib.compress(cal.dump(), 1) if cal is not None and cal.observed else None
+        if cal is None or not cal.observed or self._exported.get(scope) == cal.observed:
+            return None
+        self._exported[scope] = cal.observed
+        return zlib.compress(cal.dump(), 1)
 
     def import_state(self, scope: Scope, data: bytes) -> bool:
         try:
             raw = zlib.decompress(data)
         except zlib.error:
             return False
-        return self.calibration(scope).load(raw)
+        cal = self.calibration(scope)
+        if not cal.load(raw):
+            return False
+        self._exported[scope] = cal.observed  # what the store holds already
+        return True
 
     # -- drafting ----------------------------------------------------------
     def propose(self, key: SessionKey, budget: int) -> DraftTree:
