@@ -127,6 +127,11 @@ def _warm_log(paths: Sequence[pathlib.Path], warm: int, redis_url: str, model: s
     try:
         os.environ.update(env)  # the replay's response log reads the prefix from the settings
         report = replay_oracle(files[-warm:], "hybrid", tokenizer_name=model, redis_url=redis_url)
+        # Deleted below; a day's expiry covers a run killed before it gets there (SIGTERM skips `finally`).
+        client = redis.Redis.from_url(redis_url)
+        for key in client.scan_iter(match=f"{prefix}:*"):
+            client.expire(key, 86400)
+        client.close()
         yield {"env": env, "names": {f.name.removesuffix(".traj.json") for f in files[-warm:]},
                "output_tokens": report.output_tokens}
     finally:

@@ -132,6 +132,10 @@ def test_e2e_warm_start_log_holds_the_warm_trajectories_and_is_removed(tmp_path)
         # One entry per response of the warm trajectory, and none of the others.
         assert client.xlen(logs[0]) == sum(1 for _ in trajectory_calls(files[-1]))
         assert warmed["output_tokens"] > 100
+        # The drafters' calibration from the warm replay waits beside the log, for the proxy.
+        assert any(k.endswith(":state") for k in keys)
+        # Keys a killed run could not delete expire on their own.
+        assert all(0 < client.ttl(k) <= 86400 for k in keys)
     assert not list(client.scan_iter(match=f"{prefix}:*"))
     with pytest.raises(ValueError, match="--warm 3"):
         with _warm_log(files, 3, db, "smollm2-135m"):
