@@ -43,7 +43,12 @@ constexpr uint64_t BASE = 0x9E3779B97F4A7C15ULL;
 // backward-shift deletion so erase leaves no tombstones).
 class FlatMap {
  public:
-  FlatMap() { reset(64); }
+  // Room for `expected` keys before the first growth.
+  explicit FlatMap(size_t expected = 48) {
+    size_t cap = 64;
+    while (cap * 3 < expected * 4) cap *= 2;
+    reset(cap);
+  }
 
   const int32_t* find(uint64_t key) const {
     size_t i = slot(key);
@@ -121,41 +126,6 @@ class FlatMap {
   size_t count_ = 0;
 };
 
-// Positions already taken by a longer order's chain (an occurrence of an 8-token match is on
-// the 4-gram chain too): a small open-addressing set, since a lookup list grows quadratic.
-// Sized for `capacity` insertions at most half full, so it never fills.
-class PositionSet {
- public:
-  explicit PositionSet(size_t capacity) {
-    size_t size = 64;
-    shift_ = 32 - 6;
-    while (size < 2 * capacity) {
-      size *= 2;
-      --shift_;
-    }
-    keys_.assign(size, kEmpty);
-    mask_ = size - 1;
-  }
-  bool contains(int32_t pos) const {
-    for (size_t i = slot(pos);; i = (i + 1) & mask_) {
-      if (keys_[i] == pos) return true;
-      if (keys_[i] == kEmpty) return false;
-    }
-  }
-  void insert(int32_t pos) {
-    size_t i = slot(pos);
-    while (keys_[i] != kEmpty && keys_[i] != pos) i = (i + 1) & mask_;
-    keys_[i] = pos;
-  }
-
- private:
-  static constexpr int32_t kEmpty = -1;
-  size_t slot(int32_t pos) const { return (static_cast<uint32_t>(pos) * 2654435761u) >> shift_; }
-  std::vector<int32_t> keys_;
-  size_t mask_ = 0;
-  int shift_ = 0;
-};
-
 struct Occurrence {
   int32_t end;        // arena position of the last matched token
   int32_t match_len;  // context tokens matching up to there
@@ -224,7 +194,8 @@ class TokenIndex {
   std::vector<Occurrence> occurrences(const int32_t* ctx, int64_t ctx_len, int max_occ, int64_t exclude_end,
                                       int max_match, bool all_orders = false) const {
     std::vector<Occurrence> found;
-    PositionSet seen(static_cast<size_t>(std::max(max_occ, 1)) * orders_.size());
+    // Positions a longer order's chain already gave (an 8-token match is on the 4-gram chain too).
+    FlatMap seen(static_cast<size_t>(std::max(max_occ, 1)) * orders_.size());
     int64_t limit = std::min<int64_t>(ctx_len, max_match);
     int64_t last = size() - 1;
     for (int oi = static_cast<int>(orders_.size()) - 1; oi >= 0; --oi) {
@@ -237,11 +208,11 @@ class TokenIndex {
       int taken = 0;
       while (pos >= floor_ && taken < max_occ && walked < 4 * max_occ) {
         ++walked;
-        if (pos != exclude_end && pos < last && toks_[pos + 1] != BOUNDARY && !seen.contains(pos)) {
+        if (pos != exclude_end && pos < last && toks_[pos + 1] != BOUNDARY && seen.find(pos + 1) == nullptr) {
           int n = match_len(pos, ctx, ctx_len, static_cast<int>(limit));
           if (n >= order) {  // n < order: a hash collision
             found.push_back({pos, n});
-            seen.insert(pos);
+            seen.put(pos + 1, 0);  // keys are nonzero
             ++taken;
           }
         }
