@@ -124,14 +124,13 @@ def _warm_log(paths: Sequence[pathlib.Path], warm: int, redis_url: str, model: s
     prefix = f"qd-e2e-{uuid.uuid4().hex[:12]}"
     env = {"QUICKDRAFT_REDIS_URL": redis_url, "QUICKDRAFT_REDIS_PREFIX": prefix}
     saved = {k: os.environ.get(k) for k in env}
+    client = redis.Redis.from_url(redis_url)
     try:
         os.environ.update(env)  # the replay's response log reads the prefix from the settings
         report = replay_oracle(files[-warm:], "hybrid", tokenizer_name=model, redis_url=redis_url)
         # Deleted below; a day's expiry covers a run killed before it gets there (SIGTERM skips `finally`).
-        client = redis.Redis.from_url(redis_url)
         for key in client.scan_iter(match=f"{prefix}:*"):
             client.expire(key, 86400)
-        client.close()
         yield {"env": env, "names": {f.name.removesuffix(".traj.json") for f in files[-warm:]},
                "output_tokens": report.output_tokens}
     finally:
@@ -140,7 +139,6 @@ def _warm_log(paths: Sequence[pathlib.Path], warm: int, redis_url: str, model: s
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-        client = redis.Redis.from_url(redis_url)
         keys = list(client.scan_iter(match=f"{prefix}:*"))
         if keys:
             client.delete(*keys)

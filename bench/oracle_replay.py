@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 
 from quickdraft.bench.traces import tokenized_calls, trajectory_files
 from quickdraft.catalog import load_tokenizer, tokenizer_id
-from quickdraft.suffix_cache.base import Drafter, Scope, SessionKey
+from quickdraft.suffix_cache.base import Drafter, Scope, SessionKey, export_states, import_states
 from quickdraft.suffix_cache.budget import MeanBudget
 from quickdraft.suffix_cache.registry import make_drafter
 
@@ -54,16 +54,6 @@ class OracleReport:
         return asdict(self)
 
 
-def _blobs(drafter: Drafter, scope: Scope) -> dict[str, bytes]:
-    blob = drafter.export_state(scope)
-    return {drafter.name: blob} if blob else {}
-
-
-def _restore(drafter: Drafter, scope: Scope, blobs: dict[str, bytes]) -> None:
-    if drafter.name in blobs:
-        drafter.import_state(scope, blobs[drafter.name])
-
-
 class _SharedLogThread:
     """The Redis response log on its own event loop, so the synchronous replay can publish to it."""
 
@@ -76,9 +66,11 @@ class _SharedLogThread:
         from quickdraft.settings import Settings
 
         settings = Settings()
+        by_name = {drafter.name: drafter}
         self.log = ResponseLog(LogSettings(url, prefix=settings.redis_prefix, max_tokens=settings.redis_max_tokens),
-                               apply=drafter.learn_response, export_state=lambda scope: _blobs(drafter, scope),
-                               import_state=lambda scope, blobs: _restore(drafter, scope, blobs))
+                               apply=drafter.learn_response,
+                               export_state=lambda scope: export_states(by_name, scope),
+                               import_state=lambda scope, blobs: import_states(by_name, scope, blobs))
         self._call(self.log.start())
 
     def _call(self, coro):

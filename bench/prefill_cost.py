@@ -27,7 +27,8 @@ class PrefillRun:
     chunk_seconds: list[float] = field(default_factory=list)
 
 
-def _prefill(model: torch.nn.Module, ids: torch.Tensor, chunk: int, two_pass: bool) -> tuple[PrefillRun, torch.Tensor]:
+def prefill(model: torch.nn.Module, ids: torch.Tensor, chunk: int, two_pass: bool) -> tuple[PrefillRun, torch.Tensor]:
+    """Prefill ``ids`` into a fresh cache chunk by chunk; the run's times and the last position's logits."""
     cache = new_cache(model.config.num_hidden_layers)
     extra = {CAUSAL_CHUNK_KWARG: True} if two_pass else {}
     times = []
@@ -52,7 +53,7 @@ def measure(model: torch.nn.Module, tokens: int = 8192, chunk: int = PREFILL_CHU
         task = bar.add_task(f"prefill {tokens} tokens", total=2 * rounds)
         for r in range(rounds):
             for two_pass in ((False, True) if r % 2 == 0 else (True, False)):  # alternate who goes first
-                run, logits = _prefill(model, ids, chunk, two_pass)
+                run, logits = prefill(model, ids, chunk, two_pass)
                 runs.append(run)
                 last[run.path] = logits
                 bar.advance(task)

@@ -21,7 +21,7 @@ from quickdraft.proxy.worker_pool import WorkerPool
 from quickdraft.records import RequestRecord
 from quickdraft.routing.router import Router
 from quickdraft.settings import Settings
-from quickdraft.suffix_cache.base import Drafter, Scope, SessionKey
+from quickdraft.suffix_cache.base import Drafter, Scope, SessionKey, export_states, import_states
 from quickdraft.suffix_cache.redis_log import LogSettings, ResponseLog
 from quickdraft.suffix_cache.registry import DRAFTERS, make_drafter
 
@@ -103,15 +103,11 @@ class DecodeProxyService:
             drafter.learn_response(scope, tokens)
 
     def _export_state(self, scope: Scope) -> dict[str, bytes]:
-        blobs = {name: d.export_state(scope) for name, d in self.drafters.items()}
-        return {name: blob for name, blob in blobs.items() if blob}
+        return export_states(self.drafters, scope)
 
     def _import_state(self, scope: Scope, blobs: dict[str, bytes]) -> None:
-        for name, blob in blobs.items():
-            drafter = self.drafters.get(name)
-            if drafter is not None and not drafter.import_state(scope, blob):
-                log.warning("ignored drafter %r's stored state for tenant %r: not of this version", name,
-                            scope.tenant)
+        for name in import_states(self.drafters, scope, blobs):
+            log.warning("ignored drafter %r's stored state for tenant %r: not of this version", name, scope.tenant)
 
     # -- request checks --------------------------------------------------------
     def tenant_of(self, metadata: tuple[tuple[str, str], ...] | None) -> str:

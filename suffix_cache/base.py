@@ -13,7 +13,7 @@ never matched against another's.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from quickdraft.suffix_cache.draft import DraftTree
@@ -101,3 +101,16 @@ class Drafter(ABC):
         """Start the scope from ``export_state``'s bytes (another replica's, or a previous run's);
         False if they are not this drafter's (the drafter then keeps what it has)."""
         return False
+
+
+def export_states(drafters: Mapping[str, Drafter], scope: Scope) -> dict[str, bytes]:
+    """Each drafter's new learned state for the scope, by the name it is registered under."""
+    blobs = {name: d.export_state(scope) for name, d in drafters.items()}
+    return {name: blob for name, blob in blobs.items() if blob}
+
+
+def import_states(drafters: Mapping[str, Drafter], scope: Scope, blobs: Mapping[str, bytes]) -> list[str]:
+    """Hand each stored state to the drafter registered under its name; returns the names whose
+    state a drafter refused (another version's). States of drafters not present are skipped."""
+    return [name for name, blob in blobs.items()
+            if name in drafters and not drafters[name].import_state(scope, blob)]

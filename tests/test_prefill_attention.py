@@ -5,7 +5,7 @@ compute what the masked attention computes, on random tensors and on the real mo
 import pytest
 import torch
 
-from quickdraft.verifiers.attention import CAUSAL_CHUNK_KWARG, causal_chunk_attention
+from quickdraft.verifiers.attention import causal_chunk_attention
 
 
 def masked_reference(query, key, value, n_rep, scale):
@@ -42,22 +42,12 @@ def test_chunk_attention_keeps_a_bf16_model_in_bf16():
 @pytest.mark.model
 @pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
 def test_chunked_prefill_on_the_real_model_matches_the_masked_path(name):
-    from quickdraft.verifiers.kv_cache import new_cache
+    from quickdraft.bench.prefill_cost import prefill
     from quickdraft.verifiers.model_loader import load_model
 
     model = load_model(name).model
     # 1,300 tokens in chunks of 256: later chunks start past Gemma 3's 512-token window.
     ids = torch.randint(100, 40000, (1, 1300), generator=torch.Generator().manual_seed(7))
-    last = {}
-    for fast in (False, True):
-        cache = new_cache(model.config.num_hidden_layers)
-        extra = {CAUSAL_CHUNK_KWARG: True} if fast else {}
-        with torch.inference_mode():
-            for start in range(0, ids.shape[1], 256):
-                chunk = ids[:, start:start + 256]
-                pos = torch.arange(start, start + chunk.shape[1])[None]
-                out = model(input_ids=chunk, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1,
-                            **extra)
-        last[fast] = out.logits[0, -1]
+    last = {fast: prefill(model, ids, 256, two_pass=fast)[1] for fast in (False, True)}
     assert torch.allclose(last[True], last[False], atol=1e-3, rtol=1e-4)
     assert last[True].argmax() == last[False].argmax()
