@@ -17,7 +17,9 @@ it comes from drafts against what the target emitted, not from responses alone) 
 kept beside it as a snapshot, a hash ``{prefix}:{<tenant>|<tokenizer>}:state`` with
 one field per drafter: every replica writes its own every ``state_every_s`` and on
 close (the last writer wins), and a starting replica reads it after replaying the
-log, so a restarted or added replica also starts with calibrated drafts.
+log, so a restarted or added replica also starts with calibrated drafts. A replica
+keeps its latest snapshot (about 100 KB per scope, compressed) until Redis holds it,
+and writes it again after Redis restarts empty, idle tenants' included.
 
 Bounds. Each replica keeps the responses it holds (its own and replayed ones) up
 to ``max_tokens`` per scope, oldest evicted first; the stream is trimmed to the
@@ -97,6 +99,11 @@ class _ScopeLog:
     held_tokens: int = 0
     last_id: bytes = b"0-0"         # tail position
     applied: set[tuple[str, int]] = field(default_factory=set)
+    # This replica's latest snapshot of the drafters' learned state (drafter name -> bytes), kept
+    # until Redis holds it: a failed write is retried, and a Redis that restarted empty gets it back
+    # even from a tenant that has been idle since (its drafters export only what changed).
+    state: dict[str, bytes] = field(default_factory=dict)
+    state_saved: bool = True
 
 
 def pack(tokens: Sequence[int]) -> bytes:
@@ -224,16 +231,22 @@ class ResponseLog:
         # event loop, so a snapshot never stalls the requests it serves.
         scopes = list(self._scopes)
         exported = await asyncio.to_thread(lambda: [(scope, self.export_state(scope)) for scope in scopes])
-        pipe = self.redis.pipeline(transaction=False)
-        written = 0
         for scope, blobs in exported:
             if blobs:
-                key = self.state_key_for(scope)
-                pipe.hset(key, mapping=blobs)
-                pipe.expire(key, int(self.settings.max_age_s))
-                written += 1
-        if written:
-            await pipe.execute()
+                held = self._scopes[scope]
+                held.state.update(blobs)
+                held.state_saved = False
+        pending = [(scope, held) for scope, held in self._scopes.items() if held.state and not held.state_saved]
+        if not pending:
+            return
+        pipe = self.redis.pipeline(transaction=False)
+        for scope, held in pending:
+            key = self.state_key_for(scope)
+            pipe.hset(key, mapping=dict(held.state))
+            pipe.expire(key, int(self.settings.max_age_s))
+        await pipe.execute()
+        for _, held in pending:
+            held.state_saved = True
 
     async def _load_states(self) -> None:
         if self.import_state is None:
@@ -247,6 +260,7 @@ class ResponseLog:
             if raw:
                 blobs = {(k.decode() if isinstance(k, bytes) else k): v for k, v in raw.items()}
                 self.import_state(scope, blobs)
+                self._scopes[scope].state.update(blobs)  # to put back should Redis lose it
                 self.states_restored += 1
         if self.states_restored:
             log.info("restored the drafters' learned state of %d scope(s) from Redis", self.states_restored)
@@ -367,6 +381,8 @@ class ResponseLog:
         if restarted:
             for scope, state in self._scopes.items():
                 await self._reseed(scope, state)
+                state.state_saved = False
+            await self._save_states()
 
     async def _reseed(self, scope: Scope, state: _ScopeLog) -> None:
         """Re-append the responses this replica holds that the stream lost (one replica at a time)."""
