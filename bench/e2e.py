@@ -116,7 +116,7 @@ def _warm_log(paths: Sequence[pathlib.Path], warm: int, redis_url: str, model: s
     import redis
 
     from quickdraft.bench.oracle_replay import replay_oracle
-    from quickdraft.bench.traces import trajectory_files
+    from quickdraft.bench.traces import trajectory_files, trajectory_name
 
     files = trajectory_files(paths)
     if not 0 < warm < len(files):
@@ -131,7 +131,7 @@ def _warm_log(paths: Sequence[pathlib.Path], warm: int, redis_url: str, model: s
         # Deleted below; a day's expiry covers a run killed before it gets there (SIGTERM skips `finally`).
         for key in client.scan_iter(match=f"{prefix}:*"):
             client.expire(key, 86400)
-        yield {"env": env, "names": {f.name.removesuffix(".traj.json") for f in files[-warm:]},
+        yield {"env": env, "names": {trajectory_name(f) for f in files[-warm:]},
                "output_tokens": report.output_tokens}
     finally:
         for k, v in saved.items():

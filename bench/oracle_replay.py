@@ -24,7 +24,7 @@ from array import array
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
-from quickdraft.bench.traces import tokenized_calls, trajectory_files
+from quickdraft.bench.traces import tokenized_calls, trajectory_files, trajectory_name
 from quickdraft.catalog import load_tokenizer, tokenizer_id
 from quickdraft.suffix_cache.base import Drafter, Scope, SessionKey, export_states, import_states
 from quickdraft.suffix_cache.budget import MeanBudget
@@ -127,7 +127,7 @@ def replay_oracle(
         for file in files:
             yields = array("H")
             if per_step is not None:
-                per_step[file.name.removesuffix(".traj.json")] = yields
+                per_step[trajectory_name(file)] = yields
             for session_id, prompt, response in tokenized_calls(file, tok, tok_id):
                 key = SessionKey(scope, session_id)
                 t0 = time.perf_counter()
@@ -158,7 +158,7 @@ def replay_oracle(
                 if shared is not None:
                     shared.publish(scope, response)
                 calls += 1
-            drafter.drop_session(SessionKey(scope, file.name.removesuffix(".traj.json")))
+            drafter.drop_session(SessionKey(scope, trajectory_name(file)))
             bar.update(task, advance=1, tps=f"{out / max(steps, 1):.3f}")
     if shared is not None:
         shared.close()

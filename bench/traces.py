@@ -1,4 +1,4 @@
-"""Agent trajectories (mini-swe-agent ``.traj.json``) as a stream of model calls."""
+"""Agent trajectories (mini-swe-agent ``.traj.json``; SWE-agent ``.traj``) as a stream of model calls."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import os
 import pathlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -36,13 +37,18 @@ def default_traces_dir() -> pathlib.Path:
     raise FileNotFoundError("no trace folder found: set QUICKDRAFT_TRACES to a folder of .traj.json files")
 
 
+SUFFIXES = (".traj.json", ".traj")  # mini-swe-agent; SWE-agent
+
+
 def trajectory_files(paths: Sequence[str | pathlib.Path]) -> list[pathlib.Path]:
-    """``.traj.json`` files named directly or found in folders, in sorted file-name order."""
+    """Trajectory files (``.traj.json``, ``.traj``) named directly or found in folders, in sorted
+    file-name order."""
     files: list[pathlib.Path] = []
     for raw in paths:
         path = pathlib.Path(raw)
         if path.is_dir():
-            files.extend(path.glob("*.traj.json"))
+            for suffix in SUFFIXES:
+                files.extend(path.glob(f"*{suffix}"))
         elif path.is_file():
             files.append(path)
         else:
@@ -50,10 +56,45 @@ def trajectory_files(paths: Sequence[str | pathlib.Path]) -> list[pathlib.Path]:
     return sorted(set(files), key=lambda p: (p.name, str(p)))
 
 
+def message_text(message: dict[str, Any]) -> str:
+    """What a message says, as text: its content (a string, or OpenAI-style parts whose text parts
+    are joined), followed by the tool calls an assistant made, as the JSON its model wrote."""
+    content = message.get("content")
+    if isinstance(content, list):
+        text = "".join(part.get("text", "") if isinstance(part, dict) else str(part) for part in content)
+    else:
+        text = "" if content is None else str(content)
+    calls = []
+    for call in message.get("tool_calls") or ():
+        function = call.get("function", call) if isinstance(call, dict) else {}
+        calls.append(json.dumps({"name": function.get("name"), "arguments": function.get("arguments")},
+                                ensure_ascii=False))
+    return "\n".join(part for part in (text, *calls) if part)
+
+
+def trajectory_messages(file: pathlib.Path) -> list[dict[str, str]]:
+    """The conversation of one trajectory: mini-swe-agent's ``messages``, SWE-agent's ``history``,
+    or a bare list of messages; each reduced to its role and text."""
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{file}: not a readable JSON trajectory ({exc})") from exc
+    raw = data if isinstance(data, list) else data.get("messages", data.get("history")) \
+        if isinstance(data, dict) else None
+    if not isinstance(raw, list) or not all(isinstance(m, dict) and "role" in m for m in raw):
+        raise ValueError(f"{file}: no conversation found (expected a list of messages with a 'role' under "
+                         "'messages', as mini-swe-agent writes, or 'history', as SWE-agent does)")
+    return [{"role": str(m["role"]), "content": message_text(m)} for m in raw]
+
+
+def trajectory_name(file: pathlib.Path) -> str:
+    """The file's name without its trajectory suffix: the session id its calls are replayed under."""
+    return next((file.name.removesuffix(s) for s in SUFFIXES if file.name.endswith(s)), file.stem)
+
+
 def trajectory_calls(file: pathlib.Path) -> Iterator[TraceCall]:
-    data = json.loads(file.read_text())
-    messages = [{"role": m["role"], "content": m["content"]} for m in data["messages"]]
-    stem = file.name.removesuffix(".traj.json")
+    messages = trajectory_messages(file)
+    stem = trajectory_name(file)
     for i, msg in enumerate(messages):
         if i == 0 or msg["role"] != "assistant" or not msg["content"]:
             continue

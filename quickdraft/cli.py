@@ -252,7 +252,8 @@ def _record_run(kind: str, figures: dict) -> None:
 
 @app.command()
 def replay(
-    paths: Annotated[list[pathlib.Path], typer.Argument(help=".traj.json files or folders of them")],
+    paths: Annotated[list[pathlib.Path], typer.Argument(
+        help="trajectories: .traj.json (mini-swe-agent) or .traj (SWE-agent) files, or folders of them")],
     oracle: Annotated[bool, typer.Option("--oracle", help="draft against the recorded responses, no model")] = False,
     proxy: Annotated[str, typer.Option(help="HOST:PORT of a running proxy (live replay)")] = None,
     drafter: Annotated[str, typer.Option(
@@ -280,6 +281,16 @@ def replay(
     _quiet_transformers()
     if oracle == bool(proxy):
         raise typer.BadParameter("choose exactly one of --oracle or --proxy HOST:PORT")
+    from quickdraft.bench.traces import trajectory_files, trajectory_messages
+
+    try:
+        files = trajectory_files(paths)
+        for file in files:  # a file that is not a trajectory is reported before any work starts
+            trajectory_messages(file)
+    except (FileNotFoundError, ValueError) as exc:
+        raise typer.BadParameter(str(exc), param_hint="PATHS") from exc
+    if not files:
+        raise typer.BadParameter(f"no .traj.json or .traj files in {', '.join(map(str, paths))}", param_hint="PATHS")
     if oracle:
         from quickdraft.bench.oracle_replay import replay_oracle
         from quickdraft.suffix_cache.registry import DRAFTERS

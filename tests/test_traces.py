@@ -1,0 +1,87 @@
+"""Reading agent trajectories: mini-swe-agent's and SWE-agent's files, tool calls, content parts."""
+
+import json
+
+import pytest
+from test_cli_and_replay import ORACLE_KEYS, quickdraft
+
+from quickdraft.bench.traces import message_text, trajectory_calls, trajectory_files, trajectory_name
+
+SYSTEM = {"role": "system", "content": "You are a coding agent."}
+TASK = {"role": "user", "content": "Fix the bug in utils.py"}
+
+
+def write(path, data):
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_a_mini_swe_agent_trajectory_yields_one_call_per_assistant_message(tmp_path):
+    file = write(tmp_path / "repo__issue-1.traj.json", {"messages": [
+        SYSTEM, TASK,
+        {"role": "assistant", "content": "THOUGHT: look\n\n```bash\nls\n```", "extra": {"response": {}}},
+        {"role": "user", "content": "utils.py"},
+        {"role": "assistant", "content": "THOUGHT: read it\n\n```bash\ncat utils.py\n```"},
+    ]})
+    calls = list(trajectory_calls(file))
+    assert [c.index for c in calls] == [2, 4]
+    assert calls[0].trajectory == "repo__issue-1"
+    assert calls[1].messages[2] == {"role": "assistant", "content": "THOUGHT: look\n\n```bash\nls\n```"}
+    assert calls[1].response.endswith("cat utils.py\n```")
+
+
+def test_content_parts_and_tool_calls_become_text():
+    assert message_text({"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}) \
+        == "ab"
+    assert message_text({"role": "assistant", "content": None}) == ""
+    call = {"id": "c1", "type": "function", "function": {"name": "bash", "arguments": "{\"command\": \"ls\"}"}}
+    text = message_text({"role": "assistant", "content": "Listing.", "tool_calls": [call]})
+    assert text.splitlines()[0] == "Listing."
+    assert json.loads(text.splitlines()[1]) == {"name": "bash", "arguments": "{\"command\": \"ls\"}"}
+
+
+def test_a_tool_calling_trajectory_replays_its_calls(tmp_path):
+    """An agent that answers with tool calls (content null) and gets `tool` messages back."""
+    call = {"id": "c1", "type": "function", "function": {"name": "bash", "arguments": "{\"command\": \"ls -la\"}"}}
+    messages = [SYSTEM, TASK]
+    for i in range(3):
+        messages += [{"role": "assistant", "content": None, "tool_calls": [call]},
+                     {"role": "tool", "tool_call_id": "c1", "content": f"total {i}\nutils.py"}]
+    file = write(tmp_path / "agent-run.traj.json", {"messages": messages})
+    calls = list(trajectory_calls(file))
+    assert len(calls) == 3 and all("ls -la" in c.response for c in calls)
+    assert calls[2].messages[-1] == {"role": "tool", "content": "total 1\nutils.py"}
+    out = tmp_path / "out.json"
+    done = quickdraft("replay", str(file), "--oracle", "--json", str(out))
+    assert done.returncode == 0, done.stderr
+    figures = json.loads(out.read_text())
+    assert ORACLE_KEYS <= set(figures) and figures["calls"] == 3
+    # The same call repeated: the later ones are drafted from the earlier ones.
+    assert figures["tokens_per_step"] > 1.5
+
+
+def test_swe_agent_history_files_are_found_beside_mini_swe_agent_ones(tmp_path):
+    write(tmp_path / "b.traj", {"history": [SYSTEM, TASK, {"role": "assistant", "content": "ls", "agent": "main"}],
+                                "trajectory": []})
+    write(tmp_path / "a.traj.json", {"messages": [SYSTEM, TASK, {"role": "assistant", "content": "pwd"}]})
+    (tmp_path / "notes.json").write_text("{}")
+    files = trajectory_files([tmp_path])
+    assert [f.name for f in files] == ["a.traj.json", "b.traj"]
+    assert [trajectory_name(f) for f in files] == ["a", "b"]
+    assert [c.response for f in files for c in trajectory_calls(f)] == ["pwd", "ls"]
+
+
+@pytest.mark.parametrize("content", ["{not json", json.dumps({"info": {}}), json.dumps([1, 2])])
+def test_a_file_that_is_not_a_trajectory_is_named_in_a_clear_error(tmp_path, content):
+    bad = tmp_path / "broken.traj.json"
+    bad.write_text(content)
+    with pytest.raises(ValueError, match="broken.traj.json"):
+        list(trajectory_calls(bad))
+    done = quickdraft("replay", str(tmp_path), "--oracle", env={"COLUMNS": "300"})
+    assert done.returncode == 2
+    assert "broken.traj.json" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_folder_without_trajectories_is_a_clear_error(tmp_path):
+    done = quickdraft("replay", str(tmp_path), "--oracle", env={"COLUMNS": "300"})
+    assert done.returncode == 2 and "no .traj.json or .traj files" in done.stderr
