@@ -29,24 +29,42 @@ from dataclasses import dataclass, field
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 SIZES = (0, 1, 2, 4, 8, 16, 32, 64)
 EXPLORE_UP_TO = 32  # positions: unmeasured pass sizes up to this are predicted optimistically
+STALE_AFTER = 256   # passes: a size not measured for this long counts as unmeasured again
 
 
 @dataclass(slots=True)
 class PassCost:
-    """Mean pass time by positions scored, from the worker's own reports."""
+    """Mean pass time by positions scored, from the worker's own reports.
+
+    A size measured while the machine was busy with something else (another process, a
+    collection, a noisy neighbour) may look dear; if that makes the sizer stop sending drafts
+    of that size, nothing would ever measure it again, and one bad minute would silence
+    speculation for the proxy's lifetime. So a size not measured in the last ``STALE_AFTER``
+    passes is forgotten: it is predicted optimistically again, tried once, and measured afresh."""
 
     decay: float = 0.9
+    stale_after: int = STALE_AFTER
     _ms: dict[int, float] = field(default_factory=dict)
     _tokens: dict[int, float] = field(default_factory=dict)
     _weight: dict[int, float] = field(default_factory=dict)
+    _seen: dict[int, int] = field(default_factory=dict)  # bucket -> pass count when last measured
+    _passes: int = 0
 
     def observe(self, tokens: int, ms: float) -> None:
         if tokens <= 0 or ms <= 0:
             return
+        self._passes += 1
+        self._forget_stale()
         b = _bucket(tokens)
+        self._seen[b] = self._passes
         self._ms[b] = self._ms.get(b, 0.0) * self.decay + ms
         self._tokens[b] = self._tokens.get(b, 0.0) * self.decay + tokens
         self._weight[b] = self._weight.get(b, 0.0) * self.decay + 1.0
+
+    def _forget_stale(self) -> None:
+        for b in [b for b, seen in self._seen.items() if self._passes - seen > self.stale_after]:
+            for table in (self._ms, self._tokens, self._weight, self._seen):
+                table.pop(b, None)
 
     def known(self) -> list[tuple[float, float]]:
         """(mean positions, mean ms) per bucket, by positions."""

@@ -75,3 +75,27 @@ def test_a_session_silenced_by_a_bad_stretch_speaks_again_once_its_drafts_would_
     for _ in range(10):
         acceptance.observe(*tree.judged([1]))
     assert choose_draft_size(tree.probs, acceptance.ratio, 1, CPU) == 8
+
+
+def test_a_size_measured_dear_during_a_busy_spell_is_measured_again_later():
+    """Draft passes timed while something else held the CPU look 10x dear, so the sizer
+    stops sending drafts; single-token steps keep coming. Without a second measurement that would
+    last forever: a size unmeasured for STALE_AFTER passes is tried again and priced afresh."""
+    from quickdraft.proxy.goodput import STALE_AFTER
+
+    cost = cost_curve([(1, 60), (2, 70), (3, 75), (5, 80), (9, 90), (300, 1100)])
+    assert choose_draft_size(CONFIDENT, 1.0, 1, cost) == 8
+    for _ in range(20):
+        for tokens in (2, 3, 5, 9):
+            cost.observe(tokens, 10 * cost.predict(tokens))
+    assert choose_draft_size(CONFIDENT, 1.0, 1, cost) == 0
+    for _ in range(STALE_AFTER - 10):  # single-token steps, and a prefill now and then
+        cost.observe(1, 60)
+    cost.observe(300, 1100)
+    assert choose_draft_size(CONFIDENT, 1.0, 1, cost) == 0  # still within the window: trusted
+    for _ in range(10):
+        cost.observe(1, 60)
+    assert choose_draft_size(CONFIDENT, 1.0, 1, cost) == 8  # forgotten: tried again
+    cost.observe(9, 90)  # and now it is cheap again: drafts keep being sent
+    assert cost.predict(9) == 90
+    assert choose_draft_size(CONFIDENT, 1.0, 1, cost) > 0
