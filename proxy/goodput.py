@@ -73,19 +73,20 @@ class PassCost:
     def predict(self, tokens: int) -> float | None:
         """Interpolated between measured buckets, extrapolated linearly beyond them; None without data.
 
-        A size whose bucket was never measured but lies below a measured one is predicted
-        optimistically, at the cost of the nearest smaller measured size (the curve is flat until
-        compute dominates). Otherwise a line drawn from small drafts to a prefill pass would make
-        mid-sized drafts look dear, they would never be sent, and so never measured. Only sizes of
-        one session's draft are explored this way: at batch sizes where compute dominates, the
-        line is the better guess and a wrong optimistic one would cost every session."""
+        A size whose bucket is unmeasured (never, or not lately) is predicted optimistically, at
+        the cost of the nearest smaller measured size (the curve is flat until compute dominates).
+        Otherwise a line drawn from small drafts to a prefill pass, or through the two smallest
+        sizes, would make mid-sized drafts look dear, they would never be sent, and so never
+        measured. Only sizes of one session's draft are explored this way: at batch sizes where
+        compute dominates, the line is the better guess and a wrong optimistic one would cost
+        every session."""
         points = self.known()
         if not points:
             return None
         if len(points) == 1:
             return points[0][1]
         xs = [x for x, _ in points]
-        if tokens <= EXPLORE_UP_TO and _bucket(tokens) not in self._ms and tokens < xs[-1]:
+        if tokens <= EXPLORE_UP_TO and _bucket(tokens) not in self._ms:
             below = [ms for x, ms in points if x <= tokens]
             return below[-1] if below else points[0][1]
         i = bisect.bisect_left(xs, tokens)

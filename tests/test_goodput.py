@@ -99,3 +99,12 @@ def test_a_size_measured_dear_during_a_busy_spell_is_measured_again_later():
     cost.observe(9, 90)  # and now it is cheap again: drafts keep being sent
     assert cost.predict(9) == 90
     assert choose_draft_size(CONFIDENT, 1.0, 1, cost) > 0
+
+
+def test_with_only_small_sizes_measured_a_larger_draft_is_still_tried():
+    """Prefill buckets are forgotten during a long completion like any other; drafts beyond the
+    largest measured size must still be tried once rather than priced off a line through the
+    two smallest sizes (here 60 + 30 ms per position: 9 positions at 300 ms, never sent)."""
+    cost = cost_curve([(1, 60), (2, 90)])
+    assert cost.predict(9) == 90
+    assert choose_draft_size(CONFIDENT, 1.0, 1, cost) == 8
