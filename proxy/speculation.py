@@ -169,6 +169,10 @@ class SpeculationLoop:
             # Judged on the whole tree, so a session whose drafts were cut to nothing keeps
             # learning whether they would have paid (else one bad stretch silences it for good).
             s.acceptance.observe(*full.judged(emitted))
+            if log.isEnabledFor(logging.DEBUG):  # per-step sizing, to see why a session drafts as it does
+                log.debug("step %s/%s: offered %d nodes (expected %.2f), sent %d, accepted %d; session ratio %.2f; "
+                          "pass %d positions in %.0f ms", s.tenant, s.session_id, len(full), sum(full.probs), len(tree),
+                          n_acc, s.acceptance.ratio, response.batch_tokens, response.forward_ms)
             s.tokens_per_step = 0.8 * s.tokens_per_step + 0.2 * len(emitted)
             s.last_scored = max(response.computed_tokens, 1)
             self.stats.accepted_draft_tokens += n_acc
