@@ -240,13 +240,17 @@ class ResponseLog:
         if not pending:
             return
         pipe = self.redis.pipeline(transaction=False)
+        written = []
         for scope, held in pending:
             key = self.state_key_for(scope)
-            pipe.hset(key, mapping=dict(held.state))
+            written.append(dict(held.state))
+            pipe.hset(key, mapping=written[-1])
             pipe.expire(key, int(self.settings.max_age_s))
         await pipe.execute()
-        for _, held in pending:
-            held.state_saved = True
+        for (_, held), blobs in zip(pending, written, strict=True):
+            # A snapshot taken while this one was being written (a save after a reconnect runs
+            # beside the periodic one) is newer than what Redis now holds: it stays unsaved.
+            held.state_saved = held.state == blobs
 
     async def _load_states(self) -> None:
         if self.import_state is None:
