@@ -152,7 +152,8 @@ def tree_case(past, n_rep=3, kv_heads=3, dim=64, seed=0, window=0):
 
 @pytest.mark.skipif(_kernels.attention_isa() != "avx512", reason="the vector attention path needs AVX-512")
 @pytest.mark.parametrize("model", MODELS)
-@pytest.mark.parametrize("past,window", [(0, 0), (5, 0), (100, 0), (700, 0), (700, 40)])
+# 700 and 1,500 cached keys span two and three of the kernel's 512-key segments.
+@pytest.mark.parametrize("past,window", [(0, 0), (5, 0), (100, 0), (700, 0), (700, 40), (1500, 0), (1500, 600)])
 def test_attention_vector_path_is_the_portable_definition(model, past, window):
     q, k, v, mask = tree_case(past, *model, window=window)
     assert torch.equal(attention(q, k, v, mask), attention(q, k, v, mask, isa="scalar", threads=1))
@@ -161,7 +162,7 @@ def test_attention_vector_path_is_the_portable_definition(model, past, window):
 
 
 @pytest.mark.parametrize("model", MODELS)
-@pytest.mark.parametrize("past,window", [(0, 0), (37, 0), (700, 0), (700, 40)])
+@pytest.mark.parametrize("past,window", [(0, 0), (37, 0), (700, 0), (700, 40), (1500, 0), (1500, 600)])
 def test_an_attention_row_sees_only_its_keys(model, past, window):
     n_rep, kv_heads, dim = model
     q, k, v, mask = tree_case(past, *model, seed=past, window=window)

@@ -352,28 +352,36 @@ void attention(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t mask, uintptr_t 
                                 mask_row, scale};
   if (Lq == 0) return;
   py::gil_scoped_release release;
-  threads = std::max(1, threads);
-  // An item is a block of query positions of one kv head: its K and V are read once for all of
-  // the block's rows. Blocks small enough that every thread gets about two items; whatever the
-  // split, every row computes the same operations.
-  const int64_t per_head = std::max<int64_t>(1, std::min<int64_t>(Lq, (2 * threads + Hkv - 1) / Hkv));
-  const int64_t block = vector ? (Lq + per_head - 1) / per_head : 1;
-  const int64_t blocks = (Lq + block - 1) / block, items = Hkv * blocks;
-  threads = static_cast<int>(std::min<int64_t>(threads, items));
+  const qd_attention::Lists lists(a);
+  // An item is one segment of one kv head's keys, for every query position: its K and V are read
+  // once for all rows, and a long context gives every thread several items whatever the rows.
+  const int64_t segments = lists.segments, items = Hkv * segments;
+  std::vector<float> partial(static_cast<size_t>(H * Lq * segments * qd_attention::partial_stride(a)));
+  threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, items)));
 #pragma omp parallel num_threads(threads)
   {
     qd::FpMode mode;
     qd_attention::Scratch scratch;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < items; ++item) {
-      const int64_t g = item / blocks, i0 = item % blocks * block, i1 = std::min(Lq, i0 + block);
+      const int64_t g = item / segments, seg = item % segments;
 #ifdef QD_X86
       if (vector) {
-        qd_attention::avx512_item(a, g, i0, i1, scratch);
+        qd_attention::avx512_segment(a, lists, g, seg, partial.data(), scratch);
         continue;
       }
 #endif
-      qd_attention::scalar_item(a, g, i0, scratch);
+      qd_attention::scalar_segment(a, lists, g, seg, partial.data(), scratch);
+    }
+#pragma omp for schedule(static)
+    for (int64_t row = 0; row < Lq * H; ++row) {
+#ifdef QD_X86
+      if (vector) {
+        qd_attention::avx512_merge_row(a, lists, partial.data(), row / H, row % H);
+        continue;
+      }
+#endif
+      qd_attention::merge_row(a, lists, partial.data(), row / H, row % H);
     }
   }
 }

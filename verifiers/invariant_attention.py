@@ -6,7 +6,10 @@ bits with its siblings and with the pass's row count, and speculation drifts fro
 plain decoding by about 1e-6 in the logits. The kernel gives every query row the
 same operations over the keys it sees, in cache order, whatever else is in the
 call; with the linear kernel (``small_linear.py``) it makes a verification pass's
-logits and KV bitwise those of plain decoding.
+logits and KV bitwise those of plain decoding. A row's keys are cut into fixed segments of 512
+(counted in the row's own keys), merged by their log-sum-exp in order: threads split a long
+context by segment, so one row's pass uses both cores and a draft's rows read each segment of
+K and V once (at a 6.7k-token context, 30 layers: 1 row 28.8 -> 23.5 ms, 5 rows 47.7 -> 29.3 ms).
 
 It runs inside ``small_linear.invariant()`` (the runtime's verification passes) on
 fp32 CPU tensors with a boolean mask, where the CPU has AVX-512 (its portable path

@@ -8,15 +8,21 @@
 // computes alone. torch's SDPA blocks keys and rows by the call's shape and
 // sums masked keys' zeros in between, which moves the rounding.
 //
-// Definition, for query row q (head h, position i), with t = 0, 1, ... over the
-// visible keys j in increasing order (kv head h / n_rep):
+// Definition, for query row q (head h, position i), over the keys j it may see in increasing
+// order, numbered t = 0, 1, ... (kv head h / n_rep), cut into segments of SEGMENT consecutive t:
+// for each segment s that holds any of them (t in [sS, sS + S)):
 //   s_t = dot(q, k_j) * scale              dot: acc = fma(q[d], k_j[d], acc) for
 //                                          d = 0, 1, ..., D - 1 from acc = +0
-//   m   = max_t s_t
-//   p_t = exp16(s_t - m)                   exp16 below, elementwise
-//   l   = tree(lane sums: lane t % 16 adds p_t in increasing t)
-//   o   = sum over t in increasing order of fma(p_t, v_j, o), per dimension
+//   m_s = max_t s_t
+//   p_t = exp16(s_t - m_s)                 exp16 below, elementwise
+//   l_s = tree(lane sums: lane t % 16 adds p_t in increasing t)
+//   o_s = sum over t in increasing order of fma(p_t, v_j, o), per dimension, from +0
+// then, over those segments in increasing s, from l = o = +0:
+//   m = max_s m_s,  w_s = exp16(m_s - m),  l = fma(w_s, l_s, l),  o = fma(w_s, o_s, o)
 //   out = o / l
+// The segments are numbered in the row's own keys, so they too depend on nothing but the row;
+// they let a long context's keys be split between threads (each segment's K and V read once for
+// every row of the call) instead of giving a whole kv head to one thread.
 // The AVX-512 path and the portable path implement it operation for operation.
 
 #pragma once
@@ -71,23 +77,42 @@ inline float exp16(float x) {
   return y * scale;
 }
 
-// Scratch of one worker thread, for one item (a block of query positions of one kv head).
+// Keys per segment (a multiple of 16, so a key's softmax lane is the same counted from the
+// segment's start or from the row's first key).
+constexpr int64_t SEGMENT = 512;
+
+// Each query position's visible keys, computed once per call and read by every item.
+struct Lists {
+  std::vector<int32_t> keys;    // [Lq][Lk]: position i's visible keys, in order
+  std::vector<int64_t> counts;  // [Lq]: how many
+  int64_t shared = 0;           // every position sees keys 0, 1, ..., shared - 1 (the cached context)
+  int64_t segments = 1;         // segments of the position that sees the most keys
+  explicit Lists(const Problem& a);
+  const int32_t* of(int64_t i, int64_t Lk) const { return keys.data() + i * Lk; }
+};
+
+// A segment's result for one row, before the merge: o (D floats), l, m.
+inline int64_t partial_stride(const Problem& a) { return a.D + 2; }
+inline float* partial_at(const Problem& a, const Lists& L, float* partial, int64_t i, int64_t h, int64_t seg) {
+  return partial + ((i * a.H + h) * L.segments + seg) * partial_stride(a);
+}
+
+// Scratch of one worker thread, for one item (one segment of one kv head, every query position).
 struct Scratch {
-  std::vector<float> p;         // [rows][Lk + 16]: scores, then softmax weights, compacted per row
+  std::vector<float> p;         // [rows][SEGMENT + 16]: scores, then softmax weights, compacted per row
   std::vector<float> o;         // [rows][D]: value sums between key blocks
-  std::vector<int32_t> keys;    // [positions][Lk]: each position's visible keys, in order
-  std::vector<int64_t> counts;  // [positions]: how many
-  std::vector<float> l;         // [rows]: softmax denominators
+  std::vector<float> l;         // [rows]: the segment's softmax denominators
+  std::vector<float> m;         // [rows]: the segment's maxima
   std::vector<float> kt;        // [D][16]: a block of 16 keys, transposed
   std::vector<float> qt;        // [D][rows]: the item's queries, transposed
-  void fit(int64_t rows, int64_t positions, int64_t Lk, int64_t D) {
+  static constexpr int64_t stride = SEGMENT + 16;
+  void fit(int64_t rows, int64_t D) {
     l.resize(static_cast<size_t>(rows));
+    m.resize(static_cast<size_t>(rows));
     kt.resize(static_cast<size_t>(D * 16));
     qt.resize(static_cast<size_t>(D * rows));
-    p.resize(static_cast<size_t>(rows * (Lk + 16)));
+    p.resize(static_cast<size_t>(rows * stride));
     o.resize(static_cast<size_t>(rows * D));
-    keys.resize(static_cast<size_t>(positions * Lk));
-    counts.resize(static_cast<size_t>(positions));
   }
 };
 
@@ -131,32 +156,69 @@ inline int64_t visible_keys(const Problem& a, int64_t i, int32_t* keys, int64_t*
   return n;
 }
 
+inline Lists::Lists(const Problem& a)
+    : keys(static_cast<size_t>(a.Lq * a.Lk)), counts(static_cast<size_t>(a.Lq)), shared(a.Lk) {
+  int64_t most = 0;
+  for (int64_t i = 0; i < a.Lq; ++i) {
+    int64_t run;
+    counts[i] = visible_keys(a, i, keys.data() + i * a.Lk, &run);
+    shared = std::min(shared, run);
+    most = std::max(most, counts[i]);
+  }
+  segments = std::max<int64_t>(1, (most + SEGMENT - 1) / SEGMENT);
+}
+
+// The merge of a row's segments (the definition's last lines), for every position and head.
+inline void merge_row(const Problem& a, const Lists& L, const float* partial, int64_t i, int64_t h) {
+  const int64_t D = a.D, used = (L.counts[i] + SEGMENT - 1) / SEGMENT;
+  const float* first = partial_at(a, L, const_cast<float*>(partial), i, h, 0);
+  float m = -INFINITY;
+  for (int64_t s = 0; s < used; ++s) m = std::max(m, first[s * partial_stride(a) + D + 1]);
+  float* out = a.out + (i * a.H + h) * D;
+  float l = 0.0f;
+  for (int64_t d = 0; d < D; ++d) out[d] = 0.0f;
+  for (int64_t s = 0; s < used; ++s) {
+    const float* seg = first + s * partial_stride(a);
+    const float w = exp16(seg[D + 1] - m);
+    l = std::fma(w, seg[D], l);
+    for (int64_t d = 0; d < D; ++d) out[d] = std::fma(w, seg[d], out[d]);
+  }
+  for (int64_t d = 0; d < D; ++d) out[d] = out[d] / l;
+}
+
 // ---------------------------------------------------------------- portable path
-// The item: kv head g, query position i, its n_rep query heads (which share the mask).
-inline void scalar_item(const Problem& a, int64_t g, int64_t i, Scratch& s) {
-  const int64_t n_rep = a.H / a.Hkv, D = a.D;
-  s.fit(1, 1, a.Lk, D);
-  const int64_t n = visible_keys(a, i, s.keys.data());
-  for (int64_t r = 0; r < n_rep; ++r) {
-    const int64_t h = g * n_rep + r;
-    const float* q = a.q + (h * a.Lq + i) * D;
-    float m = -INFINITY;
-    for (int64_t t = 0; t < n; ++t) {
-      const float score = dot(q, a.k + g * a.k_head + s.keys[t] * a.k_tok, D) * a.scale;
-      s.p[t] = score;
-      m = std::max(m, score);
-    }
-    float lanes[16] = {};
-    for (int64_t t = 0; t < n; ++t) {
-      s.p[t] = exp16(s.p[t] - m);
-      lanes[t % 16] += s.p[t];
-    }
-    const float l = tree16(lanes);
-    float* out = a.out + (i * a.H + h) * D;
-    for (int64_t d = 0; d < D; ++d) {
-      float o = 0.0f;
-      for (int64_t t = 0; t < n; ++t) o = std::fma(s.p[t], a.v[g * a.v_head + s.keys[t] * a.v_tok + d], o);
-      out[d] = o / l;
+// The item: kv head g, segment seg, every position's n_rep query heads of g.
+inline void scalar_segment(const Problem& a, const Lists& L, int64_t g, int64_t seg, float* partial,
+                           Scratch& s) {
+  const int64_t n_rep = a.H / a.Hkv, D = a.D, t0 = seg * SEGMENT;
+  s.fit(1, D);
+  for (int64_t i = 0; i < a.Lq; ++i) {
+    const int32_t* keys = L.of(i, a.Lk);
+    const int64_t t1 = std::min(t0 + SEGMENT, L.counts[i]);
+    if (t1 <= t0) continue;
+    for (int64_t r = 0; r < n_rep; ++r) {
+      const int64_t h = g * n_rep + r;
+      const float* q = a.q + (h * a.Lq + i) * D;
+      float* p = s.p.data();
+      float m = -INFINITY;
+      for (int64_t t = t0; t < t1; ++t) {
+        const float score = dot(q, a.k + g * a.k_head + keys[t] * a.k_tok, D) * a.scale;
+        p[t - t0] = score;
+        m = std::max(m, score);
+      }
+      float lanes[16] = {};
+      for (int64_t t = t0; t < t1; ++t) {
+        p[t - t0] = exp16(p[t - t0] - m);
+        lanes[t % 16] += p[t - t0];
+      }
+      float* out = partial_at(a, L, partial, i, h, seg);
+      for (int64_t d = 0; d < D; ++d) {
+        float o = 0.0f;
+        for (int64_t t = t0; t < t1; ++t) o = std::fma(p[t - t0], a.v[g * a.v_head + keys[t] * a.v_tok + d], o);
+        out[d] = o;
+      }
+      out[D] = tree16(lanes);
+      out[D + 1] = m;
     }
   }
 }
@@ -180,18 +242,14 @@ __attribute__((target("avx512f"))) inline __m512 avx512_exp16(__m512 x) {
   return _mm512_maskz_mov_ps(live, _mm512_mul_ps(y, _mm512_castsi512_ps(bits)));
 }
 
-// One item: kv head g, query positions [i0, i1), each with the n_rep query heads of g (rows
-// ordered position-major). Keys [0, c) are visible to every row (the cached context, in a
-// verification pass); their K and V blocks are loaded once for all rows. The keys each position
-// sees after c (its new tokens and draft ancestors; all of them under a sliding window) follow,
-// in order, for that position's rows.
+// One item: kv head g, segment seg (the row's keys t in [t0, t0 + SEGMENT)), every query position
+// with the n_rep query heads of g (rows ordered position-major). Keys t < L.shared are the same
+// for every row (t = j, the cached context, in a verification pass): their K and V blocks are
+// loaded once for all rows. Each position's keys after that follow, in order, for its rows.
 struct Item {
-  int64_t g, i0, i1, n_rep, rows, c;
+  int64_t g, n_rep, rows, t0;
   const float* q(const Problem& a, int64_t row) const {
-    return a.q + ((g * n_rep + row % n_rep) * a.Lq + i0 + row / n_rep) * a.D;
-  }
-  float* out(const Problem& a, int64_t row) const {
-    return a.out + ((i0 + row / n_rep) * a.H + g * n_rep + row % n_rep) * a.D;
+    return a.q + ((g * n_rep + row % n_rep) * a.Lq + row / n_rep) * a.D;
   }
 };
 
@@ -241,11 +299,11 @@ __attribute__((target("avx512f"))) void avx512_score_rows(const Problem& a, cons
   }
   const __m512 scale = _mm512_set1_ps(a.scale);
   for (int r = 0; r < G; ++r)
-    _mm512_mask_storeu_ps(s.p.data() + (row0 + r) * (a.Lk + 16) + j0, live, _mm512_mul_ps(acc[r], scale));
+    _mm512_mask_storeu_ps(s.p.data() + (row0 + r) * Scratch::stride + j0, live, _mm512_mul_ps(acc[r], scale));
 }
 
 // Scores of rows [row0, row0 + rows) for the keys keys[0..n) (n <= 16), which are those rows'
-// visible keys t0, t0 + 1, ... in compacted order: the block of K is transposed once, then each
+// visible keys it.t0 + t0, it.t0 + t0 + 1, ... in compacted order (t0 counted in the segment): the block of K is transposed once, then each
 // row's scores are 16 independent chains over d.
 __attribute__((target("avx512f"))) void avx512_block_scores(const Problem& a, const Item& it, const int32_t* keys,
                                                             int64_t n, int64_t t0, int64_t row0, int64_t rows,
@@ -283,13 +341,14 @@ __attribute__((target("avx512f"))) void avx512_block_scores(const Problem& a, co
   }
 }
 
-// Softmax weights of one row in place (compacted scores -> p_t); returns l.
-__attribute__((target("avx512f"))) inline float avx512_softmax(float* p, int64_t n) {
+// Softmax weights of one row's segment in place (compacted scores -> p_t); returns l, and m in *max.
+__attribute__((target("avx512f"))) inline float avx512_softmax(float* p, int64_t n, float* max) {
   __m512 mv = _mm512_set1_ps(-INFINITY);
   int64_t t = 0;
   for (; t + 16 <= n; t += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(p + t));
   float m = _mm512_reduce_max_ps(mv);
   for (; t < n; ++t) m = std::max(m, p[t]);
+  *max = m;
   const __m512 mb = _mm512_set1_ps(m);
   __m512 lanes = _mm512_setzero_ps();
   for (t = 0; t < n; t += 16) {
@@ -305,15 +364,15 @@ __attribute__((target("avx512f"))) inline float avx512_softmax(float* p, int64_t
   return tree16(l);
 }
 
-// o_r += p_r[t] v_j for keys j in [j0, j1) of the shared prefix (t = j there), R rows, 64
-// dimensions from d0; the sums live in the scratch between key blocks.
+// o_r += p_r[t] v_j for shared keys j in [j0, j1) (t = j there), R rows, 64 dimensions from d0;
+// the sums live in the scratch between key blocks.
 template <int R>
 __attribute__((target("avx512f"))) void avx512_values(const Problem& a, const Item& it, int64_t row0, int64_t j0,
                                                       int64_t j1, int64_t d0, Scratch& s) {
   __m512 o[R][4];
   const float* p[R];
   for (int r = 0; r < R; ++r) {
-    p[r] = s.p.data() + (row0 + r) * (a.Lk + 16);
+    p[r] = s.p.data() + (row0 + r) * Scratch::stride;
     for (int c = 0; c < 4; ++c) o[r][c] = _mm512_loadu_ps(s.o.data() + (row0 + r) * a.D + d0 + 16 * c);
   }
   for (int64_t j = j0; j < j1; ++j) {
@@ -323,7 +382,7 @@ __attribute__((target("avx512f"))) void avx512_values(const Problem& a, const It
     for (int c = 0; c < 4; ++c) vv[c] = _mm512_loadu_ps(v + 16 * c);
     #pragma GCC unroll 4
     for (int r = 0; r < R; ++r) {
-      const __m512 pb = _mm512_set1_ps(p[r][j]);
+      const __m512 pb = _mm512_set1_ps(p[r][j - it.t0]);
       #pragma GCC unroll 4
       for (int c = 0; c < 4; ++c) o[r][c] = _mm512_fmadd_ps(pb, vv[c], o[r][c]);
     }
@@ -332,7 +391,7 @@ __attribute__((target("avx512f"))) void avx512_values(const Problem& a, const It
     for (int c = 0; c < 4; ++c) _mm512_storeu_ps(s.o.data() + (row0 + r) * a.D + d0 + 16 * c, o[r][c]);
 }
 
-// Value sums of every row of the item over the prefix keys [j0, j1), four rows at a time.
+// Value sums of every row of the item over the shared keys [j0, j1), four rows at a time.
 __attribute__((target("avx512f"))) void avx512_prefix_values(const Problem& a, const Item& it, int64_t j0,
                                                              int64_t j1, Scratch& s) {
   for (int64_t row0 = 0; row0 < it.rows; row0 += 4) {
@@ -347,46 +406,74 @@ __attribute__((target("avx512f"))) void avx512_prefix_values(const Problem& a, c
   }
 }
 
-__attribute__((target("avx512f"))) inline void avx512_item(const Problem& a, int64_t g, int64_t i0, int64_t i1,
-                                                           Scratch& s) {
-  const int64_t n_rep = a.H / a.Hkv, positions = i1 - i0;
-  Item it{g, i0, i1, n_rep, n_rep * positions, a.Lk};
-  s.fit(it.rows, positions, a.Lk, a.D);
-  for (int64_t pos = 0; pos < positions; ++pos) {
-    int32_t* keys = s.keys.data() + pos * a.Lk;
-    int64_t run;
-    s.counts[pos] = visible_keys(a, i0 + pos, keys, &run);
-    it.c = std::min(it.c, run);
-  }
+__attribute__((target("avx512f"))) inline void avx512_segment(const Problem& a, const Lists& L, int64_t g,
+                                                              int64_t seg, float* partial, Scratch& s) {
+  const int64_t n_rep = a.H / a.Hkv, t0 = seg * SEGMENT, t1 = t0 + SEGMENT;
+  Item it{g, n_rep, n_rep * a.Lq, t0};
+  s.fit(it.rows, a.D);
   for (int64_t row = 0; row < it.rows; ++row) {
     const float* q = it.q(a, row);
     for (int64_t d = 0; d < a.D; ++d) s.qt[d * it.rows + row] = q[d];
   }
-  const int64_t block = key_block(a.D);
-  // Keys [0, c): every row of the item at once (every position's list starts 0, 1, 2, ...).
-  for (int64_t t0 = 0; t0 < it.c; t0 += 16)
-    avx512_block_scores(a, it, s.keys.data() + t0, std::min<int64_t>(16, it.c - t0), t0, 0, it.rows, s);
-  // Then each position's own keys, for its n_rep rows.
-  for (int64_t pos = 0; pos < positions; ++pos) {
-    const int32_t* keys = s.keys.data() + pos * a.Lk;
-    for (int64_t t0 = it.c; t0 < s.counts[pos]; t0 += 16)
-      avx512_block_scores(a, it, keys + t0, std::min<int64_t>(16, s.counts[pos] - t0), t0, pos * n_rep, n_rep, s);
+  // Shared keys in this segment: every row at once (every position's list starts 0, 1, 2, ...).
+  const int64_t shared_end = std::min(t1, L.shared);
+  for (int64_t t = t0; t < shared_end; t += 16)
+    avx512_block_scores(a, it, L.of(0, a.Lk) + t, std::min<int64_t>(16, shared_end - t), t - t0, 0, it.rows, s);
+  // Then each position's own keys in this segment, for its n_rep rows.
+  const int64_t own_start = std::max(t0, L.shared);
+  for (int64_t pos = 0; pos < a.Lq; ++pos) {
+    const int32_t* keys = L.of(pos, a.Lk);
+    const int64_t end = std::min(t1, L.counts[pos]);
+    for (int64_t t = own_start; t < end; t += 16)
+      avx512_block_scores(a, it, keys + t, std::min<int64_t>(16, end - t), t - t0, pos * n_rep, n_rep, s);
   }
-  for (int64_t row = 0; row < it.rows; ++row)
-    s.l[row] = avx512_softmax(s.p.data() + row * (a.Lk + 16), s.counts[row / n_rep]);
-  std::fill(s.o.begin(), s.o.begin() + it.rows * a.D, 0.0f);
-  for (int64_t j0 = 0; j0 < it.c; j0 += block) avx512_prefix_values(a, it, j0, std::min(it.c, j0 + block), s);
   for (int64_t row = 0; row < it.rows; ++row) {
-    const int64_t pos = row / n_rep, n = s.counts[pos];
-    const int32_t* keys = s.keys.data() + pos * a.Lk;
-    const float* p = s.p.data() + row * (a.Lk + 16);
-    float* o = s.o.data() + row * a.D;
+    const int64_t n = std::min(t1, L.counts[row / n_rep]) - t0;
+    if (n > 0) s.l[row] = avx512_softmax(s.p.data() + row * Scratch::stride, n, &s.m[row]);
+  }
+  std::fill(s.o.begin(), s.o.begin() + it.rows * a.D, 0.0f);
+  const int64_t block = key_block(a.D);
+  for (int64_t j0 = t0; j0 < shared_end; j0 += block)
+    avx512_prefix_values(a, it, j0, std::min(shared_end, j0 + block), s);
+  for (int64_t row = 0; row < it.rows; ++row) {
+    const int64_t pos = row / n_rep, end = std::min(t1, L.counts[pos]);
+    if (end <= t0) continue;
+    const int32_t* keys = L.of(pos, a.Lk);
+    const float* p = s.p.data() + row * Scratch::stride;
+    const float* o = s.o.data() + row * a.D;
+    float* out = partial_at(a, L, partial, pos, g * n_rep + row % n_rep, seg);
     for (int64_t d0 = 0; d0 < a.D; d0 += 16) {
       __m512 acc = _mm512_loadu_ps(o + d0);
-      for (int64_t t = it.c; t < n; ++t)
-        acc = _mm512_fmadd_ps(_mm512_set1_ps(p[t]), _mm512_loadu_ps(a.v + g * a.v_head + keys[t] * a.v_tok + d0), acc);
-      _mm512_storeu_ps(it.out(a, row) + d0, _mm512_div_ps(acc, _mm512_set1_ps(s.l[row])));
+      for (int64_t t = own_start; t < end; ++t)
+        acc = _mm512_fmadd_ps(_mm512_set1_ps(p[t - t0]), _mm512_loadu_ps(a.v + g * a.v_head + keys[t] * a.v_tok + d0),
+                              acc);
+      _mm512_storeu_ps(out + d0, acc);
     }
+    out[a.D] = s.l[row];
+    out[a.D + 1] = s.m[row];
+  }
+}
+
+// merge_row with the dimensions 16 at a time: the same fma per dimension, in the same order.
+__attribute__((target("avx512f"))) inline void avx512_merge_row(const Problem& a, const Lists& L,
+                                                                const float* partial, int64_t i, int64_t h) {
+  const int64_t D = a.D, used = (L.counts[i] + SEGMENT - 1) / SEGMENT;
+  const float* first = partial_at(a, L, const_cast<float*>(partial), i, h, 0);
+  float m = -INFINITY;
+  for (int64_t s = 0; s < used; ++s) m = std::max(m, first[s * partial_stride(a) + D + 1]);
+  float* out = a.out + (i * a.H + h) * D;
+  float l = 0.0f;
+  for (int64_t s = 0; s < used; ++s) {
+    const float* seg = first + s * partial_stride(a);
+    l = std::fma(exp16(seg[D + 1] - m), seg[D], l);
+  }
+  for (int64_t d0 = 0; d0 < D; d0 += 16) {
+    __m512 o = _mm512_setzero_ps();
+    for (int64_t s = 0; s < used; ++s) {
+      const float* seg = first + s * partial_stride(a);
+      o = _mm512_fmadd_ps(_mm512_set1_ps(exp16(seg[D + 1] - m)), _mm512_loadu_ps(seg + d0), o);
+    }
+    _mm512_storeu_ps(out + d0, _mm512_div_ps(o, _mm512_set1_ps(l)));
   }
 }
 #endif
