@@ -95,6 +95,8 @@ def worker(
     host: Annotated[str, typer.Option(help="address to listen on")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N]")] = None,
     dtype: Annotated[str, typer.Option(help="auto, float32 or bfloat16")] = None,
+    prefill_dtype: Annotated[str, typer.Option(
+        help="prefill products of an fp32 CPU model: auto (bf16 where the CPU has AMX), float32 or bfloat16")] = None,
     kv_budget_mb: Annotated[int, typer.Option(help="KV cache memory for all sessions")] = None,
     threads: Annotated[int, typer.Option(help="torch CPU threads (0: default)")] = None,
     max_batch: Annotated[int, typer.Option(help="sessions' steps batched into one forward pass, at most")] = None,
@@ -114,7 +116,8 @@ def worker(
     """Start a worker that holds one model and verifies drafts for the proxy."""
     _quiet_transformers()
     s = load_settings(config, model=model, worker_port=port, host=host, device=device, dtype=dtype,
-                      kv_budget_mb=kv_budget_mb, threads=threads, max_batch=max_batch, max_queue=max_queue,
+                      prefill_dtype=prefill_dtype, kv_budget_mb=kv_budget_mb, threads=threads, max_batch=max_batch,
+                      max_queue=max_queue,
                       register_with=register or None,
                       advertise=advertise, oracle_traces=[str(p) for p in oracle_traces] if oracle_traces else None,
                       pass_cost_ms=pass_cost_ms)
@@ -130,7 +133,7 @@ def worker(
     if s.threads:
         torch.set_num_threads(s.threads)
     started = time.perf_counter()
-    loaded = load_model(s.model, s.device, s.dtype)
+    loaded = load_model(s.model, s.device, s.dtype, s.prefill_dtype)
     runtime = ModelRuntime(loaded, kv_budget_bytes=s.kv_budget_mb << 20, kv_active_s=s.kv_active_s)
     if s.oracle_traces:
         from quickdraft.verifiers.oracle_target import OracleTarget
@@ -139,8 +142,9 @@ def worker(
             s.oracle_traces, loaded.tokenizer, runtime.info().tokenizer_id, runtime.turn_end_token(),
             max_prompt_tokens=runtime.context_length,
         ), s.pass_cost_ms)
+    prefill = f", prefill in {str(loaded.prefill_dtype).removeprefix('torch.')}" if loaded.prefill_dtype else ""
     logging.getLogger("quickdraft").info(
-        "loaded %s on %s (%s) in %.1f s", loaded.name, loaded.device, runtime.info().dtype,
+        "loaded %s on %s (%s%s) in %.1f s", loaded.name, loaded.device, runtime.info().dtype, prefill,
         time.perf_counter() - started,
     )
     with contextlib.suppress(KeyboardInterrupt):
@@ -433,13 +437,18 @@ def bench(
             torch.set_num_threads(threads)
         loaded = load_model(model)
         tokens = min(prefill_tokens, loaded.model.config.max_position_embeddings)
-        result = measure_prefill(loaded.model, tokens)
+        result = measure_prefill(loaded.model, tokens, bf16=loaded.invariant_linears > 0)
         table = Table("path", "seconds (median)", "per 1k tokens")
-        for path, key in (("masked SDPA", "masked_s"), ("two-pass (worker)", "two_pass_s")):
-            table.add_row(path, f"{result[key]:.2f}", f"{result[key] / tokens * 1000:.2f}")
+        rows = [("masked SDPA", "masked_s"), ("two-pass, fp32", "two_pass_s"), ("two-pass, bf16 products", "bf16_s")]
+        for path, key in rows:
+            if key in result:
+                table.add_row(path, f"{result[key]:.2f}", f"{result[key] / tokens * 1000:.2f}")
         console.print(table)
-        console.print(f"speedup {result['speedup']:.2f}x, last logits differ by at most "
+        console.print(f"two-pass vs masked: {result['speedup']:.2f}x, last logits differ by at most "
                       f"{result['max_logit_diff']:.1e}, same argmax: {result['same_argmax']}")
+        if "bf16_s" in result:
+            console.print(f"bf16 vs fp32 two-pass: {result['bf16_speedup']:.2f}x, last logits differ by at most "
+                          f"{result['bf16_max_logit_diff']:.1e}, same argmax: {result['bf16_same_argmax']}")
         _write_json(json_out, {"benchmark": "prefill", "model": model, "threads": torch.get_num_threads(),
                                **result}, kind="bench-prefill")
         return

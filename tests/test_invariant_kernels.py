@@ -232,9 +232,19 @@ class TestModel:
         # Linear layers and attention batch-invariant: log-probabilities and entropies agree to the bit.
         assert spec_stats[:24] == plain_stats[:24]
 
-    def test_many_new_tokens_with_a_draft_equal_plain_decoding(self, runtime):
+    @pytest.fixture(params=[None, torch.bfloat16], ids=["prefill-fp32", "prefill-bf16"])
+    @staticmethod
+    def prefill(request, runtime):
+        """Both prefill precisions on any CPU (auto picks bf16 only where the CPU has AMX)."""
+        saved = runtime.loaded.prefill_dtype
+        runtime.loaded.prefill_dtype = request.param
+        yield request.param
+        runtime.loaded.prefill_dtype = saved
+
+    def test_many_new_tokens_with_a_draft_equal_plain_decoding(self, runtime, prefill):
         """More new tokens than MAX_ROWS: prefilled apart from the draft's pass, the same way in both
-        modes, so none of their positions is computed by torch in one mode and the kernel in the other."""
+        modes, so none of their positions is computed by torch in one mode and the kernel in the other
+        (in bf16 products too: prefill is the same with speculation on and off)."""
         from quickdraft.verifiers.runtime import VerifyInput
 
         first = runtime.tokenize([{"role": "user", "content": "Say hello."}])
@@ -276,7 +286,7 @@ class TestModel:
         for a, b in zip(alone, packed, strict=True):
             assert a.tokens == b.tokens and a.stats == b.stats
 
-    def test_long_context_speculation_is_bitwise_plain_decoding(self, runtime):
+    def test_long_context_speculation_is_bitwise_plain_decoding(self, runtime, prefill):
         """Past ~200 cached tokens torch's SDPA made speculative logits drift from plain ones; with the
         attention kernel they stay identical at any length."""
         from quickdraft.verifiers.runtime import VerifyInput
@@ -298,3 +308,58 @@ class TestModel:
                 stats += r.stats
             outs[mode] = (out[:16], stats[:16])
         assert outs["spec"] == outs["plain"]
+
+    def test_bf16_prefill_stays_close_to_fp32(self, runtime):
+        """bf16 products in prefill move the logits a little, not the model's choices."""
+        from quickdraft.verifiers.runtime import VerifyInput
+
+        code = "\n".join(f"def g{i}(x):\n    return x + {i}" for i in range(60))
+        prompt = runtime.tokenize([{"role": "user", "content": code + "\nWhat does g5 return for x = 1?"}])
+        assert len(prompt) > 4 * small_linear.MAX_ROWS
+        outs = {}
+        saved = runtime.loaded.prefill_dtype
+        try:
+            for dtype in (None, torch.bfloat16):
+                runtime.loaded.prefill_dtype = dtype
+                r = runtime.verify(VerifyInput(f"sl-prefill-{dtype}", 0, [], prompt, top_logprobs=5))
+                outs[dtype] = r
+        finally:
+            runtime.loaded.prefill_dtype = saved
+        fp32, bf16 = outs[None].stats[0], outs[torch.bfloat16].stats[0]
+        assert outs[None].tokens == outs[torch.bfloat16].tokens
+        assert fp32.top_ids[:2] == bf16.top_ids[:2]
+        assert max(abs(a - b) for a, b in zip(fp32.top_logprobs, bf16.top_logprobs, strict=True)) < 0.25
+
+
+def test_prefill_precision_sends_large_calls_through_bf16_products():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 32)
+    small_linear.install(torch.nn.Sequential(layer))
+    x = torch.randn(small_linear.MAX_ROWS + 10, 64)
+    with torch.inference_mode():
+        fp32 = layer(x)
+        with small_linear.prefill_precision(torch.bfloat16):
+            bf16 = layer(x)
+            small = layer(x[:4])   # at most MAX_ROWS rows: the fp32 kernel as always
+            with small_linear.invariant():
+                forced = layer(x)  # a verification pass: fp32 kernel whatever its size
+    assert bf16.dtype == torch.float32
+    assert torch.equal(bf16, torch.nn.functional.linear(x.bfloat16(), layer.weight.bfloat16(),
+                                                        layer.bias.bfloat16()).float())
+    torch.testing.assert_close(bf16, fp32, rtol=0.05, atol=0.05)
+    assert torch.equal(small, small_linear.linear(x[:4], layer.weight, layer.bias))
+    assert torch.equal(forced, small_linear.linear(x, layer.weight, layer.bias))
+    assert layer.state_dict().keys() == {"weight", "bias"}
+
+
+def test_prefill_dtype_choice():
+    from quickdraft.verifiers.model_loader import pick_prefill_dtype
+
+    cpu = torch.device("cpu")
+    assert pick_prefill_dtype(cpu, torch.float32, "float32") is None
+    assert pick_prefill_dtype(cpu, torch.float32, "bfloat16") is torch.bfloat16
+    assert pick_prefill_dtype(cpu, torch.float32, "auto") is (torch.bfloat16 if small_linear.fast_bf16_cpu() else None)
+    assert pick_prefill_dtype(cpu, torch.bfloat16, "bfloat16") is None          # a bf16 model is bf16 anyway
+    assert pick_prefill_dtype(torch.device("cuda"), torch.float32, "bfloat16") is None
+    with pytest.raises(ValueError, match="prefill dtype"):
+        pick_prefill_dtype(cpu, torch.float32, "fp8")

@@ -13,7 +13,8 @@ mask and cannot skip the masked half of the chunk's own block. Such a chunk is
 computed as two mask-free flash passes (the cached prefix, then the chunk's own
 causal block) merged by their log-sum-exp, which is exact up to rounding and
 about a third faster at agent context lengths (bench/RESULTS.md). A sliding-window
-layer's chunk reads only the keys its window reaches, not the whole cache.
+layer's chunk reads only the keys its window reaches, not the whole cache. Under
+``small_linear.prefill_precision(bf16)`` a prefill chunk's attention runs in bf16 too.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.masking_utils import sdpa_mask
 
-from quickdraft.verifiers import invariant_attention
+from quickdraft.verifiers import invariant_attention, small_linear
 from quickdraft.verifiers.batching import packed_attention
 
 NAME = "quickdraft_sdpa"
@@ -42,13 +43,17 @@ def causal_chunk_attention(
     """
     batch, heads, q_len, dim = query.shape
     past = key.shape[2] - q_len
+    out_dtype = query.dtype
+    lowp = small_linear.prefill_dtype()
+    if lowp is not None and lowp != query.dtype:
+        query, key, value = query.to(lowp), key.to(lowp), value.to(lowp)
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     own_k, own_v = key[:, :, past:], value[:, :, past:]
     if n_rep > 1:  # the chunk's own block is small: expand its key/value heads rather than fold queries
         own_k, own_v = own_k.repeat_interleave(n_rep, 1), own_v.repeat_interleave(n_rep, 1)
     out_own, lse_own = flash(query, own_k, own_v, 0.0, True, scale=scaling)
     if past == 0:
-        return out_own
+        return out_own.to(out_dtype)
     folded = query.reshape(batch, heads // n_rep, n_rep * q_len, dim)
     out_past, lse_past = flash(folded, key[:, :, :past], value[:, :, :past], 0.0, False, scale=scaling)
     out_past = out_past.reshape(batch, heads, q_len, dim)
@@ -56,8 +61,8 @@ def causal_chunk_attention(
     top = torch.maximum(lse_past, lse_own)
     w_past = torch.exp(lse_past - top).unsqueeze(-1)
     w_own = torch.exp(lse_own - top).unsqueeze(-1)
-    # The log-sum-exps are fp32 whatever the query's dtype: merge in fp32, hand back the query's.
-    return ((out_past * w_past + out_own * w_own) / (w_past + w_own)).to(query.dtype)
+    # The log-sum-exps are fp32 whatever the query's dtype: merge in fp32, hand back the caller's.
+    return ((out_past * w_past + out_own * w_own) / (w_past + w_own)).to(out_dtype)
 
 
 def grouped_sdpa(

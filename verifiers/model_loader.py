@@ -30,6 +30,8 @@ class LoadedModel:
     dtype: torch.dtype
     # Linear layers routed through the batch-invariant kernel (verifiers/small_linear.py); 0: none.
     invariant_linears: int = 0
+    # Precision of prefill chunks' matrix products when it differs from ``dtype`` (None: the same).
+    prefill_dtype: torch.dtype | None = None
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -67,7 +69,20 @@ def _convert_gguf(name: str) -> str:
     return str(target)
 
 
-def load_model(name: str, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+def pick_prefill_dtype(device: torch.device, dtype: torch.dtype, prefill_dtype: str = "auto") -> torch.dtype | None:
+    """bf16 prefill products for an fp32 CPU model where the CPU has AMX (auto), or when asked.
+    Prefill is the same with speculation on and off, so either choice keeps them identical;
+    bf16 shortens every call's time to first token (bench/RESULTS.md)."""
+    if device.type != "cpu" or dtype != torch.float32 or prefill_dtype == "float32":
+        return None
+    if prefill_dtype == "bfloat16" or (prefill_dtype == "auto" and small_linear.fast_bf16_cpu()):
+        return torch.bfloat16
+    if prefill_dtype != "auto":
+        raise ValueError(f"prefill dtype {prefill_dtype!r}: use auto, float32 or bfloat16")
+    return None
+
+
+def load_model(name: str, device: str = "auto", dtype: str = "auto", prefill_dtype: str = "auto") -> LoadedModel:
     spec = resolve(name)
     dev = pick_device(device)
     dt = pick_dtype(dev, dtype)
@@ -81,4 +96,4 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto") -> LoadedMo
     if invariant:
         log.info("%d linear layers use the batch-invariant %s kernel", invariant, small_linear.isa())
     tokenizer = load_tokenizer(name)
-    return LoadedModel(spec.name, model, tokenizer, dev, dt, invariant)
+    return LoadedModel(spec.name, model, tokenizer, dev, dt, invariant, pick_prefill_dtype(dev, dt, prefill_dtype))

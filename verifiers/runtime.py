@@ -324,8 +324,9 @@ class ModelRuntime:
             past = cache_length(session.cache)
             ids = torch.tensor([chunk], dtype=torch.long, device=dev)
             pos = torch.arange(past, past + len(chunk), device=dev)[None]
-            self.model(input_ids=ids, position_ids=pos, cache=session.cache, use_cache=True, logits_to_keep=1,
-                       **self._prefill_kwargs)
+            with small_linear.prefill_precision(self.loaded.prefill_dtype):
+                self.model(input_ids=ids, position_ids=pos, cache=session.cache, use_cache=True, logits_to_keep=1,
+                           **self._prefill_kwargs)
             session.tokens.extend(chunk)
         return feed[cut:]
 
