@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 # Positions scored per pass, bucketed (upper bounds): the cost curve is flat at
 # first (weights are read once per pass) and linear once compute dominates.
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
-SIZES = (0, 1, 2, 4, 8, 16, 32, 64)
 EXPLORE_UP_TO = 32  # positions: unmeasured pass sizes up to this are predicted optimistically
 STALE_AFTER = 256   # passes: a size not measured for this long counts as unmeasured again
 
@@ -80,7 +79,14 @@ class PassCost:
         measured. Only sizes of one session's draft are explored this way: at batch sizes where
         compute dominates, the line is the better guess and a wrong optimistic one would cost
         every session."""
+        return self._predict(self.known(), tokens)
+
+    def predictor(self):
+        """``predict`` for many sizes against one snapshot of the curve (the sizer asks for each)."""
         points = self.known()
+        return lambda tokens: self._predict(points, tokens)
+
+    def _predict(self, points: list[tuple[float, float]], tokens: int) -> float | None:
         if not points:
             return None
         if len(points) == 1:
@@ -144,8 +150,11 @@ def choose_draft_size(probs: list[float], ratio: float, batch_size: int, cost: P
     for p in probs:
         prefix.append(prefix[-1] + p)
     best_size, best_rate = 0, None
-    for k in [k for k in SIZES if k < len(probs)] + [len(probs)]:
-        ms = cost.predict(b * (1 + k))
+    predict = cost.predictor()
+    # Every prefix is a candidate, so a draft is cut where its next node stops paying (the pass cost
+    # between measured sizes is interpolated), not only at a power of two.
+    for k in range(len(probs) + 1):
+        ms = predict(b * (1 + k))
         if ms is None:
             return len(probs)  # nothing measured yet: send the whole tree and learn
         rate = b * (1.0 + ratio * prefix[k]) / ms

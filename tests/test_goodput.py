@@ -13,7 +13,7 @@ def cost_curve(points):
 
 # Shaped like SmolLM2 on two CPU cores: one row is a matrix-vector product, a few rows cost
 # a little more, and past a few dozen rows every row adds compute.
-CPU = cost_curve([(1, 73), (2, 112), (9, 122), (17, 142), (64, 330), (128, 600), (512, 2200)])
+CPU = cost_curve([(1, 73), (2, 112), (4, 116), (8, 121), (9, 122), (17, 142), (64, 330), (128, 600), (512, 2200)])
 CONFIDENT = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2]
 DOUBTFUL = [0.2, 0.05, 0.04, 0.03, 0.02, 0.02, 0.01, 0.01]
 
@@ -108,3 +108,8 @@ def test_with_only_small_sizes_measured_a_larger_draft_is_still_tried():
     cost = cost_curve([(1, 60), (2, 90)])
     assert cost.predict(9) == 90
     assert choose_draft_size(CONFIDENT, 1.0, 1, cost) == 8
+
+
+def test_a_draft_is_cut_where_its_next_node_stops_paying_not_at_a_power_of_two():
+    # Five near-certain nodes, then three long shots: send the five.
+    assert choose_draft_size([0.95] * 5 + [0.02] * 3, 1.0, 1, CPU) == 5
