@@ -17,7 +17,10 @@ With ``warm=N`` the proxy starts the way a long-running one would: the tenant's
 earlier responses (the last N trajectories of the set, oracle-replayed into a
 Redis response log under a prefix of this run's own) are what its drafters begin
 with. The benchmarked calls come from the first trajectories; the report says if
-any of them was also a warm-up trajectory.
+any of them was also a warm-up trajectory. Each text warms a log of its own: a proxy
+that replayed the model's text has seen the later calls' prompts, which hold the very
+responses the oracle text then replays, and what it learned would reach the next
+proxy through a shared log.
 """
 
 from __future__ import annotations
@@ -157,11 +160,11 @@ def run_e2e(paths: Sequence[pathlib.Path], texts: Sequence[str] = TEXTS, model: 
     for text in texts:
         if text not in TEXTS:
             raise ValueError(f"unknown text {text!r}; use {', '.join(TEXTS)}")
-    with contextlib.ExitStack() as stack:
-        warmed = stack.enter_context(_warm_log(paths, warm, redis_url, model)) if warm else None
-        if warmed is not None:
-            out["warm_output_tokens"] = warmed["output_tokens"]
-        for text in texts:
+    for text in texts:
+        with contextlib.ExitStack() as stack:
+            warmed = stack.enter_context(_warm_log(paths, warm, redis_url, model)) if warm else None
+            if warmed is not None:
+                out["warm_output_tokens"] = warmed["output_tokens"]
             with _stack(model, paths if text == "oracle" else None, threads, device, log_dir / text,
                         warmed["env"] if warmed else None) as proxy:
                 report = replay_live(paths, proxy=proxy, max_calls=max_calls, max_new_tokens=max_new_tokens,
