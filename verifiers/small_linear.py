@@ -55,31 +55,29 @@ def isa() -> str | None:
 
 def forced() -> bool:
     """Whether this thread is inside ``invariant()``."""
-    return getattr(_state, "forced", False)
+    return bool(getattr(_state, "forced", False))
 
 
 @contextlib.contextmanager
-def invariant() -> Iterator[None]:
+def _thread_setting(name: str, value: object) -> Iterator[None]:
+    previous = getattr(_state, name, None)
+    setattr(_state, name, value)
+    try:
+        yield
+    finally:
+        setattr(_state, name, previous)
+
+
+def invariant() -> contextlib.AbstractContextManager[None]:
     """Every installed linear layer called in this block (on this thread) uses the kernel, and so
     does attention where it can (``invariant_attention.py``)."""
-    previous = getattr(_state, "forced", False)
-    _state.forced = True
-    try:
-        yield
-    finally:
-        _state.forced = previous
+    return _thread_setting("forced", True)
 
 
-@contextlib.contextmanager
-def prefill_precision(dtype: torch.dtype | None) -> Iterator[None]:
+def prefill_precision(dtype: torch.dtype | None) -> contextlib.AbstractContextManager[None]:
     """Large calls outside ``invariant()`` in this block (on this thread) multiply in ``dtype``;
     None: in the layer's own dtype. Attention of prefill chunks follows it (``attention.py``)."""
-    previous = getattr(_state, "prefill_dtype", None)
-    _state.prefill_dtype = dtype
-    try:
-        yield
-    finally:
-        _state.prefill_dtype = previous
+    return _thread_setting("prefill_dtype", dtype)
 
 
 def prefill_dtype() -> torch.dtype | None:

@@ -168,18 +168,30 @@ inline Lists::Lists(const Problem& a)
   segments = std::max<int64_t>(1, (most + SEGMENT - 1) / SEGMENT);
 }
 
-// The merge of a row's segments (the definition's last lines), for every position and head.
+// A row's segment results, for the merge (the definition's last lines): where they are, how many
+// the row has, and their largest maximum.
+struct RowSegments {
+  const float* first;
+  int64_t used, stride;
+  float m;
+  RowSegments(const Problem& a, const Lists& L, const float* partial, int64_t i, int64_t h)
+      : first(partial_at(a, L, const_cast<float*>(partial), i, h, 0)),
+        used((L.counts[i] + SEGMENT - 1) / SEGMENT), stride(partial_stride(a)), m(-INFINITY) {
+    for (int64_t s = 0; s < used; ++s) m = std::max(m, at(s)[a.D + 1]);
+  }
+  const float* at(int64_t s) const { return first + s * stride; }
+};
+
+// The merge of a row's segments, for every position and head.
 inline void merge_row(const Problem& a, const Lists& L, const float* partial, int64_t i, int64_t h) {
-  const int64_t D = a.D, used = (L.counts[i] + SEGMENT - 1) / SEGMENT;
-  const float* first = partial_at(a, L, const_cast<float*>(partial), i, h, 0);
-  float m = -INFINITY;
-  for (int64_t s = 0; s < used; ++s) m = std::max(m, first[s * partial_stride(a) + D + 1]);
+  const int64_t D = a.D;
+  const RowSegments r(a, L, partial, i, h);
   float* out = a.out + (i * a.H + h) * D;
   float l = 0.0f;
   for (int64_t d = 0; d < D; ++d) out[d] = 0.0f;
-  for (int64_t s = 0; s < used; ++s) {
-    const float* seg = first + s * partial_stride(a);
-    const float w = exp16(seg[D + 1] - m);
+  for (int64_t s = 0; s < r.used; ++s) {
+    const float* seg = r.at(s);
+    const float w = exp16(seg[D + 1] - r.m);
     l = std::fma(w, seg[D], l);
     for (int64_t d = 0; d < D; ++d) out[d] = std::fma(w, seg[d], out[d]);
   }
@@ -457,22 +469,15 @@ __attribute__((target("avx512f"))) inline void avx512_segment(const Problem& a, 
 // merge_row with the dimensions 16 at a time: the same fma per dimension, in the same order.
 __attribute__((target("avx512f"))) inline void avx512_merge_row(const Problem& a, const Lists& L,
                                                                 const float* partial, int64_t i, int64_t h) {
-  const int64_t D = a.D, used = (L.counts[i] + SEGMENT - 1) / SEGMENT;
-  const float* first = partial_at(a, L, const_cast<float*>(partial), i, h, 0);
-  float m = -INFINITY;
-  for (int64_t s = 0; s < used; ++s) m = std::max(m, first[s * partial_stride(a) + D + 1]);
+  const int64_t D = a.D;
+  const RowSegments r(a, L, partial, i, h);
   float* out = a.out + (i * a.H + h) * D;
   float l = 0.0f;
-  for (int64_t s = 0; s < used; ++s) {
-    const float* seg = first + s * partial_stride(a);
-    l = std::fma(exp16(seg[D + 1] - m), seg[D], l);
-  }
+  for (int64_t s = 0; s < r.used; ++s) l = std::fma(exp16(r.at(s)[D + 1] - r.m), r.at(s)[D], l);
   for (int64_t d0 = 0; d0 < D; d0 += 16) {
     __m512 o = _mm512_setzero_ps();
-    for (int64_t s = 0; s < used; ++s) {
-      const float* seg = first + s * partial_stride(a);
-      o = _mm512_fmadd_ps(_mm512_set1_ps(exp16(seg[D + 1] - m)), _mm512_loadu_ps(seg + d0), o);
-    }
+    for (int64_t s = 0; s < r.used; ++s)
+      o = _mm512_fmadd_ps(_mm512_set1_ps(exp16(r.at(s)[D + 1] - r.m)), _mm512_loadu_ps(r.at(s) + d0), o);
     _mm512_storeu_ps(out + d0, _mm512_div_ps(o, _mm512_set1_ps(l)));
   }
 }
