@@ -79,19 +79,19 @@ class PassCost:
         measured. Only sizes of one session's draft are explored this way: at batch sizes where
         compute dominates, the line is the better guess and a wrong optimistic one would cost
         every session."""
-        return self._predict(self.known(), tokens)
+        return self.predictor()(tokens)
 
     def predictor(self):
         """``predict`` for many sizes against one snapshot of the curve (the sizer asks for each)."""
         points = self.known()
-        return lambda tokens: self._predict(points, tokens)
+        xs = [x for x, _ in points]
+        return lambda tokens: self._predict(points, xs, tokens)
 
-    def _predict(self, points: list[tuple[float, float]], tokens: int) -> float | None:
+    def _predict(self, points: list[tuple[float, float]], xs: list[float], tokens: int) -> float | None:
         if not points:
             return None
         if len(points) == 1:
             return points[0][1]
-        xs = [x for x, _ in points]
         if tokens <= EXPLORE_UP_TO and _bucket(tokens) not in self._ms:
             below = [ms for x, ms in points if x <= tokens]
             return below[-1] if below else points[0][1]

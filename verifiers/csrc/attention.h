@@ -93,8 +93,8 @@ struct Lists {
 
 // A segment's result for one row, before the merge: o (D floats), l, m.
 inline int64_t partial_stride(const Problem& a) { return a.D + 2; }
-inline float* partial_at(const Problem& a, const Lists& L, float* partial, int64_t i, int64_t h, int64_t seg) {
-  return partial + ((i * a.H + h) * L.segments + seg) * partial_stride(a);
+inline int64_t partial_offset(const Problem& a, const Lists& L, int64_t i, int64_t h, int64_t seg) {
+  return ((i * a.H + h) * L.segments + seg) * partial_stride(a);
 }
 
 // Scratch of one worker thread, for one item (one segment of one kv head, every query position).
@@ -124,10 +124,9 @@ inline float dot(const float* q, const float* k, int64_t D) {
   return acc;
 }
 
-// The keys position i sees, in order; *run (if given) gets how many leading keys 0, 1, 2, ...
-// it sees. The mask holds 0/1 bytes and is mostly ones (the cached context): eight at a time
+// The keys position i sees, in order; run gets how many leading keys 0, 1, 2, ... it sees. The mask holds 0/1 bytes and is mostly ones (the cached context): eight at a time
 // while they are all ones.
-inline int64_t visible_keys(const Problem& a, int64_t i, int32_t* keys, int64_t* run = nullptr) {
+inline int64_t visible_keys(const Problem& a, int64_t i, int32_t* keys, int64_t& run) {
   const uint8_t* row = a.mask + i * a.mask_row;
   constexpr uint64_t ALL = 0x0101010101010101ULL;
   int64_t n = 0, j = 0;
@@ -139,7 +138,7 @@ inline int64_t visible_keys(const Problem& a, int64_t i, int32_t* keys, int64_t*
     n += 8;
   }
   while (j < a.Lk && row[j]) keys[n++] = static_cast<int32_t>(j++);
-  if (run) *run = n;
+  run = n;
   for (; j + 8 <= a.Lk; j += 8) {
     uint64_t word;
     std::memcpy(&word, row + j, sizeof word);
@@ -161,7 +160,7 @@ inline Lists::Lists(const Problem& a)
   int64_t most = 0;
   for (int64_t i = 0; i < a.Lq; ++i) {
     int64_t run;
-    counts[i] = visible_keys(a, i, keys.data() + i * a.Lk, &run);
+    counts[i] = visible_keys(a, i, keys.data() + i * a.Lk, run);
     shared = std::min(shared, run);
     most = std::max(most, counts[i]);
   }
@@ -175,7 +174,7 @@ struct RowSegments {
   int64_t used, stride;
   float m;
   RowSegments(const Problem& a, const Lists& L, const float* partial, int64_t i, int64_t h)
-      : first(partial_at(a, L, const_cast<float*>(partial), i, h, 0)),
+      : first(partial + partial_offset(a, L, i, h, 0)),
         used((L.counts[i] + SEGMENT - 1) / SEGMENT), stride(partial_stride(a)), m(-INFINITY) {
     for (int64_t s = 0; s < used; ++s) m = std::max(m, at(s)[a.D + 1]);
   }
@@ -223,7 +222,7 @@ inline void scalar_segment(const Problem& a, const Lists& L, int64_t g, int64_t 
         p[t - t0] = exp16(p[t - t0] - m);
         lanes[t % 16] += p[t - t0];
       }
-      float* out = partial_at(a, L, partial, i, h, seg);
+      float* out = partial + partial_offset(a, L, i, h, seg);
       for (int64_t d = 0; d < D; ++d) {
         float o = 0.0f;
         for (int64_t t = t0; t < t1; ++t) o = std::fma(p[t - t0], a.v[g * a.v_head + keys[t] * a.v_tok + d], o);
@@ -453,7 +452,7 @@ __attribute__((target("avx512f"))) inline void avx512_segment(const Problem& a, 
     const int32_t* keys = L.of(pos, a.Lk);
     const float* p = s.p.data() + row * Scratch::stride;
     const float* o = s.o.data() + row * a.D;
-    float* out = partial_at(a, L, partial, pos, g * n_rep + row % n_rep, seg);
+    float* out = partial + partial_offset(a, L, pos, g * n_rep + row % n_rep, seg);
     for (int64_t d0 = 0; d0 < a.D; d0 += 16) {
       __m512 acc = _mm512_loadu_ps(o + d0);
       for (int64_t t = own_start; t < end; ++t)
