@@ -97,6 +97,9 @@ def worker(
     dtype: Annotated[str, typer.Option(help="auto, float32 or bfloat16")] = None,
     prefill_dtype: Annotated[str, typer.Option(
         help="prefill products of an fp32 CPU model: auto (bf16 where the CPU has AMX), float32 or bfloat16")] = None,
+    decode_dtype: Annotated[str, typer.Option(
+        help="verification passes' products of an fp32 CPU model: auto (bf16 on AMX tiles where the CPU has them), "
+             "float32 or bfloat16")] = None,
     kv_budget_mb: Annotated[int, typer.Option(help="KV cache memory for all sessions")] = None,
     threads: Annotated[int, typer.Option(help="torch CPU threads (0: default)")] = None,
     max_batch: Annotated[int, typer.Option(help="sessions' steps batched into one forward pass, at most")] = None,
@@ -116,8 +119,8 @@ def worker(
     """Start a worker that holds one model and verifies drafts for the proxy."""
     _quiet_transformers()
     s = load_settings(config, model=model, worker_port=port, host=host, device=device, dtype=dtype,
-                      prefill_dtype=prefill_dtype, kv_budget_mb=kv_budget_mb, threads=threads, max_batch=max_batch,
-                      max_queue=max_queue,
+                      prefill_dtype=prefill_dtype, decode_dtype=decode_dtype, kv_budget_mb=kv_budget_mb,
+                      threads=threads, max_batch=max_batch, max_queue=max_queue,
                       register_with=register or None,
                       advertise=advertise, oracle_traces=[str(p) for p in oracle_traces] if oracle_traces else None,
                       pass_cost_ms=pass_cost_ms)
@@ -133,7 +136,7 @@ def worker(
     if s.threads:
         torch.set_num_threads(s.threads)
     started = time.perf_counter()
-    loaded = load_model(s.model, s.device, s.dtype, s.prefill_dtype)
+    loaded = load_model(s.model, s.device, s.dtype, s.prefill_dtype, s.decode_dtype)
     runtime = ModelRuntime(loaded, kv_budget_bytes=s.kv_budget_mb << 20, kv_active_s=s.kv_active_s)
     if s.oracle_traces:
         from quickdraft.verifiers.oracle_target import OracleTarget
@@ -142,7 +145,8 @@ def worker(
             s.oracle_traces, loaded.tokenizer, runtime.info().tokenizer_id, runtime.turn_end_token(),
             max_prompt_tokens=runtime.context_length,
         ), s.pass_cost_ms)
-    prefill = f", prefill in {str(loaded.prefill_dtype).removeprefix('torch.')}" if loaded.prefill_dtype else ""
+    prefill = "".join(f", {what} in {str(dt).removeprefix('torch.')}" for what, dt in
+                      (("prefill", loaded.prefill_dtype), ("passes", loaded.decode_dtype)) if dt is not None)
     logging.getLogger("quickdraft").info(
         "loaded %s on %s (%s%s) in %.1f s", loaded.name, loaded.device, runtime.info().dtype, prefill,
         time.perf_counter() - started,

@@ -108,6 +108,65 @@ def test_installed_layers_route_small_calls_and_forced_passes_to_the_kernel():
     assert net[0].weight.grad is not None
 
 
+def _bf16_within_fp32_rounding(y, x, w, b=None):
+    """Whether y is the sum of the bf16-rounded products up to fp32 accumulation: at most one rounding
+    per product added and one for the bias, each within 2^-24 of the running magnitude."""
+    xb, wb = x.bfloat16().double(), w.bfloat16().double()
+    exact = xb @ wb.T + (0 if b is None else b.double())
+    bound = (xb.abs() @ wb.abs().T + (0 if b is None else b.double().abs())) * (x.shape[1] + 1) * 2.0 ** -24
+    return bool(((y.double() - exact).abs() <= bound + 1e-30).all())
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_bf16_packing_holds_the_weights_and_the_reference_sums_them(shape):
+    # Runs on any CPU: the plain C++ reference reads the packed tiles, so the layout is checked even
+    # where there are no AMX tiles to run.
+    w, b, x = _linear_problem(shape, rows=9, seed=13)
+    packed = small_linear.pack_bf16(w)
+    assert packed.numel() == (shape[0] + 15) // 16 * 16 * ((shape[1] + 31) // 32 * 32)
+    for bias in (None, b):
+        assert _bf16_within_fp32_rounding(small_linear.linear_bf16(x, packed, shape[0], bias, reference=True),
+                                          x, w, bias)
+
+
+@pytest.mark.skipif(not small_linear.amx_available(), reason="the bf16 tile kernel needs a CPU with AMX tiles")
+@pytest.mark.parametrize("shape", SHAPES)
+def test_bf16_tile_rows_are_bitwise_the_same_alone_and_in_any_batch(shape):
+    out_f = shape[0]
+    w, b, x = _linear_problem(shape, rows=40, seed=17)
+    packed = small_linear.pack_bf16(w)
+    for bias in (None, b):
+        full = small_linear.linear_bf16(x, packed, out_f, bias)
+        assert _bf16_within_fp32_rounding(full, x, w, bias)
+        for m in range(40):
+            assert torch.equal(small_linear.linear_bf16(x[m:m + 1], packed, out_f, bias, threads=1)[0], full[m])
+        # Rows in one tile, exactly a tile, across tiles (16 rows each); any thread count.
+        for rows in (2, 5, 15, 16, 17, 33):
+            for threads in (1, 2, 3):
+                assert torch.equal(small_linear.linear_bf16(x[:rows], packed, out_f, bias, threads), full[:rows])
+
+
+def test_installed_layers_take_the_bf16_tiles_when_switched_on():
+    gen = torch.Generator().manual_seed(19)
+    net = torch.nn.Sequential(torch.nn.Linear(48, 40), torch.nn.ReLU(), torch.nn.Linear(40, 8, bias=False))
+    small_linear.install(net)
+    x = torch.randn(5, 48, generator=gen)
+    if not small_linear.amx_available():
+        with pytest.raises(RuntimeError, match="AMX"):
+            small_linear.use_bf16_kernel(net)
+        return
+    assert small_linear.use_bf16_kernel(net) == 2
+    layer = net[0]
+    with torch.inference_mode():
+        tiles = layer(x)
+        assert torch.equal(tiles, small_linear.linear_bf16(x, small_linear.pack_bf16(layer.weight), 40, layer.bias))
+        assert not torch.equal(tiles, kernel(x, layer.weight, layer.bias))  # inputs rounded to bf16
+        torch.testing.assert_close(tiles, kernel(x, layer.weight, layer.bias), rtol=0.02, atol=0.02)
+        assert small_linear.use_bf16_kernel(net, on=False) == 2
+        assert torch.equal(layer(x), kernel(x, layer.weight, layer.bias))
+    assert layer.state_dict().keys() == {"weight", "bias"}
+
+
 def attention(q, k, v, mask, isa="auto", threads=2):
     """q [heads, q_len, dim]; k, v [kv_heads, k_len, dim] (strided views allowed); mask bool [q_len, k_len]."""
     heads, q_len, dim = q.shape
@@ -179,6 +238,28 @@ def test_an_attention_row_sees_only_its_keys(model, past, window):
     torch.testing.assert_close(full, reference, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.skipif(not _kernels.amx_attention_supported(), reason="the bf16 tile attention needs AMX tiles")
+@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("past,window", [(0, 0), (37, 0), (100, 0), (700, 40), (1500, 0), (1500, 600)])
+def test_a_tile_attention_row_is_the_same_alone_and_in_a_draft_tree(model, past, window):
+    # The tile kernel takes a row's keys from the cache when every row shares them and gathers them
+    # for a draft's own keys; either way each element sees the same inputs, so a draft node computes
+    # what the same token computes alone (plain decoding), with any thread count.
+    n_rep, kv_heads, dim = model
+    q, k, v, mask = tree_case(past, *model, seed=past + 1, window=window)
+    full = attention(q, k, v, mask, isa="amx")
+    for row in range(q.shape[1]):
+        seen = mask[row].nonzero().flatten()
+        alone = attention(q[:, row:row + 1], k[:, seen], v[:, seen], torch.ones(1, len(seen), dtype=torch.bool),
+                          isa="amx")
+        assert torch.equal(alone[0], full[row])
+        assert torch.equal(attention(q[:, row:row + 1], k, v, mask[row:row + 1], isa="amx", threads=1)[0], full[row])
+    # bf16 products: close to the fp32 kernel, not equal to it.
+    fp32 = attention(q, k, v, mask)
+    assert not torch.equal(full, fp32)
+    torch.testing.assert_close(full, fp32, rtol=0.05, atol=0.03)
+
+
 def test_attention_refuses_shapes_it_does_not_handle():
     q, k, v, mask = tree_case(4)
     with pytest.raises(ValueError, match="multiple of kv heads"):
@@ -204,13 +285,24 @@ class TestModel:
         assert loaded.invariant_linears == 30 * 7 + 1  # every projection and the (tied) head
         return ModelRuntime(loaded, kv_budget_bytes=1 << 30)
 
-    def test_speculative_greedy_is_plain_greedy_and_stats_are_bitwise(self, runtime):
+    @pytest.fixture(params=["fp32"] + (["bf16-tiles"] if small_linear.amx_available() else []))
+    @staticmethod
+    def kernel(request, runtime):
+        """Both kernels where the CPU has AMX tiles (auto picks the bf16 one there), the fp32 one elsewhere."""
+        from quickdraft.verifiers.model_loader import set_decode_dtype
+
+        saved = runtime.loaded.decode_dtype
+        set_decode_dtype(runtime.loaded, torch.bfloat16 if request.param == "bf16-tiles" else None)
+        yield request.param
+        set_decode_dtype(runtime.loaded, saved)
+
+    def test_speculative_greedy_is_plain_greedy_and_stats_are_bitwise(self, runtime, kernel):
         from quickdraft.verifiers.runtime import VerifyInput
 
         prompt = runtime.tokenize([{"role": "user", "content": "List five prime numbers and explain why."}])
         known, hist, plain, plain_stats = 0, list(prompt), [], []
         while len(plain) < 24:
-            r = runtime.verify(VerifyInput("sl-plain", known, hist[max(0, known - 16):known], hist[known:],
+            r = runtime.verify(VerifyInput(f"sl-plain-{kernel}", known, hist[max(0, known - 16):known], hist[known:],
                                            top_logprobs=3))
             known, hist = r.cached_len, hist + r.tokens
             plain += r.tokens
@@ -221,8 +313,8 @@ class TestModel:
             # A wrong first sibling, the right path, a wrong leaf: draft rows beside the real ones.
             tokens = [(right[0] + 9) % 49152, *right, (right[-1] + 4) % 49152]
             parents = [-1, -1, *range(1, len(right)), 1]
-            r = runtime.verify(VerifyInput("sl-spec", known, hist[max(0, known - 16):known], hist[known:], tokens,
-                                           parents, top_logprobs=3))
+            r = runtime.verify(VerifyInput(f"sl-spec-{kernel}", known, hist[max(0, known - 16):known], hist[known:],
+                                           tokens, parents, top_logprobs=3))
             known, hist = r.cached_len, hist + r.tokens
             spec += r.tokens
             spec_stats += r.stats
@@ -286,7 +378,7 @@ class TestModel:
         for a, b in zip(alone, packed, strict=True):
             assert a.tokens == b.tokens and a.stats == b.stats
 
-    def test_long_context_speculation_is_bitwise_plain_decoding(self, runtime, prefill):
+    def test_long_context_speculation_is_bitwise_plain_decoding(self, runtime, prefill, kernel):
         """Past ~200 cached tokens torch's SDPA made speculative logits drift from plain ones; with the
         attention kernel they stay identical at any length."""
         from quickdraft.verifiers.runtime import VerifyInput
@@ -301,7 +393,8 @@ class TestModel:
                 right = outs["plain"][0][len(out):len(out) + 5] if mode == "spec" else []
                 tokens = [(right[0] + 1) % 49152, *right] if right else []
                 parents = [-1, -1, *range(1, len(right))] if right else []
-                r = runtime.verify(VerifyInput(f"sl-long-{mode}", known, hist[max(0, known - 16):known],
+                r = runtime.verify(VerifyInput(f"sl-long-{mode}-{prefill}-{kernel}", known,
+                                               hist[max(0, known - 16):known],
                                                hist[known:], tokens, parents, top_logprobs=2))
                 known, hist = r.cached_len, hist + r.tokens
                 out += r.tokens
@@ -318,6 +411,11 @@ class TestModel:
         assert len(prompt) > 4 * small_linear.MAX_ROWS
         outs = {}
         saved = runtime.loaded.prefill_dtype
+        # The fp32 kernels for the passes, so that the prefill's precision is the only difference.
+        from quickdraft.verifiers.model_loader import set_decode_dtype
+
+        saved_decode = runtime.loaded.decode_dtype
+        set_decode_dtype(runtime.loaded, None)
         try:
             for dtype in (None, torch.bfloat16):
                 runtime.loaded.prefill_dtype = dtype
@@ -325,6 +423,7 @@ class TestModel:
                 outs[dtype] = r
         finally:
             runtime.loaded.prefill_dtype = saved
+            set_decode_dtype(runtime.loaded, saved_decode)
         fp32, bf16 = outs[None].stats[0], outs[torch.bfloat16].stats[0]
         assert outs[None].tokens == outs[torch.bfloat16].tokens
         assert fp32.top_ids[:2] == bf16.top_ids[:2]
@@ -350,6 +449,17 @@ def test_prefill_precision_sends_large_calls_through_bf16_products():
     assert torch.equal(small, small_linear.linear(x[:4], layer.weight, layer.bias))
     assert torch.equal(forced, small_linear.linear(x, layer.weight, layer.bias))
     assert layer.state_dict().keys() == {"weight", "bias"}
+
+
+def test_decode_dtype_choice():
+    from quickdraft.verifiers.model_loader import pick_decode_dtype
+
+    assert pick_decode_dtype(211, "float32") is None
+    assert pick_decode_dtype(0, "bfloat16") is None      # no kernel installed (CUDA, a bf16 model)
+    assert pick_decode_dtype(211, "bfloat16") is torch.bfloat16
+    assert pick_decode_dtype(211, "auto") is (torch.bfloat16 if small_linear.amx_available() else None)
+    with pytest.raises(ValueError, match="decode dtype"):
+        pick_decode_dtype(211, "fp8")
 
 
 def test_prefill_dtype_choice():

@@ -23,7 +23,9 @@
 
 #include <omp.h>
 
+#include "csrc/amx_linear.h"
 #include "csrc/attention.h"
+#include "csrc/attention_amx.h"
 #include "csrc/reduce.h"
 
 #include <algorithm>
@@ -326,6 +328,45 @@ void linear(uintptr_t x, uintptr_t w, uintptr_t b, uintptr_t y, int64_t M, int64
   run(p, threads, fn);
 }
 
+
+// ---------------------------------------------------------------- bf16 linear on AMX tiles
+int64_t packed_bf16_elements(int64_t N, int64_t K) { return qd_amx::Layout(N, K).packed_elements(); }
+
+void pack_bf16(uintptr_t w, uintptr_t out, int64_t N, int64_t K) {
+  if (N <= 0 || K <= 0) throw std::invalid_argument("empty weight");
+  py::gil_scoped_release release;
+  qd_amx::pack(reinterpret_cast<const float*>(w), N, K, reinterpret_cast<uint16_t*>(out));
+}
+
+void linear_bf16(uintptr_t x, uintptr_t w, uintptr_t b, uintptr_t y, int64_t M, int64_t N, int64_t K, int threads,
+                 bool reference) {
+  if (M < 0 || N <= 0 || K <= 0) throw std::invalid_argument("bad size");
+  if (!reference && !qd_amx::supported()) throw std::invalid_argument("this CPU (or its kernel) does not offer AMX tiles");
+  if (M == 0) return;
+  py::gil_scoped_release release;
+  std::vector<uint16_t> rows;
+  qd_amx::convert_rows(reinterpret_cast<const float*>(x), M, K, rows);
+  const qd_amx::Problem p{rows.data(), reinterpret_cast<const uint16_t*>(w), reinterpret_cast<const float*>(b),
+                          reinterpret_cast<float*>(y), M, qd_amx::Layout(N, K)};
+  if (reference) {
+    qd::FpMode mode;
+    qd_amx::reference(p);
+    return;
+  }
+  const int64_t groups = p.layout.groups();
+  threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, groups)));
+  if (threads == 1) {
+    qd_amx::range(p, 0, groups);
+    return;
+  }
+#pragma omp parallel num_threads(threads)
+  {
+    const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
+    const int64_t g0 = groups * t / nt, g1 = groups * (t + 1) / nt;
+    if (g0 < g1) qd_amx::range(p, g0, g1);
+  }
+}
+
 // ---------------------------------------------------------------- attention
 bool attention_avx512() {
 #ifdef QD_X86
@@ -342,10 +383,14 @@ void attention(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t mask, uintptr_t 
   if (H <= 0 || Hkv <= 0 || H % Hkv != 0) throw std::invalid_argument("query heads must be a multiple of kv heads");
   if (D <= 0 || D % 64 != 0) throw std::invalid_argument("head dimension must be a multiple of 64");
   if (Lq < 0 || Lk < 0) throw std::invalid_argument("negative length");
-  bool vector = attention_avx512();
+  bool vector = attention_avx512(), tiles = false;
   if (isa == "scalar") vector = false;
   else if (isa == "avx512" && !vector) throw std::invalid_argument("this CPU cannot run the avx512 kernel");
-  else if (isa != "avx512" && isa != "auto" && !isa.empty()) throw std::invalid_argument("unknown kernel: " + isa);
+  else if (isa == "amx") {
+    if (!qd_attention::amx_attention_supported())
+      throw std::invalid_argument("this CPU (or its kernel) cannot run the amx attention kernel");
+    tiles = true;
+  } else if (isa != "avx512" && isa != "auto" && !isa.empty()) throw std::invalid_argument("unknown kernel: " + isa);
   const qd_attention::Problem a{reinterpret_cast<const float*>(q), reinterpret_cast<const float*>(k),
                                 reinterpret_cast<const float*>(v), reinterpret_cast<const uint8_t*>(mask),
                                 reinterpret_cast<float*>(out), H, Hkv, Lq, Lk, D, k_head, k_tok, v_head, v_tok,
@@ -362,9 +407,19 @@ void attention(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t mask, uintptr_t 
   {
     qd::FpMode mode;
     qd_attention::Scratch scratch;
+#if defined(QD_X86) && defined(QD_AMX)
+    qd_attention::TileScratch tile_scratch;
+    if (tiles) qd_amx::configure(16);
+#endif
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < items; ++item) {
       const int64_t g = item / segments, seg = item % segments;
+#if defined(QD_X86) && defined(QD_AMX)
+      if (tiles) {
+        qd_attention::amx_segment(a, lists, g, seg, partial.data(), tile_scratch);
+        continue;
+      }
+#endif
 #ifdef QD_X86
       if (vector) {
         qd_attention::avx512_segment(a, lists, g, seg, partial.data(), scratch);
@@ -373,6 +428,9 @@ void attention(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t mask, uintptr_t 
 #endif
       qd_attention::scalar_segment(a, lists, g, seg, partial.data(), scratch);
     }
+#if defined(QD_X86) && defined(QD_AMX)
+    if (tiles) qd_amx::release();
+#endif
 #pragma omp for schedule(static)
     for (int64_t row = 0; row < Lq * H; ++row) {
 #ifdef QD_X86
@@ -393,6 +451,15 @@ PYBIND11_MODULE(_kernels, m) {
   m.def("linear", &linear, py::arg("x"), py::arg("w"), py::arg("b"), py::arg("y"), py::arg("m"), py::arg("n"),
         py::arg("k"), py::arg("threads") = 1, py::arg("isa") = "auto",
         "y[m, n] = x[m, :] . w[n, :] (+ b[n]) on contiguous fp32 buffers given by address (b = 0: no bias)");
+  m.def("amx_supported", [] { return qd_amx::supported(); }, "whether this CPU and kernel run AMX bf16 tiles");
+  m.def("packed_bf16_elements", &packed_bf16_elements, py::arg("n"), py::arg("k"),
+        "bf16 elements pack_bf16 writes for an [n, k] weight");
+  m.def("pack_bf16", &pack_bf16, py::arg("w"), py::arg("out"), py::arg("n"), py::arg("k"),
+        "an [n, k] fp32 weight into linear_bf16's packed bf16 layout, buffers given by address");
+  m.def("linear_bf16", &linear_bf16, py::arg("x"), py::arg("w"), py::arg("b"), py::arg("y"), py::arg("m"),
+        py::arg("n"), py::arg("k"), py::arg("threads") = 1, py::arg("reference") = false,
+        "y[m, n] = bf16(x[m, :]) . w[n, :] (+ b[n]) accumulated in fp32, w packed by pack_bf16, on AMX tiles "
+        "(reference: the same sums in plain C++, for tests)");
   m.def("isa", [] { return std::string(active_isa()->name); }, "the kernel this CPU runs by default");
   m.def("attention", &attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("mask"), py::arg("out"),
         py::arg("heads"), py::arg("kv_heads"), py::arg("q_len"), py::arg("k_len"), py::arg("head_dim"),
@@ -402,6 +469,8 @@ PYBIND11_MODULE(_kernels, m) {
         "q [heads, q_len, head_dim] and out [q_len, heads, head_dim] contiguous fp32, strides in elements");
   m.def("attention_isa", [] { return std::string(attention_avx512() ? "avx512" : "scalar"); },
         "the attention kernel this CPU runs by default");
+  m.def("amx_attention_supported", [] { return qd_attention::amx_attention_supported(); },
+        "whether attention(isa='amx') runs here (bf16 tiles; not bitwise the fp32 kernels)");
   m.def("supported_isas", [] {
     py::list out;
     for (int i = 0; i < ISA_COUNT; ++i)

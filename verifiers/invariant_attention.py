@@ -14,7 +14,9 @@ K and V once (at a 6.7k-token context, 30 layers: 1 row 28.8 -> 23.5 ms, 5 rows 
 It runs inside ``small_linear.invariant()`` (the runtime's verification passes) on
 fp32 CPU tensors with a boolean mask, where the CPU has AVX-512 (its portable path
 is the reference the tests check it against, too slow to serve); everywhere else
-the caller keeps SDPA.
+the caller keeps SDPA. Inside ``invariant(bf16_tiles=True)`` (a model on the bf16 tile
+kernel, ``csrc/attention_amx.h``) the same segments take their two products on AMX tiles:
+a draft's extra rows then cost little more than the softmax.
 """
 
 from __future__ import annotations
@@ -54,5 +56,5 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask:
     _kernels.attention(q.data_ptr(), key.data_ptr(), value.data_ptr(), rows.data_ptr(), out.data_ptr(),
                        heads, kv_heads, q_len, k_len, dim, key.stride(1), key.stride(2), value.stride(1),
                        value.stride(2), rows.stride(0), dim ** -0.5 if scale is None else scale,
-                       torch.get_num_threads())
+                       torch.get_num_threads(), "amx" if small_linear.tiles() else "auto")
     return out

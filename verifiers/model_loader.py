@@ -32,6 +32,9 @@ class LoadedModel:
     invariant_linears: int = 0
     # Precision of prefill chunks' matrix products when it differs from ``dtype`` (None: the same).
     prefill_dtype: torch.dtype | None = None
+    # Precision of the kernel's products in verification passes when it differs from ``dtype``
+    # (bf16 on AMX tiles; None: the same). Every pass of the model uses it, with speculation on or off.
+    decode_dtype: torch.dtype | None = None
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -82,7 +85,28 @@ def pick_prefill_dtype(device: torch.device, dtype: torch.dtype, prefill_dtype: 
     return None
 
 
-def load_model(name: str, device: str = "auto", dtype: str = "auto", prefill_dtype: str = "auto") -> LoadedModel:
+def pick_decode_dtype(invariant_linears: int, decode_dtype: str = "auto") -> torch.dtype | None:
+    """bf16 tile products in verification passes where the kernel is installed and the CPU has AMX
+    (auto), or when asked. Every pass, speculative or plain, uses the same kernel, so outputs stay
+    identical both ways; the bf16 kernel makes a pass's extra rows nearly free (bench/RESULTS.md)."""
+    if decode_dtype not in ("auto", "float32", "bfloat16"):
+        raise ValueError(f"decode dtype {decode_dtype!r}: use auto, float32 or bfloat16")
+    if not invariant_linears or decode_dtype == "float32":
+        return None
+    if decode_dtype == "bfloat16" or small_linear.amx_available():
+        return torch.bfloat16
+    return None
+
+
+def set_decode_dtype(loaded: LoadedModel, dtype: torch.dtype | None) -> None:
+    """Switch a loaded model's verification passes between the bf16 tile kernels (linear layers and
+    attention) and the fp32 ones. Speculative and plain passes must use the same one."""
+    small_linear.use_bf16_kernel(loaded.model, on=dtype is not None)
+    loaded.decode_dtype = dtype
+
+
+def load_model(name: str, device: str = "auto", dtype: str = "auto", prefill_dtype: str = "auto",
+               decode_dtype: str = "auto") -> LoadedModel:
     spec = resolve(name)
     dev = pick_device(device)
     dt = pick_dtype(dev, dtype)
@@ -96,4 +120,9 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto", prefill_dty
     if invariant:
         log.info("%d linear layers use the batch-invariant %s kernel", invariant, small_linear.isa())
     tokenizer = load_tokenizer(name)
-    return LoadedModel(spec.name, model, tokenizer, dev, dt, invariant, pick_prefill_dtype(dev, dt, prefill_dtype))
+    loaded = LoadedModel(spec.name, model, tokenizer, dev, dt, invariant, pick_prefill_dtype(dev, dt, prefill_dtype))
+    decode = pick_decode_dtype(invariant, decode_dtype)
+    if decode is not None:
+        set_decode_dtype(loaded, decode)  # a clear error where the CPU has no AMX
+        log.info("verification passes multiply in bf16 on AMX tiles")
+    return loaded

@@ -340,7 +340,7 @@ class ModelRuntime:
         pos, mask, sliding = self._masks(past, step)
         ids = torch.tensor([step.feed + step.draft_tokens], dtype=torch.long, device=self.device)
         attention_mask = mask if sliding is None else {"full_attention": mask, "sliding_attention": sliding}
-        with small_linear.invariant():
+        with small_linear.invariant(self.loaded.decode_dtype is not None):
             result = self.model(input_ids=ids, position_ids=pos, attention_mask=attention_mask,
                                 cache=step.session.cache, use_cache=True, logits_to_keep=len(step.draft_tokens) + 1)
         return self._finish(step, past, result.logits[0])
@@ -367,7 +367,8 @@ class ModelRuntime:
         placeholder = torch.ones((1, 1, n, n), dtype=torch.bool, device=self.device)
         attention_mask = placeholder if not self.sliding_window else \
             {"full_attention": placeholder, "sliding_attention": placeholder}
-        with small_linear.invariant():  # each session's rows computed as if it were alone
+        # Each session's rows computed as if it were alone.
+        with small_linear.invariant(self.loaded.decode_dtype is not None):
             result = self.model(
                 input_ids=torch.tensor([ids], dtype=torch.long, device=self.device),
                 position_ids=torch.cat(positions)[None],

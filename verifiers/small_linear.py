@@ -16,6 +16,11 @@ Larger calls outside it (prefill chunks) keep torch's GEMM, which is faster ther
 The runtime arranges that a position is never computed by torch in one mode and by
 the kernel in the other (see ``ModelRuntime._prefill_head``).
 
+On CPUs with AMX tiles the kernel can also multiply in bf16 (``use_bf16_kernel``): the
+weights are packed once into bf16 tiles, so a pass streams half the bytes and its extra
+rows cost almost nothing. Its rows are batch-invariant too, but not equal to the fp32
+kernel's, so a model uses one kernel or the other for every pass.
+
 Inside ``prefill_precision(torch.bfloat16)`` those large torch calls multiply in bf16
 (activations and a bf16 copy of the weights, made on first use). Prefill chunks are the
 same whether speculation is on or off, so this changes no comparison between the two; on
@@ -68,10 +73,18 @@ def _thread_setting(name: str, value: object) -> Iterator[None]:
         setattr(_state, name, previous)
 
 
-def invariant() -> contextlib.AbstractContextManager[None]:
+@contextlib.contextmanager
+def invariant(bf16_tiles: bool = False) -> Iterator[None]:
     """Every installed linear layer called in this block (on this thread) uses the kernel, and so
-    does attention where it can (``invariant_attention.py``)."""
-    return _thread_setting("forced", True)
+    does attention where it can (``invariant_attention.py``); with ``bf16_tiles`` attention takes the
+    bf16 tile kernel (a model whose layers use ``use_bf16_kernel``)."""
+    with _thread_setting("forced", True), _thread_setting("tiles", bf16_tiles):
+        yield
+
+
+def tiles() -> bool:
+    """Whether this thread is inside ``invariant(bf16_tiles=True)``."""
+    return bool(getattr(_state, "tiles", False))
 
 
 def prefill_precision(dtype: torch.dtype | None) -> contextlib.AbstractContextManager[None]:
@@ -95,17 +108,49 @@ def fast_bf16_cpu() -> bool:
         return False
 
 
+def amx_available() -> bool:
+    """Whether the bf16 tile kernel runs here (a CPU with AMX, a Linux kernel that enables it)."""
+    return _kernels is not None and _kernels.amx_supported()
+
+
+def _require_kernels() -> None:
+    if _kernels is None:
+        raise RuntimeError("quickdraft.verifiers._kernels is not built")
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            threads: int | None = None) -> torch.Tensor:
     """``F.linear`` through the kernel: contiguous fp32 CPU tensors, no autograd."""
-    if _kernels is None:
-        raise RuntimeError("quickdraft.verifiers._kernels is not built")
+    _require_kernels()
     out_features, in_features = weight.shape
     rows = x.numel() // in_features
     flat = x.reshape(rows, in_features).contiguous()
     y = torch.empty((*x.shape[:-1], out_features), dtype=torch.float32)
     _kernels.linear(flat.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(),
                     rows, out_features, in_features, threads or torch.get_num_threads())
+    return y
+
+
+def pack_bf16(weight: torch.Tensor) -> torch.Tensor:
+    """An fp32 [out, in] weight in ``linear_bf16``'s packed bf16 tile layout (an int16 buffer)."""
+    _require_kernels()
+    out_features, in_features = weight.shape
+    packed = torch.empty(_kernels.packed_bf16_elements(out_features, in_features), dtype=torch.int16)
+    _kernels.pack_bf16(weight.contiguous().data_ptr(), packed.data_ptr(), out_features, in_features)
+    return packed
+
+
+def linear_bf16(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None = None,
+                threads: int | None = None, reference: bool = False) -> torch.Tensor:
+    """``F.linear`` with x rounded to bf16 and a weight packed by ``pack_bf16``, accumulated in fp32
+    on AMX tiles (``reference``: the same sums in plain C++, for tests; not bitwise the tiles')."""
+    _require_kernels()
+    in_features = x.shape[-1]
+    rows = x.numel() // in_features
+    flat = x.reshape(rows, in_features).contiguous()
+    y = torch.empty((*x.shape[:-1], out_features), dtype=torch.float32)
+    _kernels.linear_bf16(flat.data_ptr(), packed.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(),
+                         rows, out_features, in_features, threads or torch.get_num_threads(), reference)
     return y
 
 
@@ -116,6 +161,9 @@ class InvariantLinear(nn.Linear):
         rows = x.numel() // self.in_features
         if x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled() \
                 and (rows <= MAX_ROWS or forced()):
+            packed = self.__dict__.get("_bf16_tiles")
+            if packed is not None:
+                return linear_bf16(x, packed, self.out_features, self.bias)
             return linear(x, self.weight, self.bias)
         lowp = prefill_dtype()
         if lowp is not None and lowp != x.dtype and not forced() and not torch.is_grad_enabled():
@@ -137,6 +185,28 @@ def _eligible(module: nn.Module) -> bool:
     weight, bias = module.weight, module.bias
     return (type(module) is nn.Linear and weight.dtype == torch.float32 and weight.device.type == "cpu"
             and weight.is_contiguous() and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous())))
+
+
+def use_bf16_kernel(model: nn.Module, on: bool = True) -> int:
+    """Route the model's installed layers through the bf16 tile kernel (``on``) or back to the fp32
+    one; returns how many layers changed. Weights are packed on the first switch (about 1 s for
+    SmolLM2; the packed copy is half the fp32 weights' size) and kept for the next."""
+    if on and not amx_available():
+        raise RuntimeError("the bf16 kernel needs a CPU with AMX tiles (and a Linux kernel that enables them); "
+                           "use the fp32 kernel here")
+    count = 0
+    for module in model.modules():
+        if isinstance(module, InvariantLinear):
+            # Plain attributes, not buffers: the state dict stays the model's own.
+            if on:
+                packed = module.__dict__.get("_bf16_packed")
+                if packed is None:
+                    packed = module.__dict__["_bf16_packed"] = pack_bf16(module.weight.detach())
+                module.__dict__["_bf16_tiles"] = packed
+            else:
+                module.__dict__.pop("_bf16_tiles", None)
+            count += 1
+    return count
 
 
 def install(model: nn.Module) -> int:
