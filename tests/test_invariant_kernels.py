@@ -156,6 +156,7 @@ def test_installed_layers_take_the_bf16_tiles_when_switched_on():
             small_linear.use_bf16_kernel(net)
         return
     assert small_linear.use_bf16_kernel(net) == 2
+    assert small_linear.use_bf16_kernel(net) == 0  # already on
     layer = net[0]
     with torch.inference_mode():
         tiles = layer(x)
@@ -164,7 +165,15 @@ def test_installed_layers_take_the_bf16_tiles_when_switched_on():
         torch.testing.assert_close(tiles, kernel(x, layer.weight, layer.bias), rtol=0.02, atol=0.02)
         assert small_linear.use_bf16_kernel(net, on=False) == 2
         assert torch.equal(layer(x), kernel(x, layer.weight, layer.bias))
+    # A weight changed since it was packed is packed again when the tiles are switched back on.
+    with torch.no_grad():
+        layer.weight.mul_(2)
+    small_linear.use_bf16_kernel(net)
+    with torch.inference_mode():
+        assert torch.equal(layer(x), small_linear.linear_bf16(x, small_linear.pack_bf16(layer.weight), 40, layer.bias))
     assert layer.state_dict().keys() == {"weight", "bias"}
+    with pytest.raises(ValueError, match="packed for"):
+        small_linear.linear_bf16(x, small_linear.pack_bf16(layer.weight), 80)
 
 
 def attention(q, k, v, mask, isa="auto", threads=2):
@@ -239,7 +248,7 @@ def test_an_attention_row_sees_only_its_keys(model, past, window):
 
 
 @pytest.mark.skipif(not _kernels.amx_attention_supported(), reason="the bf16 tile attention needs AMX tiles")
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", [*MODELS, (20, 1, 64)])  # and more query heads per kv head than a tile's rows
 @pytest.mark.parametrize("past,window", [(0, 0), (37, 0), (100, 0), (700, 40), (1500, 0), (1500, 600)])
 def test_a_tile_attention_row_is_the_same_alone_and_in_a_draft_tree(model, past, window):
     # The tile kernel takes a row's keys from the cache when every row shares them and gathers them

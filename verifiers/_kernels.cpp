@@ -340,7 +340,7 @@ void pack_bf16(uintptr_t w, uintptr_t out, int64_t N, int64_t K) {
 
 void linear_bf16(uintptr_t x, uintptr_t w, uintptr_t b, uintptr_t y, int64_t M, int64_t N, int64_t K, int threads,
                  bool reference) {
-  if (M < 0 || N <= 0 || K <= 0) throw std::invalid_argument("bad size");
+  if (M < 0 || N <= 0 || K <= 0) throw std::invalid_argument("negative or empty size");
   if (!reference && !qd_amx::supported()) throw std::invalid_argument("this CPU (or its kernel) does not offer AMX tiles");
   if (M == 0) return;
   py::gil_scoped_release release;
@@ -356,11 +356,13 @@ void linear_bf16(uintptr_t x, uintptr_t w, uintptr_t b, uintptr_t y, int64_t M, 
   const int64_t groups = p.layout.groups();
   threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, groups)));
   if (threads == 1) {
+    qd::FpMode mode;
     qd_amx::range(p, 0, groups);
     return;
   }
 #pragma omp parallel num_threads(threads)
   {
+    qd::FpMode mode;
     const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
     const int64_t g0 = groups * t / nt, g1 = groups * (t + 1) / nt;
     if (g0 < g1) qd_amx::range(p, g0, g1);

@@ -109,8 +109,9 @@ def fast_bf16_cpu() -> bool:
 
 
 def amx_available() -> bool:
-    """Whether the bf16 tile kernel runs here (a CPU with AMX, a Linux kernel that enables it)."""
-    return _kernels is not None and _kernels.amx_supported()
+    """Whether the bf16 tile kernels (linear layers and attention) run here: a CPU with AMX and
+    AVX-512 BF16, a Linux kernel that enables the tiles."""
+    return _kernels is not None and _kernels.amx_supported() and _kernels.amx_attention_supported()
 
 
 def _require_kernels() -> None:
@@ -134,9 +135,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def pack_bf16(weight: torch.Tensor) -> torch.Tensor:
     """An fp32 [out, in] weight in ``linear_bf16``'s packed bf16 tile layout (an int16 buffer)."""
     _require_kernels()
+    if weight.dtype != torch.float32 or weight.dim() != 2:
+        raise ValueError(f"pack_bf16 takes a 2-d fp32 weight, not {weight.dtype} {tuple(weight.shape)}")
     out_features, in_features = weight.shape
+    source = weight.detach().contiguous()  # held until the kernel has read it
     packed = torch.empty(_kernels.packed_bf16_elements(out_features, in_features), dtype=torch.int16)
-    _kernels.pack_bf16(weight.contiguous().data_ptr(), packed.data_ptr(), out_features, in_features)
+    _kernels.pack_bf16(source.data_ptr(), packed.data_ptr(), out_features, in_features)
     return packed
 
 
@@ -146,6 +150,8 @@ def linear_bf16(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: 
     on AMX tiles (``reference``: the same sums in plain C++, for tests; not bitwise the tiles')."""
     _require_kernels()
     in_features = x.shape[-1]
+    if packed.numel() != _kernels.packed_bf16_elements(out_features, in_features) or x.dtype != torch.float32:
+        raise ValueError(f"linear_bf16: fp32 input and a weight packed for ({out_features}, {in_features}) expected")
     rows = x.numel() // in_features
     flat = x.reshape(rows, in_features).contiguous()
     y = torch.empty((*x.shape[:-1], out_features), dtype=torch.float32)
@@ -197,15 +203,17 @@ def use_bf16_kernel(model: nn.Module, on: bool = True) -> int:
     count = 0
     for module in model.modules():
         if isinstance(module, InvariantLinear):
-            # Plain attributes, not buffers: the state dict stays the model's own.
+            # Plain attributes, not buffers: the state dict stays the model's own. The packed copy
+            # is kept across switches and made again if the weight has changed since.
             if on:
-                packed = module.__dict__.get("_bf16_packed")
-                if packed is None:
-                    packed = module.__dict__["_bf16_packed"] = pack_bf16(module.weight.detach())
-                module.__dict__["_bf16_tiles"] = packed
+                stamp = (module.weight.data_ptr(), module.weight._version)
+                cached = module.__dict__.get("_bf16_packed")
+                if cached is None or cached[0] != stamp:
+                    cached = module.__dict__["_bf16_packed"] = (stamp, pack_bf16(module.weight))
+                count += module.__dict__.get("_bf16_tiles") is not cached[1]
+                module.__dict__["_bf16_tiles"] = cached[1]
             else:
-                module.__dict__.pop("_bf16_tiles", None)
-            count += 1
+                count += module.__dict__.pop("_bf16_tiles", None) is not None
     return count
 
 

@@ -22,11 +22,13 @@
 
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <vector>
 
-#if defined(__x86_64__)
+// Compilers from before AMX (GCC 11, Clang 12) build the extension without the tile kernels.
+#if defined(__x86_64__) && (defined(__clang__) ? __clang_major__ >= 12 : __GNUC__ >= 11)
 #include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -195,7 +197,8 @@ inline void range(const Problem&, int64_t, int64_t) {}
 
 // The same sums in plain C++, in the order the tile instruction's definition gives: for each
 // chunk, for each pair, acc += x[2i] * w[2i], then acc += x[2i + 1] * w[2i + 1] (each product
-// of two bf16 is exact in fp32). For tests: whether the hardware matches it is what they check.
+// of two bf16 is exact in fp32). The hardware rounds inside a tile step differently (it is not
+// bitwise this), so tests use it to check the packed layout on any CPU, within fp32 rounding.
 inline void reference(const Problem& p) {
   const Layout& l = p.layout;
   const int64_t kp = l.chunks * KC;

@@ -223,16 +223,20 @@ __attribute__((target("avx512f,avx512bf16,amx-tile,amx-bf16"))) inline void amx_
     if (end <= t0) continue;
     const int64_t last = (end - t0 + KEY_CHUNK - 1) / KEY_CHUNK;
     if (last <= full) continue;
-    // The tiles compute 16 rows from r0; only the position's rows are kept.
+    // The tiles compute 16 rows at a time; only the position's rows are kept (a model with more
+    // than 16 query heads per kv head takes several windows).
     std::vector<float>& keep = s.keep;
-    std::memcpy(keep.data(), s.o.data() + r0 * D, keep.size() * sizeof(float));
-    for (int64_t c = full; c < last; ++c) {
-      const int64_t first = t0 + c * KEY_CHUNK;
-      pack_values(a, g, keys + first, std::min<int64_t>(KEY_CHUNK, end - first), s.vb.data());
-      chunk_sums(a, r0, c, c + 1, s.vb.data(), s);
+    for (int64_t w0 = r0; w0 < r0 + n_rep; w0 += 16) {
+      const int64_t mine = std::min<int64_t>(16, r0 + n_rep - w0);
+      std::memcpy(keep.data(), s.o.data() + w0 * D, keep.size() * sizeof(float));
+      for (int64_t c = full; c < last; ++c) {
+        const int64_t first = t0 + c * KEY_CHUNK;
+        pack_values(a, g, keys + first, std::min<int64_t>(KEY_CHUNK, end - first), s.vb.data());
+        chunk_sums(a, w0, c, c + 1, s.vb.data(), s);
+      }
+      std::memcpy(keep.data(), s.o.data() + w0 * D, static_cast<size_t>(mine * D) * sizeof(float));
+      std::memcpy(s.o.data() + w0 * D, keep.data(), keep.size() * sizeof(float));
     }
-    std::memcpy(keep.data(), s.o.data() + r0 * D, static_cast<size_t>(n_rep * D) * sizeof(float));
-    std::memcpy(s.o.data() + r0 * D, keep.data(), keep.size() * sizeof(float));
   }
   for (int64_t row = 0; row < it.rows; ++row) {
     const int64_t pos = row / n_rep;
