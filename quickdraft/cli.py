@@ -467,12 +467,13 @@ def bench(
             torch.set_num_threads(threads)
         runtime = ModelRuntime(load_model(model))
         points = measure(runtime)
-        table = Table("context", "scored tokens", "median ms")
+        kernels = "bf16 tiles" if runtime.loaded.decode_dtype is not None else "fp32"
+        table = Table("context", "scored tokens", "median ms", title=f"verification passes, {kernels} kernels")
         for p in points:
             table.add_row(str(p["context"]), str(p["scored"]), f"{p['median_ms']:.1f}")
         console.print(table)
         _write_json(json_out, {"benchmark": "forward", "model": model, "threads": torch.get_num_threads(),
-                               "points": points}, kind="bench-forward")
+                               "kernels": kernels, "points": points}, kind="bench-forward")
         return
     from quickdraft.bench.oracle_replay import replay_oracle
     from quickdraft.bench.traces import default_traces_dir
