@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +48,7 @@ except ImportError:  # an install without the compiled extension: plain torch ev
 MAX_ROWS = 64
 
 _state = threading.local()
+T = TypeVar("T")
 
 
 def available() -> bool:
@@ -119,14 +121,19 @@ def _require_kernels() -> None:
         raise RuntimeError("quickdraft.verifiers._kernels is not built")
 
 
+def _rows(x: torch.Tensor, in_features: int, out_features: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """A call's input as contiguous rows, and its output buffer (fp32, x's leading shape)."""
+    rows = x.numel() // in_features
+    return rows, x.reshape(rows, in_features).contiguous(), torch.empty((*x.shape[:-1], out_features),
+                                                                        dtype=torch.float32)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            threads: int | None = None) -> torch.Tensor:
     """``F.linear`` through the kernel: contiguous fp32 CPU tensors, no autograd."""
     _require_kernels()
     out_features, in_features = weight.shape
-    rows = x.numel() // in_features
-    flat = x.reshape(rows, in_features).contiguous()
-    y = torch.empty((*x.shape[:-1], out_features), dtype=torch.float32)
+    rows, flat, y = _rows(x, in_features, out_features)
     _kernels.linear(flat.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(),
                     rows, out_features, in_features, threads or torch.get_num_threads())
     return y
@@ -152,9 +159,7 @@ def linear_bf16(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: 
     in_features = x.shape[-1]
     if packed.numel() != _kernels.packed_bf16_elements(out_features, in_features) or x.dtype != torch.float32:
         raise ValueError(f"linear_bf16: fp32 input and a weight packed for ({out_features}, {in_features}) expected")
-    rows = x.numel() // in_features
-    flat = x.reshape(rows, in_features).contiguous()
-    y = torch.empty((*x.shape[:-1], out_features), dtype=torch.float32)
+    rows, flat, y = _rows(x, in_features, out_features)
     _kernels.linear_bf16(flat.data_ptr(), packed.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(),
                          rows, out_features, in_features, threads or torch.get_num_threads(), reference)
     return y
@@ -178,13 +183,18 @@ class InvariantLinear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
     def _weights_in(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | None]:
-        # A plain attribute, not a buffer: the state dict stays the model's own.
-        cached = self.__dict__.get("_lowp")
-        if cached is None or cached[0].dtype != dtype:
-            cached = (self.weight.detach().to(dtype),
-                      None if self.bias is None else self.bias.detach().to(dtype))
-            self.__dict__["_lowp"] = cached
-        return cached
+        return self.derived("_lowp", lambda: (self.weight.detach().to(dtype),
+                                              None if self.bias is None else self.bias.detach().to(dtype)), dtype)
+
+    def derived(self, name: str, make: Callable[[], T], *key: object) -> T:
+        """A copy made from the weight (a bf16 copy, packed tiles), kept under ``name`` and made again
+        once the weight (or ``key``) has changed since. A plain attribute, not a buffer: the state
+        dict stays the model's own."""
+        stamp = (self.weight.data_ptr(), self.weight._version, *key)
+        cached = self.__dict__.get(name)
+        if cached is None or cached[0] != stamp:
+            cached = self.__dict__[name] = (stamp, make())
+        return cached[1]
 
 
 def _eligible(module: nn.Module) -> bool:
@@ -203,15 +213,12 @@ def use_bf16_kernel(model: nn.Module, on: bool = True) -> int:
     count = 0
     for module in model.modules():
         if isinstance(module, InvariantLinear):
-            # Plain attributes, not buffers: the state dict stays the model's own. The packed copy
-            # is kept across switches and made again if the weight has changed since.
+            # The packed copy is kept across switches (made again if the weight has changed since);
+            # _bf16_tiles, set only while the tiles are on, is what forward() reads.
             if on:
-                stamp = (module.weight.data_ptr(), module.weight._version)
-                cached = module.__dict__.get("_bf16_packed")
-                if cached is None or cached[0] != stamp:
-                    cached = module.__dict__["_bf16_packed"] = (stamp, pack_bf16(module.weight))
-                count += module.__dict__.get("_bf16_tiles") is not cached[1]
-                module.__dict__["_bf16_tiles"] = cached[1]
+                packed = module.derived("_bf16_packed", lambda m=module: pack_bf16(m.weight))
+                count += module.__dict__.get("_bf16_tiles") is not packed
+                module.__dict__["_bf16_tiles"] = packed
             else:
                 count += module.__dict__.pop("_bf16_tiles", None) is not None
     return count
