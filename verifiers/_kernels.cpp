@@ -298,23 +298,30 @@ Isa* find_isa(const std::string& name) {
   throw std::invalid_argument("unknown kernel: " + name);
 }
 
-void run(const Problem& p, int threads, RangeFn fn) {
-  // Whole blocks of 8 weight rows per thread, so no thread splits a tile (the result would be
-  // the same anyway; this only keeps the tiles full).
-  const int64_t blocks = (p.N + 7) / 8;
-  threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, blocks)));
+// Units [0, units) in contiguous ranges, one per thread (no more threads than units), each thread
+// in IEEE mode: range(u0, u1). The split never changes a result, only who computes it.
+template <class Range>
+void split(int64_t units, int threads, const Range& range) {
+  threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, units)));
   if (threads == 1) {
     qd::FpMode mode;
-    fn(p, 0, p.N);
+    range(int64_t{0}, units);
     return;
   }
 #pragma omp parallel num_threads(threads)
   {
     qd::FpMode mode;
     const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
-    const int64_t n0 = std::min(p.N, blocks * t / nt * 8), n1 = std::min(p.N, blocks * (t + 1) / nt * 8);
-    if (n0 < n1) fn(p, n0, n1);
+    const int64_t u0 = units * t / nt, u1 = units * (t + 1) / nt;
+    if (u0 < u1) range(u0, u1);
   }
+}
+
+void run(const Problem& p, int threads, RangeFn fn) {
+  // Whole blocks of 8 weight rows per thread, so no thread splits a tile (the result would be
+  // the same anyway; this only keeps the tiles full).
+  split((p.N + 7) / 8, threads,
+        [&](int64_t b0, int64_t b1) { fn(p, std::min(p.N, b0 * 8), std::min(p.N, b1 * 8)); });
 }
 
 void linear(uintptr_t x, uintptr_t w, uintptr_t b, uintptr_t y, int64_t M, int64_t N, int64_t K, int threads,
@@ -353,20 +360,7 @@ void linear_bf16(uintptr_t x, uintptr_t w, uintptr_t b, uintptr_t y, int64_t M, 
     qd_amx::reference(p);
     return;
   }
-  const int64_t groups = p.layout.groups();
-  threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, groups)));
-  if (threads == 1) {
-    qd::FpMode mode;
-    qd_amx::range(p, 0, groups);
-    return;
-  }
-#pragma omp parallel num_threads(threads)
-  {
-    qd::FpMode mode;
-    const int64_t t = omp_get_thread_num(), nt = omp_get_num_threads();
-    const int64_t g0 = groups * t / nt, g1 = groups * (t + 1) / nt;
-    if (g0 < g1) qd_amx::range(p, g0, g1);
-  }
+  split(p.layout.groups(), threads, [&](int64_t g0, int64_t g1) { qd_amx::range(p, g0, g1); });
 }
 
 // ---------------------------------------------------------------- attention

@@ -113,7 +113,8 @@ def fast_bf16_cpu() -> bool:
 def amx_available() -> bool:
     """Whether the bf16 tile kernels (linear layers and attention) run here: a CPU with AMX and
     AVX-512 BF16, a Linux kernel that enables the tiles."""
-    return _kernels is not None and _kernels.amx_supported() and _kernels.amx_attention_supported()
+    # The attention kernel's check includes the linear kernel's (the tiles and the OS permission).
+    return _kernels is not None and _kernels.amx_attention_supported()
 
 
 def _require_kernels() -> None:
