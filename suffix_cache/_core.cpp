@@ -14,8 +14,9 @@
 // continuations and expands a draft tree best first by estimated path
 // probability. A Calibration (one per tenant and tokenizer) learns, from what
 // the target really emitted, how often a node with a given frequency estimate,
-// depth and context match is accepted, so the tree is grown -- and the caller
-// sizes it -- by acceptance chances rather than raw frequencies.
+// depth and context match is accepted, corrected by what the node's token is
+// (a logistic model over hashed lexical slots), so the tree is grown -- and the
+// caller sizes it -- by acceptance chances rather than raw frequencies.
 
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -362,6 +363,38 @@ struct DraftParams {
   double context_weight = 0.0;
 };
 
+// What a node's token is and how it competes with its siblings, as hashed feature
+// slots of the Calibration's lexical correction: the shape of the choice (how many
+// siblings, whether it is the heaviest, at which depth), the token itself, and the
+// token after the one before it. A frequency tree cannot see that some tokens are
+// copied reliably (a closing quote after an identifier) and others are the model's
+// own word choice (a verb after " I"); the correction learns it per scope.
+struct Lexical {
+  std::array<int32_t, 3> slots{};
+
+  static constexpr int kShapes = 256;
+  static constexpr int kTokens = 16384;
+  static constexpr int kSlots = 1 << 16;
+
+  static Lexical of(int depth, int siblings, bool heaviest, int32_t token, int32_t before, int match_len) {
+    Lexical x;
+    int band = depth <= 1 ? 0 : depth <= 3 ? 1 : 2;
+    int m = match_len <= 1 ? 0 : match_len <= 3 ? 1 : match_len <= 7 ? 2 : 3;
+    x.slots[0] = (m * 3 + band) * 16 + std::min(siblings, 8) * 2 - 2 + (heaviest ? 1 : 0);
+    x.slots[1] = kShapes + static_cast<int32_t>(mix((static_cast<uint64_t>(static_cast<uint32_t>(token)) << 2) | band) % kTokens);
+    uint64_t pair = (static_cast<uint64_t>(static_cast<uint32_t>(before)) << 32) | static_cast<uint32_t>(token);
+    x.slots[2] = kShapes + kTokens + static_cast<int32_t>(mix(pair ^ (static_cast<uint64_t>(band) << 62)) % (kSlots - kShapes - kTokens));
+    return x;
+  }
+
+  static uint64_t mix(uint64_t z) {  // splitmix64's finaliser
+    z += 0x9E3779B97F4A7C15ULL;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+  }
+};
+
 struct Draft {
   std::vector<int32_t> tokens;
   std::vector<int32_t> parents;
@@ -369,6 +402,8 @@ struct Draft {
   std::vector<double> raws;    // the frequency tree's own path probability (what calibration learns from)
   std::vector<int32_t> depths;
   std::vector<int8_t> kinds;   // Support::kind() of each node
+  std::vector<double> bases;   // the calibration table's estimate before the lexical correction
+  std::vector<Lexical> lexical;
   int match_len = 0;
   double expected() const {
     double s = 0;
@@ -422,6 +457,13 @@ class Calibration {
     return (accepted_[c] + kPrior * raw) / (drafted_[c] + kPrior);
   }
 
+  // The table's estimate corrected by the node's lexical features: a logistic
+  // model on top of the table (its logit plus one learned weight per active slot),
+  // so it starts as the table and learns only what the table's cells cannot key on.
+  double corrected(double base, const Lexical& x) const {
+    return sigmoid(logit(base) + lexical_[x.slots[0]] + lexical_[x.slots[1]] + lexical_[x.slots[2]]);
+  }
+
   void observe(int depth, double raw, int match_len, int kind, bool accepted) {
     int c = cell(depth, raw, match_len, kind);
     if (drafted_[c] >= kHalveAt) {  // keep adapting: old evidence fades
@@ -449,7 +491,10 @@ class Calibration {
         state[i] = kRejected;
       else if (above == kAccepted && depth <= static_cast<int>(emitted.size()))
         state[i] = emitted[depth - 1] == d.tokens[i] ? kAccepted : kRejected;
-      if (state[i] != kUnknown) observe(depth, d.raws[i], d.match_len, d.kinds[i], state[i] == kAccepted);
+      if (state[i] == kUnknown) continue;
+      bool accepted = state[i] == kAccepted;
+      observe(depth, d.raws[i], d.match_len, d.kinds[i], accepted);
+      if (i < d.lexical.size()) learn_lexical(d.bases[i], d.lexical[i], accepted);
     }
   }
 
@@ -464,6 +509,7 @@ class Calibration {
     out.append(reinterpret_cast<const char*>(&observed_), sizeof(observed_));
     out.append(reinterpret_cast<const char*>(drafted_.data()), sizeof(drafted_));
     out.append(reinterpret_cast<const char*>(accepted_.data()), sizeof(accepted_));
+    out.append(reinterpret_cast<const char*>(lexical_.data()), sizeof(lexical_));
     return py::bytes(out);
   }
 
@@ -471,20 +517,36 @@ class Calibration {
   bool load(const py::bytes& data) {
     std::string in = data;
     uint32_t head[2];
-    if (in.size() != sizeof(head) + sizeof(observed_) + sizeof(drafted_) + sizeof(accepted_)) return false;
+    if (in.size() != sizeof(head) + sizeof(observed_) + sizeof(drafted_) + sizeof(accepted_) + sizeof(lexical_))
+      return false;
     std::memcpy(head, in.data(), sizeof(head));
     if (head[0] != kMagic || head[1] != static_cast<uint32_t>(kCells)) return false;
     const char* at = in.data() + sizeof(head);
     std::memcpy(&observed_, at, sizeof(observed_));
     std::memcpy(drafted_.data(), at + sizeof(observed_), sizeof(drafted_));
-    std::memcpy(accepted_.data(), at + sizeof(observed_) + sizeof(drafted_), sizeof(accepted_));
+    at += sizeof(observed_) + sizeof(drafted_);
+    std::memcpy(accepted_.data(), at, sizeof(accepted_));
+    std::memcpy(lexical_.data(), at + sizeof(accepted_), sizeof(lexical_));
     return true;
   }
 
  private:
-  static constexpr uint32_t kMagic = 0x31434451;  // "QDC1"
+  static constexpr uint32_t kMagic = 0x32434451;  // "QDC2": table and lexical correction
   static constexpr float kPrior = 2.0f;
   static constexpr float kHalveAt = 4096.0f;
+  static constexpr float kRate = 0.05f;    // step of the correction's online logistic regression
+  static constexpr float kMaxWeight = 4.0f;
+
+  static double logit(double p) {
+    p = std::clamp(p, 1e-4, 1.0 - 1e-4);
+    return std::log(p / (1.0 - p));
+  }
+  static double sigmoid(double z) { return 1.0 / (1.0 + std::exp(-z)); }
+
+  void learn_lexical(double base, const Lexical& x, bool accepted) {
+    float step = kRate * static_cast<float>((accepted ? 1.0 : 0.0) - corrected(base, x));
+    for (int32_t s : x.slots) lexical_[s] = std::clamp(lexical_[s] + step, -kMaxWeight, kMaxWeight);
+  }
 
   static int cell(int depth, double raw, int match_len, int kind) {
     static constexpr int depth_edges[kDepths] = {1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64};
@@ -503,6 +565,7 @@ class Calibration {
 
   std::array<float, kCells> drafted_{};
   std::array<float, kCells> accepted_{};
+  std::array<float, Lexical::kSlots> lexical_{};
   int64_t observed_ = 0;
 };
 
@@ -561,6 +624,8 @@ Draft grow_draft(const std::vector<Weighted>& occs, int max_depth, int budget, d
   struct Item {
     double prob;
     double raw;
+    double base;
+    Lexical lexical;
     int32_t serial;
     int32_t trie_node;
     int32_t parent;
@@ -568,13 +633,21 @@ Draft grow_draft(const std::vector<Weighted>& occs, int max_depth, int budget, d
     int32_t kind;
     bool operator<(const Item& o) const { return prob < o.prob || (prob == o.prob && serial > o.serial); }
   };
+  // The token before a root is the context's last one (none known: the boundary marker).
+  int32_t before_root = session != nullptr && session->size() > 0 ? session->at(session->size() - 1) : BOUNDARY;
   std::priority_queue<Item> heap;
   int32_t serial = 0;
   auto push_children = [&](int32_t node, int32_t parent, double parent_prob, double parent_raw, int32_t depth) {
     if (depth > max_depth) return;
-    double total = 0;
-    for (int32_t c = trie[node].first_child; c >= 0; c = trie[c].next_sibling) total += trie[c].weight;
+    double total = 0, heaviest = 0;
+    int siblings = 0;
+    for (int32_t c = trie[node].first_child; c >= 0; c = trie[c].next_sibling) {
+      total += trie[c].weight;
+      heaviest = std::max(heaviest, trie[c].weight);
+      ++siblings;
+    }
     if (total <= 0) return;
+    int32_t before = node == 0 ? before_root : trie[node].token;
     for (int32_t c = trie[node].first_child; c >= 0; c = trie[c].next_sibling) {
       double raw = parent_raw * trie[c].weight / total;
       Support& sup = support[c];
@@ -585,8 +658,14 @@ Draft grow_draft(const std::vector<Weighted>& occs, int max_depth, int budget, d
         if (last >= 0) sup.token_back = session->size() - 1 - last;
       }
       int kind = sup.kind();
-      double p = cal != nullptr ? std::min(parent_prob, cal->estimate(depth, raw, match_len, kind)) : raw;
-      if (p >= min_prob) heap.push({p, raw, serial++, c, parent, depth, kind});
+      double base = raw, p = raw;
+      Lexical lexical;
+      if (cal != nullptr) {
+        base = cal->estimate(depth, raw, match_len, kind);
+        lexical = Lexical::of(depth, siblings, trie[c].weight >= heaviest, trie[c].token, before, match_len);
+        p = std::min(parent_prob, cal->corrected(base, lexical));
+      }
+      if (p >= min_prob) heap.push({p, raw, base, lexical, serial++, c, parent, depth, kind});
     }
   };
   push_children(0, -1, 1.0, 1.0, 1);
@@ -599,6 +678,8 @@ Draft grow_draft(const std::vector<Weighted>& occs, int max_depth, int budget, d
     draft.raws.push_back(it.raw);
     draft.depths.push_back(it.depth);
     draft.kinds.push_back(static_cast<int8_t>(it.kind));
+    draft.bases.push_back(it.base);
+    draft.lexical.push_back(it.lexical);
     push_children(it.trie_node, static_cast<int32_t>(draft.tokens.size()) - 1, it.prob, it.raw, it.depth + 1);
   }
   return draft;
@@ -924,8 +1005,9 @@ PYBIND11_MODULE(_core, m) {
           "Draft tree from the adaptive tri-gram matrix, scored by acceptance with an exploration bonus (UCB).");
 
   py::class_<Calibration>(m, "Calibration",
-                          "Acceptance chances of draft nodes by depth, raw probability and context match, "
-                          "learned from what the target emitted (one per tenant and tokenizer).")
+                          "Acceptance chances of draft nodes by depth, raw probability, context match and support, "
+                          "corrected by the node's token, the pair it completes and its siblings; learned from "
+                          "what the target emitted (one per tenant and tokenizer).")
       .def(py::init<>())
       .def("estimate", &Calibration::estimate, py::arg("depth"), py::arg("raw"), py::arg("match_len"),
            py::arg("kind") = 0)

@@ -15,8 +15,9 @@ dev traces (bench/RESULTS.md): one frequency tree over both indexes' occurrences
 (shorter matches and earlier responses at lower weight, occurrences whose
 surroundings share the current context's tokens at higher weight) instead of the
 better of two trees; node probabilities calibrated per scope against what the target really
-emitted (by depth, raw probability and match length), so the tree is grown, and
-the proxy sizes it, by acceptance chances; and deeper drafts (up to 32 tokens)
+emitted (by depth, raw probability, match length and support, then corrected by
+the node's token, the pair it completes and its rivalry with its siblings), so the
+tree is grown, and the proxy sizes it, by acceptance chances; and deeper drafts (up to 32 tokens)
 where a long match makes a long copy likely.
 """
 

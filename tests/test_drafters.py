@@ -218,6 +218,42 @@ def test_calibration_counts_nodes_under_a_rejected_ancestor_as_rejected():
     assert cal2.observed == known
 
 
+def test_lexical_correction_tells_apart_what_the_table_cannot():
+    # After the same 83 tokens the history continues with 10 and with 11 equally often: the two
+    # roots share every key of the calibration table (depth, raw share, match, support), so the
+    # table alone gives them one chance. The target always writes 11; the correction learns the token.
+    d = SuffixDrafter()
+    key = SessionKey(A, "s")
+    lead = list(range(100, 180)) + [1, 2, 3]  # longer than the match cap and the context window
+    history = (lead + [10, 20, 9] + lead + [11, 21, 9]) * 2 + lead
+
+    def root_chances() -> dict[int, float]:
+        d.begin_call(key, history)
+        tree = d.propose(key, 8)
+        return {t: p for t, par, p in zip(tree.token_ids, tree.parents, tree.probs, strict=True) if par < 0}
+
+    first = root_chances()
+    assert set(first) == {10, 11} and first[10] == first[11]
+    for _ in range(60):
+        root_chances()
+        d.accept(key, [11, 21])
+    learned = root_chances()
+    assert learned[11] > learned[10] + 0.2
+    # The table's own cells cannot see it: a calibration learned without the lexical slots ...
+    from quickdraft.suffix_cache import _core
+
+    plain = _core.Calibration()
+    proposal = _core.propose(d._sessions[key].index, None, 8, d.params.core(), plain)
+    chances = {t: p for t, par, p in zip(proposal.tokens, proposal.parents, proposal.probs, strict=True) if par < 0}
+    assert chances[10] == chances[11]
+    # ... and the correction travels with the table in a dump.
+    copy = _core.Calibration()
+    assert copy.load(d.calibration(A).dump())
+    again = _core.propose(d._sessions[key].index, None, 8, d.params.core(), copy)
+    assert list(again.probs) == list(_core.propose(d._sessions[key].index, None, 8, d.params.core(),
+                                                   d.calibration(A)).probs)
+
+
 def test_probabilities_never_rise_along_a_path():
     d = SuffixDrafter()
     key = SessionKey(A, "s")
