@@ -365,25 +365,29 @@ struct DraftParams {
 
 // What a node's token is and how it competes with its siblings, as hashed feature
 // slots of the Calibration's lexical correction: the shape of the choice (how many
-// siblings, whether it is the heaviest, at which depth), the token itself, and the
-// token after the one before it. A frequency tree cannot see that some tokens are
-// copied reliably (a closing quote after an identifier) and others are the model's
-// own word choice (a verb after " I"); the correction learns it per scope.
+// siblings, whether it is the heaviest, at which depth and context match), the
+// token before it, the token itself, and the pair of the two. A frequency tree
+// cannot see that some tokens are copied reliably (a closing quote after an
+// identifier) and others are the model's own word choice (a verb after " I"); the
+// correction learns it per scope.
 struct Lexical {
-  std::array<int32_t, 3> slots{};
+  std::array<int32_t, 4> slots{};
 
   static constexpr int kShapes = 256;
+  static constexpr int kBefore = 4096;
   static constexpr int kTokens = 16384;
-  static constexpr int kSlots = 1 << 16;
+  static constexpr int kSlots = 1 << 16;  // the rest holds the pairs
 
   static Lexical of(int depth, int siblings, bool heaviest, int32_t token, int32_t before, int match_len) {
     Lexical x;
-    int band = depth <= 1 ? 0 : depth <= 3 ? 1 : 2;
+    uint64_t band = depth <= 1 ? 0 : depth <= 3 ? 1 : 2;
     int m = match_len <= 1 ? 0 : match_len <= 3 ? 1 : match_len <= 7 ? 2 : 3;
-    x.slots[0] = (m * 3 + band) * 16 + std::min(siblings, 8) * 2 - 2 + (heaviest ? 1 : 0);
-    x.slots[1] = kShapes + static_cast<int32_t>(mix((static_cast<uint64_t>(static_cast<uint32_t>(token)) << 2) | band) % kTokens);
-    uint64_t pair = (static_cast<uint64_t>(static_cast<uint32_t>(before)) << 32) | static_cast<uint32_t>(token);
-    x.slots[2] = kShapes + kTokens + static_cast<int32_t>(mix(pair ^ (static_cast<uint64_t>(band) << 62)) % (kSlots - kShapes - kTokens));
+    x.slots[0] = (m * 3 + static_cast<int>(band)) * 16 + std::min(siblings, 8) * 2 - 2 + (heaviest ? 1 : 0);
+    uint64_t tok = static_cast<uint32_t>(token), prev = static_cast<uint32_t>(before);
+    x.slots[1] = kShapes + static_cast<int32_t>(mix(prev << 2 | band) % kBefore);
+    x.slots[2] = kShapes + kBefore + static_cast<int32_t>(mix(tok << 2 | band) % kTokens);
+    constexpr int kPairs = kSlots - kShapes - kBefore - kTokens;
+    x.slots[3] = kShapes + kBefore + kTokens + static_cast<int32_t>(mix((prev << 32 | tok) ^ band << 62) % kPairs);
     return x;
   }
 
@@ -461,7 +465,9 @@ class Calibration {
   // model on top of the table (its logit plus one learned weight per active slot),
   // so it starts as the table and learns only what the table's cells cannot key on.
   double corrected(double base, const Lexical& x) const {
-    return sigmoid(logit(base) + lexical_[x.slots[0]] + lexical_[x.slots[1]] + lexical_[x.slots[2]]);
+    double z = logit(base);
+    for (int32_t s : x.slots) z += lexical_[s];
+    return sigmoid(z);
   }
 
   void observe(int depth, double raw, int match_len, int kind, bool accepted) {
