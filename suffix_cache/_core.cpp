@@ -465,9 +465,12 @@ class Calibration {
   // model on top of the table (its logit plus one learned weight per active slot),
   // so it starts as the table and learns only what the table's cells cannot key on.
   double corrected(double base, const Lexical& x) const {
-    double z = logit(base);
-    for (int32_t s : x.slots) z += lexical_[s];
-    return sigmoid(z);
+    float w = 0.0f;
+    for (int32_t s : x.slots) w += lexical_[s];
+    if (w == 0.0f) return base;  // nothing learned for these slots yet: the table's estimate
+    // Single precision is plenty for ranking nodes, and is what keeps this cheap per node.
+    float b = std::clamp(static_cast<float>(base), 1e-4f, 1.0f - 1e-4f);
+    return 1.0f / (1.0f + (1.0f - b) / b * std::exp(-w));
   }
 
   void observe(int depth, double raw, int match_len, int kind, bool accepted) {
@@ -542,12 +545,6 @@ class Calibration {
   static constexpr float kHalveAt = 4096.0f;
   static constexpr float kRate = 0.05f;    // step of the correction's online logistic regression
   static constexpr float kMaxWeight = 4.0f;
-
-  static double logit(double p) {
-    p = std::clamp(p, 1e-4, 1.0 - 1e-4);
-    return std::log(p / (1.0 - p));
-  }
-  static double sigmoid(double z) { return 1.0 / (1.0 + std::exp(-z)); }
 
   void learn_lexical(double base, const Lexical& x, bool accepted) {
     float step = kRate * static_cast<float>((accepted ? 1.0 : 0.0) - corrected(base, x));
@@ -627,22 +624,25 @@ Draft grow_draft(const std::vector<Weighted>& occs, int max_depth, int budget, d
       node = child;
     }
   }
-  struct Item {
-    double prob;
+  // The heap orders small items; what a node needs once it is taken waits in `considered`.
+  struct Considered {
     double raw;
     double base;
     Lexical lexical;
-    int32_t serial;
     int32_t trie_node;
     int32_t parent;
     int32_t depth;
     int32_t kind;
+  };
+  struct Item {
+    double prob;
+    int32_t serial;  // index into `considered`; the earlier wins a tie
     bool operator<(const Item& o) const { return prob < o.prob || (prob == o.prob && serial > o.serial); }
   };
+  std::vector<Considered> considered;
   // The token before a root is the context's last one (none known: the boundary marker).
   int32_t before_root = session != nullptr && session->size() > 0 ? session->at(session->size() - 1) : BOUNDARY;
   std::priority_queue<Item> heap;
-  int32_t serial = 0;
   auto push_children = [&](int32_t node, int32_t parent, double parent_prob, double parent_raw, int32_t depth) {
     if (depth > max_depth) return;
     double total = 0, heaviest = 0;
@@ -671,22 +671,25 @@ Draft grow_draft(const std::vector<Weighted>& occs, int max_depth, int budget, d
         lexical = Lexical::of(depth, siblings, trie[c].weight >= heaviest, trie[c].token, before, match_len);
         p = std::min(parent_prob, cal->corrected(base, lexical));
       }
-      if (p >= min_prob) heap.push({p, raw, base, lexical, serial++, c, parent, depth, kind});
+      if (p < min_prob) continue;
+      heap.push({p, static_cast<int32_t>(considered.size())});
+      considered.push_back({raw, base, lexical, c, parent, depth, kind});
     }
   };
   push_children(0, -1, 1.0, 1.0, 1);
   while (!heap.empty() && static_cast<int>(draft.tokens.size()) < budget) {
-    Item it = heap.top();
+    Item top = heap.top();
     heap.pop();
+    const Considered it = considered[top.serial];  // a copy: push_children grows the vector
     draft.tokens.push_back(trie[it.trie_node].token);
     draft.parents.push_back(it.parent);
-    draft.probs.push_back(it.prob);
+    draft.probs.push_back(top.prob);
     draft.raws.push_back(it.raw);
     draft.depths.push_back(it.depth);
     draft.kinds.push_back(static_cast<int8_t>(it.kind));
     draft.bases.push_back(it.base);
     draft.lexical.push_back(it.lexical);
-    push_children(it.trie_node, static_cast<int32_t>(draft.tokens.size()) - 1, it.prob, it.raw, it.depth + 1);
+    push_children(it.trie_node, static_cast<int32_t>(draft.tokens.size()) - 1, top.prob, it.raw, it.depth + 1);
   }
   return draft;
 }
