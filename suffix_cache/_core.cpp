@@ -519,6 +519,7 @@ class Calibration {
     out.append(reinterpret_cast<const char*>(drafted_.data()), sizeof(drafted_));
     out.append(reinterpret_cast<const char*>(accepted_.data()), sizeof(accepted_));
     out.append(reinterpret_cast<const char*>(lexical_.data()), sizeof(lexical_));
+    out.append(reinterpret_cast<const char*>(sq_.data()), sizeof(sq_));
     return py::bytes(out);
   }
 
@@ -526,7 +527,8 @@ class Calibration {
   bool load(const py::bytes& data) {
     std::string in = data;
     uint32_t head[2];
-    if (in.size() != sizeof(head) + sizeof(observed_) + sizeof(drafted_) + sizeof(accepted_) + sizeof(lexical_))
+    if (in.size() !=
+        sizeof(head) + sizeof(observed_) + sizeof(drafted_) + sizeof(accepted_) + sizeof(lexical_) + sizeof(sq_))
       return false;
     std::memcpy(head, in.data(), sizeof(head));
     if (head[0] != kMagic || head[1] != static_cast<uint32_t>(kCells)) return false;
@@ -535,20 +537,29 @@ class Calibration {
     std::memcpy(drafted_.data(), at + sizeof(observed_), sizeof(drafted_));
     at += sizeof(observed_) + sizeof(drafted_);
     std::memcpy(accepted_.data(), at, sizeof(accepted_));
-    std::memcpy(lexical_.data(), at + sizeof(accepted_), sizeof(lexical_));
+    at += sizeof(accepted_);
+    std::memcpy(lexical_.data(), at, sizeof(lexical_));
+    std::memcpy(sq_.data(), at + sizeof(lexical_), sizeof(sq_));
     return true;
   }
 
  private:
-  static constexpr uint32_t kMagic = 0x32434451;  // "QDC2": table and lexical correction
+  static constexpr uint32_t kMagic = 0x33434451;  // "QDC3": table, lexical correction and its step sizes
   static constexpr float kPrior = 2.0f;
   static constexpr float kHalveAt = 4096.0f;
-  static constexpr float kRate = 0.05f;    // step of the correction's online logistic regression
+  // Step of the correction's online logistic regression, per slot divided by the root of its
+  // summed squared gradients (AdaGrad): a rare token's slot learns from its first few nodes, a
+  // common one settles instead of following the last few.
+  static constexpr float kRate = 0.5f;
   static constexpr float kMaxWeight = 4.0f;
+  static constexpr float kMaxSquares = 4096.0f;  // the step never falls below kRate / 64: keep adapting
 
   void learn_lexical(double base, const Lexical& x, bool accepted) {
-    float step = kRate * static_cast<float>((accepted ? 1.0 : 0.0) - corrected(base, x));
-    for (int32_t s : x.slots) lexical_[s] = std::clamp(lexical_[s] + step, -kMaxWeight, kMaxWeight);
+    float g = static_cast<float>((accepted ? 1.0 : 0.0) - corrected(base, x));
+    for (int32_t s : x.slots) {
+      sq_[s] = std::min(sq_[s] + g * g, kMaxSquares);
+      lexical_[s] = std::clamp(lexical_[s] + kRate * g / std::sqrt(1.0f + sq_[s]), -kMaxWeight, kMaxWeight);
+    }
   }
 
   static int cell(int depth, double raw, int match_len, int kind) {
@@ -569,6 +580,7 @@ class Calibration {
   std::array<float, kCells> drafted_{};
   std::array<float, kCells> accepted_{};
   std::array<float, Lexical::kSlots> lexical_{};
+  std::array<float, Lexical::kSlots> sq_{};  // summed squared gradients of each slot
   int64_t observed_ = 0;
 };
 
