@@ -652,6 +652,7 @@ Draft grow_draft(const std::vector<Weighted>& occs, int max_depth, int budget, d
     bool operator<(const Item& o) const { return prob < o.prob || (prob == o.prob && serial > o.serial); }
   };
   std::vector<Considered> considered;
+  considered.reserve(256);
   // The token before a root is the context's last one (none known: the boundary marker).
   int32_t before_root = session != nullptr && session->size() > 0 ? session->at(session->size() - 1) : BOUNDARY;
   std::priority_queue<Item> heap;
