@@ -28,6 +28,8 @@
 #include <cstring>
 #include <queue>
 #include <string>
+#include <type_traits>
+#include <utility>
 #include <stdexcept>
 #include <vector>
 
@@ -363,6 +365,11 @@ struct DraftParams {
   double context_weight = 0.0;
 };
 
+// Context match lengths by doubling: 1, 2-3, 4-7, 8-15, 16-31, 32+.
+int match_band(int match_len) {
+  return match_len <= 1 ? 0 : match_len <= 3 ? 1 : match_len <= 7 ? 2 : match_len <= 15 ? 3 : match_len <= 31 ? 4 : 5;
+}
+
 // What a node's token is and how it competes with its siblings, as hashed feature
 // slots of the Calibration's lexical correction: the shape of the choice (how many
 // siblings, whether it is the heaviest, at which depth and context match), the
@@ -381,7 +388,7 @@ struct Lexical {
   static Lexical of(int depth, int siblings, bool heaviest, int32_t token, int32_t before, int match_len) {
     Lexical x;
     uint64_t band = depth <= 1 ? 0 : depth <= 3 ? 1 : 2;
-    int m = match_len <= 1 ? 0 : match_len <= 3 ? 1 : match_len <= 7 ? 2 : 3;
+    int m = std::min(match_band(match_len), 3);  // 8 tokens and more: one band
     x.slots[0] = (m * 3 + static_cast<int>(band)) * 16 + std::min(siblings, 8) * 2 - 2 + (heaviest ? 1 : 0);
     uint64_t tok = static_cast<uint32_t>(token), prev = static_cast<uint32_t>(before);
     x.slots[1] = kShapes + static_cast<int32_t>(mix(prev << 2 | band) % kBefore);
@@ -503,7 +510,7 @@ class Calibration {
       if (state[i] == kUnknown) continue;
       bool accepted = state[i] == kAccepted;
       observe(depth, d.raws[i], d.match_len, d.kinds[i], accepted);
-      if (i < d.lexical.size()) learn_lexical(d.bases[i], d.lexical[i], accepted);
+      learn_lexical(d.bases[i], d.lexical[i], accepted);
     }
   }
 
@@ -515,11 +522,7 @@ class Calibration {
     std::string out;
     uint32_t head[2] = {kMagic, static_cast<uint32_t>(kCells)};
     out.append(reinterpret_cast<const char*>(head), sizeof(head));
-    out.append(reinterpret_cast<const char*>(&observed_), sizeof(observed_));
-    out.append(reinterpret_cast<const char*>(drafted_.data()), sizeof(drafted_));
-    out.append(reinterpret_cast<const char*>(accepted_.data()), sizeof(accepted_));
-    out.append(reinterpret_cast<const char*>(lexical_.data()), sizeof(lexical_));
-    out.append(reinterpret_cast<const char*>(sq_.data()), sizeof(sq_));
+    for (auto [bytes, size] : learned(*this)) out.append(bytes, size);
     return py::bytes(out);
   }
 
@@ -527,24 +530,29 @@ class Calibration {
   bool load(const py::bytes& data) {
     std::string in = data;
     uint32_t head[2];
-    if (in.size() !=
-        sizeof(head) + sizeof(observed_) + sizeof(drafted_) + sizeof(accepted_) + sizeof(lexical_) + sizeof(sq_))
-      return false;
+    size_t expected = sizeof(head);
+    for (auto [bytes, size] : learned(*this)) expected += size;
+    if (in.size() != expected) return false;
     std::memcpy(head, in.data(), sizeof(head));
     if (head[0] != kMagic || head[1] != static_cast<uint32_t>(kCells)) return false;
     const char* at = in.data() + sizeof(head);
-    std::memcpy(&observed_, at, sizeof(observed_));
-    std::memcpy(drafted_.data(), at + sizeof(observed_), sizeof(drafted_));
-    at += sizeof(observed_) + sizeof(drafted_);
-    std::memcpy(accepted_.data(), at, sizeof(accepted_));
-    at += sizeof(accepted_);
-    std::memcpy(lexical_.data(), at, sizeof(lexical_));
-    std::memcpy(sq_.data(), at + sizeof(lexical_), sizeof(sq_));
+    for (auto [bytes, size] : learned(*this)) {
+      std::memcpy(bytes, at, size);
+      at += size;
+    }
     return true;
   }
 
  private:
   static constexpr uint32_t kMagic = 0x33434451;  // "QDC3": table, lexical correction and its step sizes
+
+  // The learned state as (bytes, size) in dump order; const for dump, writable for load.
+  template <class Self, class Byte = std::conditional_t<std::is_const_v<Self>, const char, char>>
+  static std::array<std::pair<Byte*, size_t>, 5> learned(Self& self) {
+    auto field = [](auto& x) { return std::pair<Byte*, size_t>(reinterpret_cast<Byte*>(&x), sizeof(x)); };
+    return std::array{field(self.observed_), field(self.drafted_), field(self.accepted_), field(self.lexical_),
+                      field(self.sq_)};
+  }
   static constexpr float kPrior = 2.0f;
   static constexpr float kHalveAt = 4096.0f;
   // Step of the correction's online logistic regression, per slot divided by the root of its
@@ -572,7 +580,7 @@ class Calibration {
       }
     // Thirds of a halving per bin: 1, 0.79, 0.63, 0.5, ... down to ~0.004.
     int p = raw <= 0 ? kProbs - 1 : std::min(kProbs - 1, static_cast<int>(std::floor(-std::log2(raw) * 3.0)));
-    int m = match_len <= 1 ? 0 : match_len <= 3 ? 1 : match_len <= 7 ? 2 : match_len <= 15 ? 3 : match_len <= 31 ? 4 : 5;
+    int m = match_band(match_len);
     int k = std::clamp(kind, 0, Support::kKinds - 1);
     return ((d * kProbs + p) * kMatches + m) * Support::kKinds + k;
   }
@@ -652,7 +660,6 @@ Draft grow_draft(const std::vector<Weighted>& occs, int max_depth, int budget, d
     bool operator<(const Item& o) const { return prob < o.prob || (prob == o.prob && serial > o.serial); }
   };
   std::vector<Considered> considered;
-  considered.reserve(256);
   // The token before a root is the context's last one (none known: the boundary marker).
   int32_t before_root = session != nullptr && session->size() > 0 ? session->at(session->size() - 1) : BOUNDARY;
   std::priority_queue<Item> heap;

@@ -240,14 +240,9 @@ def test_lexical_correction_tells_apart_what_the_table_cannot():
         d.accept(key, [11, 21])
     learned = root_chances()
     assert learned[11] > learned[10] + 0.2
-    # The table's own cells cannot see it: a calibration learned without the lexical slots ...
+    # The correction travels with the table in a dump.
     from quickdraft.suffix_cache import _core
 
-    plain = _core.Calibration()
-    proposal = _core.propose(d._sessions[key].index, None, 8, d.params.core(), plain)
-    chances = {t: p for t, par, p in zip(proposal.tokens, proposal.parents, proposal.probs, strict=True) if par < 0}
-    assert chances[10] == chances[11]
-    # ... and the correction travels with the table in a dump.
     copy = _core.Calibration()
     assert copy.load(d.calibration(A).dump())
     again = _core.propose(d._sessions[key].index, None, 8, d.params.core(), copy)
