@@ -18,7 +18,7 @@ import torch
 
 from quickdraft.verifiers import small_linear
 from quickdraft.verifiers.attention import CAUSAL_CHUNK_KWARG
-from quickdraft.verifiers.kv_cache import new_cache
+from quickdraft.verifiers.kv_cache import cache_keyword, new_cache
 from quickdraft.verifiers.runtime import PREFILL_CHUNK
 
 
@@ -34,13 +34,14 @@ def prefill(model: torch.nn.Module, ids: torch.Tensor, chunk: int, two_pass: boo
     """Prefill ``ids`` into a fresh cache chunk by chunk; the run's times and the last position's logits."""
     cache = new_cache(model.config.num_hidden_layers)
     extra = {CAUSAL_CHUNK_KWARG: True} if two_pass else {}
+    extra[cache_keyword(model)] = cache
     times = []
     with torch.inference_mode(), small_linear.prefill_precision(lowp):
         for start in range(0, ids.shape[1], chunk):
             part = ids[:, start:start + chunk]
             pos = torch.arange(start, start + part.shape[1])[None]
             t0 = time.perf_counter()
-            out = model(input_ids=part, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1, **extra)
+            out = model(input_ids=part, position_ids=pos, use_cache=True, logits_to_keep=1, **extra)
             times.append(round(time.perf_counter() - t0, 3))
     path = ("two-pass" if two_pass else "masked") + ("-bf16" if lowp is not None else "")
     return PrefillRun(path, round(sum(times), 2), times), out.logits[0, -1]

@@ -156,3 +156,24 @@ def test_batched_steps_of_several_sessions_equal_sequential_decoding(runtime):
     for i in state:
         assert state[i]["out"][:24] == refs[i]
     assert {2, 3} <= set(sizes)  # passes were shared (the last session may finish alone)
+
+
+def test_the_cache_goes_under_the_keyword_the_model_takes():
+    """transformers renamed the forward's ``past_key_values`` to ``cache`` within 5.x; a cache passed under
+    the other name would be ignored and every pass would run without the session's KV."""
+    import torch
+
+    from quickdraft.verifiers.kv_cache import cache_keyword
+
+    class Older(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None, **kwargs):
+            return input_ids
+
+    class Newer(torch.nn.Module):
+        def forward(self, input_ids, cache=None, **kwargs):
+            return input_ids
+
+    assert cache_keyword(Older()) == "past_key_values"
+    assert cache_keyword(Newer()) == "cache"
+    with pytest.raises(TypeError, match="takes no KV cache"):
+        cache_keyword(torch.nn.Linear(2, 2))

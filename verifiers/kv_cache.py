@@ -9,6 +9,7 @@ draft tree is one gather over the draft's positions.
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from collections import OrderedDict
@@ -95,6 +96,19 @@ class GrowableLayer(DynamicLayer):
         if not self.is_initialized:
             return 0
         return self._k.numel() * self._k.element_size() + self._v.numel() * self._v.element_size()
+
+
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The keyword under which the model's forward takes a KV cache.
+
+    transformers renamed ``past_key_values`` to ``cache`` within 5.x; a cache handed over under the
+    other name lands in ``**kwargs`` unused, and the model silently builds a throwaway cache of its own.
+    """
+    params = inspect.signature(model.forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    raise TypeError(f"{type(model).__name__}.forward takes no KV cache (neither 'cache' nor 'past_key_values')")
 
 
 def new_cache(num_layers: int) -> Cache:

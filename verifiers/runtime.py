@@ -28,7 +28,14 @@ from quickdraft.catalog import chat_prompt_ids
 from quickdraft.verifiers import small_linear
 from quickdraft.verifiers.attention import CAUSAL_CHUNK_KWARG, PLAN_KWARG
 from quickdraft.verifiers.batching import PackedCache, PackedItem, PackedPlan
-from quickdraft.verifiers.kv_cache import SessionKV, SessionStore, cache_length, keep_positions, set_cache_length
+from quickdraft.verifiers.kv_cache import (
+    SessionKV,
+    SessionStore,
+    cache_keyword,
+    cache_length,
+    keep_positions,
+    set_cache_length,
+)
 from quickdraft.verifiers.model_loader import LoadedModel
 from quickdraft.verifiers.oracle_target import OracleTarget
 from quickdraft.verifiers.tree_verify import (
@@ -129,6 +136,7 @@ class ModelRuntime:
         takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD
                            for p in inspect.signature(self.model.forward).parameters.values())
         self._prefill_kwargs = {CAUSAL_CHUNK_KWARG: True} if takes_kwargs else {}
+        self._cache_kw = cache_keyword(self.model)
 
     # -- metadata ------------------------------------------------------------
     def _eos_ids(self) -> tuple[int, ...]:
@@ -325,8 +333,8 @@ class ModelRuntime:
             ids = torch.tensor([chunk], dtype=torch.long, device=dev)
             pos = torch.arange(past, past + len(chunk), device=dev)[None]
             with small_linear.prefill_precision(self.loaded.prefill_dtype):
-                self.model(input_ids=ids, position_ids=pos, cache=session.cache, use_cache=True, logits_to_keep=1,
-                           **self._prefill_kwargs)
+                self.model(input_ids=ids, position_ids=pos, use_cache=True, logits_to_keep=1,
+                           **{self._cache_kw: session.cache}, **self._prefill_kwargs)
             session.tokens.extend(chunk)
         return feed[cut:]
 
@@ -342,7 +350,8 @@ class ModelRuntime:
         attention_mask = mask if sliding is None else {"full_attention": mask, "sliding_attention": sliding}
         with small_linear.invariant(self.loaded.decode_dtype is not None):
             result = self.model(input_ids=ids, position_ids=pos, attention_mask=attention_mask,
-                                cache=step.session.cache, use_cache=True, logits_to_keep=len(step.draft_tokens) + 1)
+                                use_cache=True, logits_to_keep=len(step.draft_tokens) + 1,
+                                **{self._cache_kw: step.session.cache})
         return self._finish(step, past, result.logits[0])
 
     def _packed_pass(self, steps: list[_Staged]) -> list[VerifyOutput]:
@@ -373,10 +382,9 @@ class ModelRuntime:
                 input_ids=torch.tensor([ids], dtype=torch.long, device=self.device),
                 position_ids=torch.cat(positions)[None],
                 attention_mask=attention_mask,
-                cache=PackedCache(plan, self.model.config.num_hidden_layers),
                 use_cache=True,
                 logits_to_keep=torch.tensor(keep, device=self.device),
-                **{PLAN_KWARG: plan},
+                **{PLAN_KWARG: plan, self._cache_kw: PackedCache(plan, self.model.config.num_hidden_layers)},
             )
         logits = result.logits[0]
         outs = []
