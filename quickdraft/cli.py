@@ -467,7 +467,9 @@ def bench(
             torch.set_num_threads(threads)
         runtime = ModelRuntime(load_model(model))
         points = measure(runtime)
-        kernels = "bf16 tiles" if runtime.loaded.decode_dtype is not None else "fp32"
+        loaded = runtime.loaded
+        kernels = ("bf16 tiles" if loaded.decode_dtype is not None else "fp32") if loaded.device.type == "cpu" \
+            else f"torch {str(loaded.dtype).removeprefix('torch.')} on {loaded.device}"
         table = Table("context", "scored tokens", "median ms", title=f"verification passes, {kernels} kernels")
         for p in points:
             table.add_row(str(p["context"]), str(p["scored"]), f"{p['median_ms']:.1f}")
