@@ -114,6 +114,13 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto", prefill_dty
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, attn_implementation=attention.NAME)
     model.to(dev)
     model.eval()
+    if dev.type == "cuda":
+        # cuDNN's attention builds an execution plan per tensor shape, and a decoding session's
+        # key length grows every step: a plan build on every pass. Where torch prefers cuDNN
+        # (bf16 on Hopper), that is the likely cause of bf16 steps costing ~3x fp32 ones in the
+        # stack on an H200 while a fixed-shape pass cost the same (bench/RESULTS.md, "On a GPU").
+        # The memory-efficient kernel takes the same masks without per-shape plans.
+        torch.backends.cuda.enable_cudnn_sdp(False)
     # fp32 on CPU: the kernel is faster than BLAS at verification sizes and keeps every row's
     # result independent of the rows beside it (CUDA and bf16 keep torch's own kernels).
     invariant = small_linear.install(model) if dev.type == "cpu" and dt == torch.float32 else 0
