@@ -47,6 +47,7 @@ class AdedDrafter(Drafter):
         self._last: dict[SessionKey, _LastDraft] = {}
 
     def begin_call(self, key: SessionKey, prompt: Sequence[int]) -> None:
+        self.flush(key)
         _, new = self.state.begin(key, prompt)
         if new:
             before = list(prompt[max(0, len(prompt) - len(new) - self.params.max_order): len(prompt) - len(new)])
@@ -80,15 +81,26 @@ class AdedDrafter(Drafter):
                 contexts[i] = (ctx + [tree.token_ids[i]])[-self.params.max_order:]
 
     def accept(self, key: SessionKey, tokens: Sequence[int], stats: Sequence[PositionStats] | None = None) -> None:
+        self.flush(key)
         session = self.state.sessions[key]
         self._feedback(key, tokens)
         self.state.learn(key, session.tail, tokens, None, self.params.forget)
         self.state.advance(session, tokens)
 
+    def follow(self, key: SessionKey, tokens: Sequence[int], stats: Sequence[PositionStats] | None = None) -> None:
+        # The adaptation on the last draft's outcome is cheap and needs that draft: now; the counts can wait.
+        self._feedback(key, tokens)
+        self.state.follow(key, tokens, None)
+
+    def flush(self, key: SessionKey) -> None:
+        self.state.flush(key, self.params.forget)
+
     def end_call(self, key: SessionKey) -> None:
         self._last.pop(key, None)
+        self.flush(key)
 
     def drop_session(self, key: SessionKey) -> None:
+        self.flush(key)
         self.state.sessions.pop(key, None)
         self._last.pop(key, None)
 

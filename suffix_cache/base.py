@@ -83,6 +83,14 @@ class Drafter(ABC):
     def drop_session(self, key: SessionKey) -> None:
         """Forget the session's own state (scope-wide learning stays)."""
 
+    def follow(self, key: SessionKey, tokens: Sequence[int], stats: Sequence[PositionStats] | None = None) -> None:
+        """Like ``accept``, but the learning may wait for ``flush`` (or the call's end): the context
+        moves past ``tokens`` at once. A drafter that cannot split the two learns here."""
+        self.accept(key, tokens, stats)
+
+    def flush(self, key: SessionKey) -> None:  # noqa: B027 (optional hook)
+        """Learn what ``follow`` deferred for the session."""
+
     def set_temperature(self, key: SessionKey, temperature: float) -> None:  # noqa: B027 (optional hook)
         """The session's current call samples at ``temperature`` (0: greedy). Drafters that draw
         their trees stochastically follow it; the others need not care, since acceptance is

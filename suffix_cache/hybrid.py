@@ -16,9 +16,11 @@ mostly repeat the suffix tree's first nodes. Since the suffix tree is calibrated
 filling whatever budget it leaves with n-gram nodes no longer adds anything
 either (2.8300 vs 2.8325 tokens per step at 3x the drafting time), so they are
 asked only when the suffix drafter has no node to offer. They still learn every
-accepted token (with the target's probabilities, for STAND), but in batches: a
-session's tokens are handed to them when they are next asked, or when the call
-ends, which keeps drafting near the suffix drafter's own cost.
+accepted token (with the target's probabilities, for STAND), but in batches, when
+the call ends: a step that asks them mid-call only moves their context past what
+the session accepted since (``Drafter.follow``). What they would learn from the
+call's own tokens the suffix tree already indexes, so the step needs it no sooner,
+and drafting stays near the suffix drafter's own cost.
 """
 
 from __future__ import annotations
@@ -104,12 +106,17 @@ class HybridDrafter(Drafter):
             cal = self._calibration[(scope, name)] = Calibration()
         return cal
 
-    def _catch_up(self, key: SessionKey) -> None:
-        """Hand the stand-ins what the session accepted since they last learned."""
+    def _catch_up(self, key: SessionKey, learn: bool = True) -> None:
+        """Hand the stand-ins what the session accepted since they were last handed anything: to
+        learn at once (between calls), or only to move their context past it (a step that asks
+        them mid-call; they learn it when the call ends, off the step's path)."""
         backlog = self._backlog.pop(key, None)
         if backlog is not None and backlog.tokens:
             for m in self.members[1:]:
-                m.accept(key, backlog.tokens, backlog.stats)
+                if learn:
+                    m.accept(key, backlog.tokens, backlog.stats)
+                else:
+                    m.follow(key, backlog.tokens, backlog.stats)
 
     def begin_call(self, key: SessionKey, prompt: Sequence[int]) -> None:
         self._catch_up(key)
@@ -123,7 +130,7 @@ class HybridDrafter(Drafter):
         if len(leader) >= self.fill_below or len(self.members) == 1:
             self._last.pop(key, None)
             return leader
-        self._catch_up(key)
+        self._catch_up(key, learn=False)
         trees = [leader, *(m.propose(key, budget) for m in self.members[1:])]
         self._last[key] = _Step(trees)
         ranked = [(leader.token_ids, leader.parents, list(leader.probs))]
@@ -135,18 +142,14 @@ class HybridDrafter(Drafter):
     def accept(self, key: SessionKey, tokens: Sequence[int], stats: Sequence[PositionStats] | None = None) -> None:
         self.members[0].accept(key, tokens, stats)
         step = self._last.pop(key, None)
-        if step is None:
-            backlog = self._backlog.get(key)
-            if backlog is None:
-                backlog = self._backlog[key] = _Backlog()
-            backlog.add(tokens, stats)
-            return
-        # The stand-ins drafted this step: they learn from its outcome now, and are calibrated on it.
-        for member, tree in zip(self.members[1:], step.trees[1:], strict=False):
-            if tree.token_ids:
-                self._cal(key.scope, member.name).update(tree, tree.longest_accepted(tokens))
-        for m in self.members[1:]:
-            m.accept(key, tokens, stats)
+        if step is not None:  # the stand-ins drafted this step: calibrate them on its outcome
+            for member, tree in zip(self.members[1:], step.trees[1:], strict=False):
+                if tree.token_ids:
+                    self._cal(key.scope, member.name).update(tree, tree.longest_accepted(tokens))
+        backlog = self._backlog.get(key)
+        if backlog is None:
+            backlog = self._backlog[key] = _Backlog()
+        backlog.add(tokens, stats)
 
     def end_call(self, key: SessionKey) -> None:
         self._last.pop(key, None)

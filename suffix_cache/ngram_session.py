@@ -14,6 +14,11 @@ class TailSession:
     tail: list[int] = field(default_factory=list)   # the last tokens of the history
     history_len: int = 0
     prompt_seen: list[int] = field(default_factory=list)  # what begin_call last learned from
+    # Tokens the context moved past before they were learned (``NgramState.follow``), the context
+    # they followed, and the target's statistics for them (None once a run came without).
+    pending: list[int] = field(default_factory=list)
+    pending_context: list[int] = field(default_factory=list)
+    pending_stats: list[PositionStats] | None = field(default_factory=list)
 
 
 class NgramState:
@@ -54,6 +59,29 @@ class NgramState:
             table.observe_run(context[-self.max_order:], list(tokens), ids, mass, k, forget)
         else:
             table.observe_run(context[-self.max_order:], list(tokens), [], [], 0, forget)
+
+    def follow(self, key: SessionKey, tokens: Sequence[int], stats: Sequence[PositionStats] | None) -> None:
+        """Move the session's context past ``tokens`` now and learn them at ``flush``: drafting needs
+        the current context at once, while learning can wait until the call ends."""
+        session = self.sessions.get(key)
+        if session is None or not tokens:
+            return
+        if not session.pending:
+            session.pending_context = session.tail[-self.max_order:]
+            session.pending_stats = []
+        session.pending.extend(tokens)
+        if session.pending_stats is not None and stats is not None and len(stats) >= len(tokens):
+            session.pending_stats.extend(stats[: len(tokens)])
+        else:
+            session.pending_stats = None
+        self.advance(session, tokens)
+
+    def flush(self, key: SessionKey, forget: float) -> None:
+        """Learn what ``follow`` deferred, in one run after the context it followed."""
+        session = self.sessions.get(key)
+        if session is not None and session.pending:
+            self.learn(key, session.pending_context, session.pending, session.pending_stats, forget)
+            session.pending, session.pending_stats = [], []
 
     def advance(self, session: TailSession, tokens: Sequence[int]) -> None:
         session.tail.extend(tokens)

@@ -49,6 +49,7 @@ class StandDrafter(Drafter):
         self._temperature[key] = temperature
 
     def begin_call(self, key: SessionKey, prompt: Sequence[int]) -> None:
+        self.flush(key)
         session, new = self.state.begin(key, prompt)
         if self.params.learn_prompt and new:
             before = list(prompt[max(0, len(prompt) - len(new) - self.params.max_order): len(prompt) - len(new)])
@@ -67,14 +68,22 @@ class StandDrafter(Drafter):
         return DraftTree(tokens, parents, probs)
 
     def accept(self, key: SessionKey, tokens: Sequence[int], stats: Sequence[PositionStats] | None = None) -> None:
+        self.flush(key)
         session = self.state.sessions[key]
         self.state.learn(key, session.tail, tokens, stats, 1.0)
         self.state.advance(session, tokens)
 
+    def follow(self, key: SessionKey, tokens: Sequence[int], stats: Sequence[PositionStats] | None = None) -> None:
+        self.state.follow(key, tokens, stats)
+
+    def flush(self, key: SessionKey) -> None:
+        self.state.flush(key, 1.0)
+
     def end_call(self, key: SessionKey) -> None:
-        pass
+        self.flush(key)
 
     def drop_session(self, key: SessionKey) -> None:
+        self.flush(key)
         self.state.sessions.pop(key, None)
         self._temperature.pop(key, None)
 

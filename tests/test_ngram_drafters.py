@@ -127,6 +127,27 @@ def test_hybrid_stand_ins_learn_what_was_accepted_while_the_suffix_tree_led():
     assert [t for t, _ in stand.state.tables[A].distribution([70])] == [71]
 
 
+def test_hybrid_stand_in_steps_move_the_context_and_learn_at_the_calls_end():
+    d = HybridDrafter()
+    d.begin_call(SessionKey(A, "earlier"), [40, 41, 42, 43])
+    key = SessionKey(A, "now")
+    d.begin_call(key, [1, 2, 3])
+    d.propose(key, 8)
+    # The target's own distribution at both positions, as a worker returns it.
+    stats = [PositionStats((50, 60), (math.log(0.7), math.log(0.3)), 0.6),
+             PositionStats((40, 44), (math.log(0.9), math.log(0.1)), 0.3)]
+    d.accept(key, [50, 40], stats)
+    assert d.members[0].propose(key, 8).token_ids == []  # 40 is in no context the suffix drafter indexes
+    tree = d.propose(key, 8)
+    assert tree.token_ids[0] == 41  # the stand-ins draft from the context as it is now, ending in 40
+    stand = d.members[1]
+    assert stand.state.tables[A].distribution([3]) == []  # ... but have not learned the call's tokens yet
+    d.accept(key, [41, 9])
+    d.end_call(key)
+    assert as_dict(stand.state.tables[A].distribution([3])) == {50: 0.7, 60: 0.3}
+    assert as_dict(stand.state.tables[A].distribution([3, 50])) == {40: 0.9, 44: 0.1}
+
+
 def test_calibration_learns_acceptance_rates_per_bin():
     from quickdraft.suffix_cache.draft import DraftTree
 
