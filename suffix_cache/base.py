@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from quickdraft.suffix_cache.draft import DraftTree
 
@@ -40,6 +40,23 @@ class PositionStats:
     top_ids: tuple[int, ...]
     top_logprobs: tuple[float, ...]
     entropy: float
+
+
+@dataclass(slots=True)
+class AcceptedRun:
+    """Tokens a session accepted, in order, waiting to be learned, with the target's statistics
+    for them as long as every part came with some (None from the first part without: a run is
+    learned either with its statistics or one-hot, not half and half)."""
+
+    tokens: list[int] = field(default_factory=list)
+    stats: list[PositionStats] | None = field(default_factory=list)
+
+    def add(self, tokens: Sequence[int], stats: Sequence[PositionStats] | None) -> None:
+        self.tokens.extend(tokens)
+        if self.stats is not None and stats is not None and len(stats) >= len(tokens):
+            self.stats.extend(stats[: len(tokens)])
+        else:
+            self.stats = None
 
 
 def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 from quickdraft.suffix_cache import _core
 from quickdraft.suffix_cache.aded import AdedDrafter
-from quickdraft.suffix_cache.base import Drafter, PositionStats, Scope, SessionKey
+from quickdraft.suffix_cache.base import AcceptedRun, Drafter, PositionStats, Scope, SessionKey
 from quickdraft.suffix_cache.draft import DraftTree
 from quickdraft.suffix_cache.stand import StandDrafter
 from quickdraft.suffix_cache.suffix import SuffixDrafter
@@ -75,21 +75,6 @@ class _Step:
     trees: list[DraftTree] = field(default_factory=list)
 
 
-@dataclass(slots=True)
-class _Backlog:
-    """Accepted tokens the stand-in drafters have not learned yet (one session)."""
-
-    tokens: list[int] = field(default_factory=list)
-    stats: list[PositionStats] | None = field(default_factory=list)  # None once a step came without stats
-
-    def add(self, tokens: Sequence[int], stats: Sequence[PositionStats] | None) -> None:
-        self.tokens.extend(tokens)
-        if self.stats is not None and stats is not None and len(stats) >= len(tokens):
-            self.stats.extend(stats[: len(tokens)])
-        else:
-            self.stats = None
-
-
 class HybridDrafter(Drafter):
     name = "hybrid"
 
@@ -98,7 +83,7 @@ class HybridDrafter(Drafter):
         self.fill_below = fill_below  # the others are asked when the leader's tree has fewer nodes
         self._calibration: dict[tuple[Scope, str], Calibration] = {}
         self._last: dict[SessionKey, _Step] = {}
-        self._backlog: dict[SessionKey, _Backlog] = {}
+        self._backlog: dict[SessionKey, AcceptedRun] = {}  # accepted, not yet handed to the stand-ins
 
     def _cal(self, scope: Scope, name: str) -> Calibration:
         cal = self._calibration.get((scope, name))
@@ -148,7 +133,7 @@ class HybridDrafter(Drafter):
                     self._cal(key.scope, member.name).update(tree, tree.longest_accepted(tokens))
         backlog = self._backlog.get(key)
         if backlog is None:
-            backlog = self._backlog[key] = _Backlog()
+            backlog = self._backlog[key] = AcceptedRun()
         backlog.add(tokens, stats)
 
     def end_call(self, key: SessionKey) -> None:

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from quickdraft.suffix_cache import _core
-from quickdraft.suffix_cache.base import PositionStats, Scope, SessionKey, common_prefix_len
+from quickdraft.suffix_cache.base import AcceptedRun, PositionStats, Scope, SessionKey, common_prefix_len
 
 
 @dataclass(slots=True)
@@ -14,11 +14,10 @@ class TailSession:
     tail: list[int] = field(default_factory=list)   # the last tokens of the history
     history_len: int = 0
     prompt_seen: list[int] = field(default_factory=list)  # what begin_call last learned from
-    # Tokens the context moved past before they were learned (``NgramState.follow``), the context
-    # they followed, and the target's statistics for them (None once a run came without).
-    pending: list[int] = field(default_factory=list)
+    # Tokens the context moved past before they were learned (``NgramState.follow``), and the
+    # context they followed.
+    pending: AcceptedRun = field(default_factory=AcceptedRun)
     pending_context: list[int] = field(default_factory=list)
-    pending_stats: list[PositionStats] | None = field(default_factory=list)
 
 
 class NgramState:
@@ -66,22 +65,17 @@ class NgramState:
         session = self.sessions.get(key)
         if session is None or not tokens:
             return
-        if not session.pending:
+        if not session.pending.tokens:
             session.pending_context = session.tail[-self.max_order:]
-            session.pending_stats = []
-        session.pending.extend(tokens)
-        if session.pending_stats is not None and stats is not None and len(stats) >= len(tokens):
-            session.pending_stats.extend(stats[: len(tokens)])
-        else:
-            session.pending_stats = None
+        session.pending.add(tokens, stats)
         self.advance(session, tokens)
 
     def flush(self, key: SessionKey, forget: float) -> None:
         """Learn what ``follow`` deferred, in one run after the context it followed."""
         session = self.sessions.get(key)
-        if session is not None and session.pending:
-            self.learn(key, session.pending_context, session.pending, session.pending_stats, forget)
-            session.pending, session.pending_stats = [], []
+        if session is not None and session.pending.tokens:
+            self.learn(key, session.pending_context, session.pending.tokens, session.pending.stats, forget)
+            session.pending = AcceptedRun()
 
     def advance(self, session: TailSession, tokens: Sequence[int]) -> None:
         session.tail.extend(tokens)
