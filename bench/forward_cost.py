@@ -16,7 +16,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 
-from quickdraft.verifiers.runtime import ModelRuntime, VerifyInput
+from quickdraft.verifiers.runtime import ModelRuntime, VerifyInput, VerifyOutput
 
 # Top-k statistics per position that the proxy asks of every verification (proxy/speculation.py).
 PROXY_TOP_LOGPROBS = 4
@@ -31,22 +31,29 @@ class CostPoint:
     end_context: int = 0  # the session's length after the series (growing: more than context)
 
 
+def _synthetic_prompt(length: int) -> list[int]:
+    return [(i * 7919) % 40000 + 100 for i in range(length)]
+
+
+def _timed_pass(runtime: ModelRuntime, key: str, history: list[int], known: int, n: int,
+                top_logprobs: int = 0) -> tuple[float, VerifyOutput]:
+    """One verification pass feeding ``history[known:]`` plus an ``n``-node chain draft; its milliseconds."""
+    tokens = [(history[-1] + j + 1) % 40000 for j in range(n)]
+    t0 = time.perf_counter()
+    out = runtime.verify(VerifyInput(key, known, history[known - 16:known], history[known:], tokens,
+                                     list(range(-1, n - 1)), top_logprobs=top_logprobs))
+    return (time.perf_counter() - t0) * 1e3, out
+
+
 def measure(runtime: ModelRuntime, contexts=(512, 2048, 4096), drafts=(0, 1, 3, 7, 15), repeats=5) -> list[dict]:
     points = []
     for ctx in contexts:
         key = f"cost-{ctx}"
-        prompt = [(i * 7919) % 40000 + 100 for i in range(ctx)]
+        prompt = _synthetic_prompt(ctx)
         first = runtime.verify(VerifyInput(key, 0, [], prompt))
         history = prompt + first.tokens[:1]
         for n in drafts:
-            times = []
-            for _ in range(repeats):
-                known = len(prompt)
-                tokens = [(history[-1] + j + 1) % 40000 for j in range(n)]
-                t0 = time.perf_counter()
-                runtime.verify(VerifyInput(key, known, history[known - 16:known], history[known:], tokens,
-                                           list(range(-1, n - 1))))
-                times.append((time.perf_counter() - t0) * 1e3)
+            times = [_timed_pass(runtime, key, history, len(prompt), n)[0] for _ in range(repeats)]
             points.append(asdict(CostPoint(ctx, n + 1, round(statistics.median(times), 1), end_context=ctx)))
         runtime.release(key)
     return points
@@ -58,18 +65,14 @@ def measure_growing(runtime: ModelRuntime, contexts=(512, 2048, 4096), drafts=(0
     points = []
     for ctx in contexts:
         key = f"grow-{ctx}"
-        history = [(i * 7919) % 40000 + 100 for i in range(ctx)]
+        history = _synthetic_prompt(ctx)
         out = runtime.verify(VerifyInput(key, 0, [], history))
         history += out.tokens
         for n in drafts:
             times = []
             for _ in range(steps):
-                known = out.cached_len
-                tokens = [(history[-1] + j + 1) % 40000 for j in range(n)]
-                t0 = time.perf_counter()
-                out = runtime.verify(VerifyInput(key, known, history[known - 16:known], history[known:], tokens,
-                                                 list(range(-1, n - 1)), top_logprobs=PROXY_TOP_LOGPROBS))
-                times.append((time.perf_counter() - t0) * 1e3)
+                ms, out = _timed_pass(runtime, key, history, out.cached_len, n, PROXY_TOP_LOGPROBS)
+                times.append(ms)
                 history += out.tokens
             points.append(asdict(CostPoint(ctx, n + 1, round(statistics.median(times), 1), "growing",
                                            out.cached_len)))
