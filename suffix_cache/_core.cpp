@@ -522,7 +522,10 @@ class Calibration {
   // Redis every half minute, and chances from counts and weights that close rank the same.
   py::bytes dump() const {
     std::string out;
+    size_t values = 0;
+    for (auto [v, n] : floats(*this)) values += n;
     uint32_t head[2] = {kMagic, static_cast<uint32_t>(kCells)};
+    out.reserve(sizeof(head) + sizeof(observed_) + values * sizeof(uint16_t));
     out.append(reinterpret_cast<const char*>(head), sizeof(head));
     out.append(reinterpret_cast<const char*>(&observed_), sizeof(observed_));
     for (auto [values, n] : floats(*this))
