@@ -85,3 +85,22 @@ def test_a_file_that_is_not_a_trajectory_is_named_in_a_clear_error(tmp_path, con
 def test_a_folder_without_trajectories_is_a_clear_error(tmp_path):
     done = quickdraft("replay", str(tmp_path), "--oracle", env={"COLUMNS": "300"})
     assert done.returncode == 2 and "no .traj.json or .traj files" in done.stderr
+
+
+def test_the_anchor_runs_on_the_prompts_quickdraft_replays(tmp_path):
+    # bench/anchor_any_tokenizer.py hands the anchor's replay QuickDraft's own rendering, so a
+    # comparison on Gemma 3's vocabulary (no chat template) sees the same prompts on both sides.
+    from quickdraft.bench.anchor_any_tokenizer import _tokenizer, anchor_dir
+    from quickdraft.catalog import chat_prompt_ids, load_tokenizer
+
+    assert (anchor_dir() / "anchor_replay.py").is_file()
+    messages = [{"role": "system", "content": "You are a helpful assistant."},
+                {"role": "user", "content": "List the files."},
+                {"role": "assistant", "content": "THOUGHT: I will list them.\n\n```bash\nls\n```"},
+                {"role": "user", "content": "<returncode>0</returncode>"}]
+    for name in ("smollm2-135m", "gemma3-270m"):
+        tok = _tokenizer(name)
+        ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        assert ids == chat_prompt_ids(load_tokenizer(name), messages, True)
+    gemma = tok.decode(ids)
+    assert gemma.count("<start_of_turn>") == 4 and gemma.endswith("<start_of_turn>model\n")
