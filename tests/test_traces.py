@@ -104,3 +104,22 @@ def test_the_anchor_runs_on_the_prompts_quickdraft_replays(tmp_path):
         assert ids == chat_prompt_ids(load_tokenizer(name), messages, True)
     gemma = tok.decode(ids)
     assert gemma.count("<start_of_turn>") == 4 and gemma.endswith("<start_of_turn>model\n")
+
+
+def test_a_trajectory_rewritten_as_json_tool_calls_keeps_its_calls(tmp_path):
+    from quickdraft.bench.tool_call_traces import as_tool_calls, rewrite
+
+    answer = 'THOUGHT: Write the file.\n\n```bash\ncat <<\'EOF\' > a.py\nprint("hi")\nEOF\n```'
+    rewritten = as_tool_calls(answer)
+    prose, call = rewritten.split("\n<tool_call>\n")
+    assert prose == "Write the file." and call.endswith("\n</tool_call>")
+    assert json.loads(call.removesuffix("\n</tool_call>")) == {
+        "name": "bash", "arguments": {"command": 'cat <<\'EOF\' > a.py\nprint("hi")\nEOF'}}
+    assert '\\"hi\\"' in call  # quotes (and newlines) JSON-escaped, as a tool-calling model writes them
+    source = write(tmp_path / "r.traj.json", {"messages": [
+        SYSTEM, TASK, {"role": "assistant", "content": answer},
+        {"role": "user", "content": "<returncode>0</returncode>"}, {"role": "assistant", "content": answer}]})
+    [out] = rewrite([source], tmp_path / "out")
+    calls = list(trajectory_calls(out))
+    assert [c.response for c in calls] == [rewritten, rewritten]
+    assert calls[1].messages[:2] == [SYSTEM, TASK]
