@@ -19,17 +19,17 @@ import os
 import pathlib
 from typing import Any
 
+from quickdraft.bench.traces import find_shared
 from quickdraft.catalog import chat_prompt_ids, load_tokenizer
 
 
 def anchor_dir() -> pathlib.Path:
     if os.environ.get("QUICKDRAFT_ANCHOR_DIR"):
         return pathlib.Path(os.environ["QUICKDRAFT_ANCHOR_DIR"])
-    here = pathlib.Path(__file__).resolve()
-    for parent in (*here.parents, *pathlib.Path.cwd().parents, pathlib.Path("/work")):
-        if (parent / "shared" / "anchor" / "anchor_replay.py").is_file():
-            return parent / "shared" / "anchor"
-    raise FileNotFoundError("no shared/anchor/anchor_replay.py found: set QUICKDRAFT_ANCHOR_DIR")
+    found = find_shared("anchor/anchor_replay.py")
+    if found is None:
+        raise FileNotFoundError("no shared/anchor/anchor_replay.py found: set QUICKDRAFT_ANCHOR_DIR")
+    return found.parent
 
 
 class _Rendering:

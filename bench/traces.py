@@ -23,18 +23,24 @@ class TraceCall:
     response: str              # what the agent's model answered
 
 
+def find_shared(relative: str) -> pathlib.Path | None:
+    """``shared/RELATIVE`` beside the checkout (or beside the current folder), else in the
+    workspace's shared folder; None if none exists."""
+    here = pathlib.Path(__file__).resolve()
+    for parent in (*here.parents, *pathlib.Path.cwd().parents, pathlib.Path("/work")):
+        if (parent / "shared" / relative).exists():
+            return parent / "shared" / relative
+    return None
+
+
 def default_traces_dir() -> pathlib.Path:
-    """The development traces: $QUICKDRAFT_TRACES, else ``shared/traces/swebench-dev`` beside
-    the checkout (or beside the current folder), else the workspace's shared folder."""
+    """The development traces: $QUICKDRAFT_TRACES, else ``shared/traces/swebench-dev`` (``find_shared``)."""
     if os.environ.get("QUICKDRAFT_TRACES"):
         return pathlib.Path(os.environ["QUICKDRAFT_TRACES"])
-    here = pathlib.Path(__file__).resolve()
-    candidates = [p / "shared" / "traces" / "swebench-dev" for p in (*here.parents, *pathlib.Path.cwd().parents)]
-    candidates.append(pathlib.Path("/work/shared/traces/swebench-dev"))
-    for candidate in candidates:
-        if candidate.is_dir():
-            return candidate
-    raise FileNotFoundError("no trace folder found: set QUICKDRAFT_TRACES to a folder of .traj.json files")
+    found = find_shared("traces/swebench-dev")
+    if found is None or not found.is_dir():
+        raise FileNotFoundError("no trace folder found: set QUICKDRAFT_TRACES to a folder of .traj.json files")
+    return found
 
 
 SUFFIXES = (".traj.json", ".traj")  # mini-swe-agent; SWE-agent
