@@ -20,7 +20,9 @@ from collections.abc import Sequence
 
 from quickdraft.bench.traces import trajectory_files, trajectory_messages
 
-_BASH_BLOCK = re.compile(r"```(?:bash|sh)?\n(.*?)\n?```", re.S)
+# mini-swe-agent's own action pattern: only ```bash fences are commands (a ```python snippet in the
+# prose stays prose).
+_BASH_BLOCK = re.compile(r"```bash\s*\n(.*?)\n```", re.S)
 
 
 def as_tool_calls(content: str) -> str:

@@ -87,7 +87,7 @@ def test_a_folder_without_trajectories_is_a_clear_error(tmp_path):
     assert done.returncode == 2 and "no .traj.json or .traj files" in done.stderr
 
 
-def test_the_anchor_runs_on_the_prompts_quickdraft_replays(tmp_path):
+def test_the_anchor_runs_on_the_prompts_quickdraft_replays():
     # bench/anchor_any_tokenizer.py hands the anchor's replay QuickDraft's own rendering, so a
     # comparison on Gemma 3's vocabulary (no chat template) sees the same prompts on both sides.
     from quickdraft.bench.anchor_any_tokenizer import _tokenizer, anchor_dir
@@ -116,6 +116,11 @@ def test_a_trajectory_rewritten_as_json_tool_calls_keeps_its_calls(tmp_path):
     assert json.loads(call.removesuffix("\n</tool_call>")) == {
         "name": "bash", "arguments": {"command": 'cat <<\'EOF\' > a.py\nprint("hi")\nEOF'}}
     assert '\\"hi\\"' in call  # quotes (and newlines) JSON-escaped, as a tool-calling model writes them
+    # Only ```bash fences are commands (mini-swe-agent's rule): a ```python snippet stays prose.
+    snippet = "THOUGHT: The fix:\n```python\nx = 1\n```\nNow apply it.\n\n```bash\nsed -i s/0/1/ a.py\n```"
+    prose, call = as_tool_calls(snippet).split("\n<tool_call>\n")
+    assert prose == "The fix:\n```python\nx = 1\n```\nNow apply it."
+    assert json.loads(call.removesuffix("\n</tool_call>"))["arguments"] == {"command": "sed -i s/0/1/ a.py"}
     source = write(tmp_path / "r.traj.json", {"messages": [
         SYSTEM, TASK, {"role": "assistant", "content": answer},
         {"role": "user", "content": "<returncode>0</returncode>"}, {"role": "assistant", "content": answer}]})
