@@ -1,7 +1,8 @@
 """Where a drafter's steps are lost: the oracle replay's steps split by kind of text and by context
-match, with, for the steps that accept nothing, whether the true next token was among the roots
-the drafter offered at all (before the mean budget's cut). A root that was offered but not sent
-is a ranking miss; a token no root offered is one no ranking of these candidates could reach::
+match, with, for the steps that accept nothing, whether the true next token was a root of the
+tree the drafter offered (its best nodes up to the step cap, 4 × the mean budget, before the
+budget's cut). A root offered but not sent is a ranking miss; a token that is no root of the
+offer is one no ranking within it could reach::
 
     python -m quickdraft.bench.drafting_misses ../shared/traces/swebench-dev --limit 12 --json out.json
 
@@ -18,11 +19,9 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from quickdraft.bench.traces import tokenized_calls, trajectory_files
-from quickdraft.catalog import load_tokenizer, tokenizer_id
-from quickdraft.suffix_cache.base import Scope, SessionKey
-from quickdraft.suffix_cache.budget import MeanBudget
-from quickdraft.suffix_cache.registry import make_drafter
+from quickdraft.bench.oracle_replay import OracleStep, replay_oracle
+from quickdraft.bench.traces import trajectory_files
+from quickdraft.catalog import load_tokenizer
 
 MATCH_BANDS = ("0", "1", "2", "3", "4-7", "8+")
 
@@ -71,47 +70,58 @@ class Misses:
                 "examples": self.examples}
 
 
+class _Observer:
+    """Tallies each replay step; tracks code fences in the response so far, and keeps a uniform
+    sample (reservoir) of the steps that accepted nothing."""
+
+    def __init__(self, out: Misses, tokenizer, examples: int, seed: int) -> None:
+        self.out, self.tok, self.examples = out, tokenizer, examples
+        self.rng = random.Random(seed)
+        self.missed = 0
+        self.fences = 0
+        self.tail = ""  # the response's last characters, so a fence split across tokens counts
+        self.pieces: dict[int, str] = {}
+
+    def __call__(self, step: OracleStep) -> None:
+        if step.done == 0:
+            self.fences, self.tail = 0, ""
+        truth = step.response[step.done]
+        offered = step.offered
+        in_offer = any(p < 0 and t == truth for t, p in zip(offered.token_ids, offered.parents, strict=True))
+        for tally in (self.out.all, self.out.by_text["code" if self.fences % 2 else "prose"],
+                      self.out.by_match[_band(offered.match_len)]):
+            tally.add(step.accepted, step.emitted, in_offer)
+        if step.accepted == 0 and self.examples:
+            self._sample(step, truth, in_offer)
+        for t in step.response[step.done : step.done + step.emitted]:
+            piece = self.pieces.get(t)
+            if piece is None:
+                piece = self.pieces[t] = self.tok.decode([t])
+            text = self.tail + piece
+            self.fences += text.count("```") - self.tail.count("```")
+            self.tail = text[-2:]
+
+    def _sample(self, step: OracleStep, truth: int, in_offer: bool) -> None:
+        self.missed += 1
+        slot = len(self.out.examples) if len(self.out.examples) < self.examples else self.rng.randrange(self.missed)
+        if slot >= self.examples:
+            return
+        context = (step.prompt[-6:] + step.response[max(0, step.done - 6) : step.done])[-6:]
+        example = {"context": self.tok.decode(context), "next": self.tok.decode([truth]),
+                   "match": step.offered.match_len, "offered": in_offer}
+        if slot == len(self.out.examples):
+            self.out.examples.append(example)
+        else:
+            self.out.examples[slot] = example
+
+
 def measure(paths: Sequence[str | pathlib.Path], drafter_name: str = "suffix", limit: int = 0, budget: int = 8,
             tokenizer_name: str = "smollm2-135m", examples: int = 20, seed: int = 0) -> Misses:
     files = trajectory_files(paths)
     files = files[:limit] if limit else files
-    tok = load_tokenizer(tokenizer_name)
-    tok_id = tokenizer_id(tok)
-    scope = Scope("default", tok_id)
-    drafter = make_drafter(drafter_name)
-    allot = MeanBudget(mean=budget)
     out = Misses(drafter_name, len(files))
-    fence_tokens: dict[int, int] = {}  # token id -> the number of ``` it holds
-    pool: list[dict[str, object]] = []
-    for file in files:
-        for session_id, prompt, response in tokenized_calls(file, tok, tok_id):
-            key = SessionKey(scope, session_id)
-            drafter.begin_call(key, prompt)
-            done = fences = 0
-            while done < len(response):
-                offered = drafter.propose(key, allot.cap)
-                tree = allot.cut(offered)
-                allot.spent(len(tree))
-                accepted = len(tree.longest_accepted(response[done:]))
-                truth = response[done]
-                in_offer = any(p < 0 and t == truth for t, p in zip(offered.token_ids, offered.parents, strict=True))
-                new = response[done : done + accepted + 1]
-                for tally in (out.all, out.by_text["code" if fences % 2 else "prose"],
-                              out.by_match[_band(offered.match_len)]):
-                    tally.add(accepted, len(new), in_offer)
-                if accepted == 0 and examples:
-                    context = (list(prompt) + list(response[:done]))[-6:]
-                    pool.append({"context": tok.decode(context), "next": tok.decode([truth]),
-                                 "match": offered.match_len, "offered": in_offer})
-                for t in new:
-                    if t not in fence_tokens:
-                        fence_tokens[t] = tok.decode([t]).count("```")
-                    fences += fence_tokens[t]
-                drafter.accept(key, new)
-                done += len(new)
-            drafter.end_call(key)
-    if pool:
-        out.examples = random.Random(seed).sample(pool, min(examples, len(pool)))
+    observer = _Observer(out, load_tokenizer(tokenizer_name), examples, seed)
+    replay_oracle(files, drafter_name, tokenizer_name, budget=budget, progress=False, on_step=observer)
     return out
 
 
@@ -121,10 +131,12 @@ def main() -> None:
     ap.add_argument("--drafter", default="suffix")
     ap.add_argument("--limit", type=int, default=0, help="only the first N trajectories (0: all)")
     ap.add_argument("--tokenizer", default="smollm2-135m")
+    ap.add_argument("--budget", type=int, default=8, help="draft tree nodes per step, as a mean over the run")
+    ap.add_argument("--seed", type=int, default=0, help="for the sample of missed steps")
     ap.add_argument("--examples", type=int, default=20, help="steps that accepted nothing, sampled for the report")
     ap.add_argument("--json", dest="json_out", type=pathlib.Path)
     a = ap.parse_args()
-    result = measure(a.paths, a.drafter, a.limit, tokenizer_name=a.tokenizer, examples=a.examples).to_dict()
+    result = measure(a.paths, a.drafter, a.limit, a.budget, a.tokenizer, a.examples, a.seed).to_dict()
     text = json.dumps(result, indent=2, ensure_ascii=False)
     if a.json_out:
         a.json_out.write_text(text)

@@ -21,14 +21,28 @@ import pathlib
 import threading
 import time
 from array import array
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
 from quickdraft.bench.traces import tokenized_calls, trajectory_files, trajectory_name
 from quickdraft.catalog import load_tokenizer, tokenizer_id
 from quickdraft.suffix_cache.base import Drafter, Scope, SessionKey, export_states, import_states
 from quickdraft.suffix_cache.budget import MeanBudget
+from quickdraft.suffix_cache.draft import DraftTree
 from quickdraft.suffix_cache.registry import make_drafter
+
+
+@dataclass(slots=True, frozen=True)
+class OracleStep:
+    """One step of the replay, for an observer (``replay_oracle(on_step=...)``)."""
+
+    prompt: list[int]
+    response: list[int]
+    done: int            # response tokens emitted before this step
+    offered: DraftTree   # the drafter's tree, before the budget's cut
+    sent: DraftTree      # what the step verified
+    accepted: int        # draft tokens accepted
+    emitted: int         # accepted + the bonus token (the response's last step may have none)
 
 
 @dataclass(slots=True)
@@ -97,10 +111,12 @@ def replay_oracle(
     redis_url: str | None = None,
     per_step: dict[str, array] | None = None,
     fixed_budget: bool = False,
+    on_step: Callable[[OracleStep], None] | None = None,
 ) -> OracleReport:
     """Replay trajectories through a drafter; with ``redis_url`` its learned state lives in Redis
     as the proxy's does (replayed at start, every response appended). ``per_step``, if given, receives
-    the tokens each step yielded, per trajectory in order (for plots)."""
+    the tokens each step yielded, per trajectory in order (for plots); ``on_step``, if given, sees
+    every step (outside the timed parts)."""
     files = trajectory_files(paths)
     tok = load_tokenizer(tokenizer_name)
     tok_id = tokenizer_id(tok)
@@ -136,7 +152,7 @@ def replay_oracle(
                 done = 0
                 while done < len(response):
                     t0 = time.perf_counter()
-                    tree = drafter.propose(key, ask)
+                    offered = tree = drafter.propose(key, ask)
                     if allot is not None:
                         tree = allot.cut(tree)
                         allot.spent(len(tree))
@@ -146,6 +162,8 @@ def replay_oracle(
                     t2 = time.perf_counter()
                     drafter.accept(key, new)
                     draft_s += (t1 - t0) + (time.perf_counter() - t2)
+                    if on_step is not None:
+                        on_step(OracleStep(prompt, response, done, offered, tree, n_acc, len(new)))
                     done += len(new)
                     yields.append(len(new))
                     steps += 1
