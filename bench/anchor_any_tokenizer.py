@@ -7,8 +7,9 @@ comparison on another vocabulary is like for like. Run it with the anchor's buil
     PYTHONPATH=~/.cache/quickdraft-anchor/lib python -m quickdraft.bench.anchor_any_tokenizer \\
         ../shared/traces/swebench-dev --tokenizer gemma3-270m --tree --spec-factor 2 --min-prob 0.05
 
-``--tokenizer`` is a catalog name or a path, as for ``quickdraft replay``; every other option is
-the anchor script's own. ``$QUICKDRAFT_ANCHOR_DIR`` names the anchor's folder when it is not
+``--tokenizer`` is a catalog name or a path, as for ``quickdraft replay`` (``--gguf`` is not
+needed: the catalog knows each model's file, and it is ignored); every other option is the
+anchor script's own. ``$QUICKDRAFT_ANCHOR_DIR`` names the anchor's folder when it is not
 ``shared/anchor`` beside the checkout.
 """
 
@@ -48,6 +49,7 @@ class _Rendering:
 
 
 def _tokenizer(name: str, gguf: str | None = None) -> _Rendering:
+    # The anchor script's loader takes (path, gguf file); the catalog resolves both from the name.
     return _Rendering(load_tokenizer(name))
 
 

@@ -23,13 +23,14 @@ class TraceCall:
     response: str              # what the agent's model answered
 
 
-def find_shared(relative: str) -> pathlib.Path | None:
-    """``shared/RELATIVE`` beside the checkout (or beside the current folder), else in the
-    workspace's shared folder; None if none exists."""
+def find_shared(relative: str, directory: bool = False) -> pathlib.Path | None:
+    """The file (or, with ``directory``, the folder) ``shared/RELATIVE`` beside the checkout (or
+    beside the current folder), else in the workspace's shared folder; None if there is none."""
     here = pathlib.Path(__file__).resolve()
     for parent in (*here.parents, *pathlib.Path.cwd().parents, pathlib.Path("/work")):
-        if (parent / "shared" / relative).exists():
-            return parent / "shared" / relative
+        candidate = parent / "shared" / relative
+        if candidate.is_dir() if directory else candidate.is_file():
+            return candidate
     return None
 
 
@@ -37,8 +38,8 @@ def default_traces_dir() -> pathlib.Path:
     """The development traces: $QUICKDRAFT_TRACES, else ``shared/traces/swebench-dev`` (``find_shared``)."""
     if os.environ.get("QUICKDRAFT_TRACES"):
         return pathlib.Path(os.environ["QUICKDRAFT_TRACES"])
-    found = find_shared("traces/swebench-dev")
-    if found is None or not found.is_dir():
+    found = find_shared("traces/swebench-dev", directory=True)
+    if found is None:
         raise FileNotFoundError("no trace folder found: set QUICKDRAFT_TRACES to a folder of .traj.json files")
     return found
 

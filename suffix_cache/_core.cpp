@@ -519,7 +519,7 @@ class Calibration {
   // The learned state as bytes (a header names the layout), so a restarted or new
   // replica can start from what another one learned. Every float is stored in 16 bits
   // (bfloat16, within 0.4 % of the value): a snapshot of each changed tenant travels to
-  // Redis every half minute, and chances from counts and weights that close rank the same.
+  // Redis every half minute, and chances from counts and weights that close rank nearly the same.
   py::bytes dump() const {
     std::string out;
     size_t values = 0;
@@ -528,9 +528,9 @@ class Calibration {
     out.reserve(sizeof(head) + sizeof(observed_) + values * sizeof(uint16_t));
     out.append(reinterpret_cast<const char*>(head), sizeof(head));
     out.append(reinterpret_cast<const char*>(&observed_), sizeof(observed_));
-    for (auto [values, n] : floats(*this))
+    for (auto [array, n] : floats(*this))
       for (size_t i = 0; i < n; ++i) {
-        uint16_t h = to_bf16(values[i]);
+        uint16_t h = to_bf16(array[i]);
         out.append(reinterpret_cast<const char*>(&h), sizeof(h));
       }
     return py::bytes(out);

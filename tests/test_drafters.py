@@ -273,13 +273,27 @@ def test_a_calibration_dump_of_the_32_bit_layout_still_loads():
     assert magic == 0x34434451  # "QDC4"
     halves = np.frombuffer(learned[16:], dtype=np.uint16)
     floats = (halves.astype(np.uint32) << 16).view(np.float32)
-    legacy = struct.pack("<II", 0x33434451, cells) + learned[8:16] + floats.tobytes()
+    # A 32-bit store holds values bfloat16 cannot: nudged by under half a step, each rounds back.
+    nudged = (floats * np.float32(1 + 2**-10)).astype(np.float32)
+    assert (nudged != floats).any()
+    legacy = struct.pack("<II", 0x33434451, cells) + learned[8:16] + nudged.tobytes()
     copy = _core.Calibration()
     assert copy.load(legacy)
     assert copy.observed == d.calibration(A).observed > 0
     assert copy.dump() == learned
     assert not copy.load(legacy[:-2])  # a truncated dump changes nothing
+    assert not copy.load(struct.pack("<II", 0x35434451, cells) + learned[8:])  # nor an unknown layout
     assert copy.dump() == learned
+    # Rounding is to the nearest bfloat16, ties to even (1 + 2**-8 lies halfway between 1 and 1 + 2**-7).
+    values = np.array([1 + 2**-8, 1 + 3 * 2**-8, -2.5e-3, 3.0e4], dtype=np.float32)
+    table = floats.copy()
+    table[: len(values)] = values
+    rounded = _core.Calibration()
+    assert rounded.load(struct.pack("<II", 0x33434451, cells) + learned[8:16] + table.tobytes())
+    back = np.frombuffer(rounded.dump()[16:], dtype=np.uint16)[: len(values)]
+    restored = (back.astype(np.uint32) << 16).view(np.float32)
+    assert list(restored[:2]) == [1.0, 1 + 4 * 2**-8]
+    assert np.allclose(restored[2:], values[2:], rtol=2**-8)
 
 
 def test_probabilities_never_rise_along_a_path():
