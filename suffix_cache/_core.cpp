@@ -522,10 +522,8 @@ class Calibration {
   // Redis every half minute, and chances from counts and weights that close rank nearly the same.
   py::bytes dump() const {
     std::string out;
-    size_t values = 0;
-    for (auto [v, n] : floats(*this)) values += n;
     uint32_t head[2] = {kMagic, static_cast<uint32_t>(kCells)};
-    out.reserve(sizeof(head) + sizeof(observed_) + values * sizeof(uint16_t));
+    out.reserve(sizeof(head) + sizeof(observed_) + float_count() * sizeof(uint16_t));
     out.append(reinterpret_cast<const char*>(head), sizeof(head));
     out.append(reinterpret_cast<const char*>(&observed_), sizeof(observed_));
     for (auto [array, n] : floats(*this))
@@ -542,14 +540,12 @@ class Calibration {
   bool load(const py::bytes& data) {
     std::string in = data;
     uint32_t head[2];
-    size_t values = 0;
-    for (auto [v, n] : floats(*this)) values += n;
     size_t prefix = sizeof(head) + sizeof(observed_);
     if (in.size() < prefix) return false;
     std::memcpy(head, in.data(), sizeof(head));
     if (head[1] != static_cast<uint32_t>(kCells)) return false;
     size_t width = head[0] == kMagic ? sizeof(uint16_t) : head[0] == kMagicFloat32 ? sizeof(float) : 0;
-    if (width == 0 || in.size() != prefix + values * width) return false;
+    if (width == 0 || in.size() != prefix + float_count() * width) return false;
     std::memcpy(&observed_, in.data() + sizeof(head), sizeof(observed_));
     const char* at = in.data() + prefix;
     for (auto [v, n] : floats(*this))
@@ -587,6 +583,11 @@ class Calibration {
   static std::array<std::pair<Value*, size_t>, 4> floats(Self& self) {
     auto field = [](auto& x) { return std::pair<Value*, size_t>(x.data(), x.size()); };
     return std::array{field(self.drafted_), field(self.accepted_), field(self.lexical_), field(self.sq_)};
+  }
+  size_t float_count() const {
+    size_t count = 0;
+    for (auto [values, n] : floats(*this)) count += n;
+    return count;
   }
   static constexpr float kPrior = 2.0f;
   static constexpr float kHalveAt = 4096.0f;
