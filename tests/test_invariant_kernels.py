@@ -191,6 +191,20 @@ def attention(q, k, v, mask, isa="auto", threads=2):
     return out
 
 
+VECTOR_ISAS = ("avx512", "avx2")
+
+
+def _attention_isas() -> set[str]:
+    """The vector attention paths this CPU runs (an AVX-512 CPU also runs the AVX2 one)."""
+    flags = open("/proc/cpuinfo").read().split()
+    have = set()
+    if "avx512f" in flags:
+        have.add("avx512")
+    if "avx2" in flags and "fma" in flags:
+        have.add("avx2")
+    return have
+
+
 # (query heads per kv head, kv heads, head dim): SmolLM2's and Gemma 3 270M's shapes.
 MODELS = [(3, 3, 64), (4, 1, 256)]
 
@@ -226,13 +240,19 @@ def tree_case(past, n_rep=3, kv_heads=3, dim=64, seed=0, window=0):
 @pytest.mark.parametrize("past,window", [(0, 0), (5, 0), (100, 0), (700, 0), (700, 40), (1500, 0), (1500, 600)])
 def test_attention_vector_path_is_the_portable_definition(model, past, window):
     q, k, v, mask = tree_case(past, *model, window=window)
-    if _kernels.attention_isa() != "avx512":  # no AVX-512: the vector path refuses (verification keeps SDPA)
-        with pytest.raises(ValueError, match="cannot run the avx512"):
-            attention(q, k, v, mask, isa="avx512")
-        return
-    assert torch.equal(attention(q, k, v, mask), attention(q, k, v, mask, isa="scalar", threads=1))
-    for threads in (1, 3):
-        assert torch.equal(attention(q, k, v, mask, threads=threads), attention(q, k, v, mask))
+    reference = attention(q, k, v, mask, isa="scalar", threads=1)
+    ran = []
+    for isa in VECTOR_ISAS:
+        if isa not in _attention_isas():  # this CPU lacks it: the path refuses (it is checked where it runs)
+            with pytest.raises(ValueError, match=f"cannot run the {isa}"):
+                attention(q, k, v, mask, isa=isa)
+            continue
+        ran.append(isa)
+        for threads in (1, 3):
+            assert torch.equal(attention(q, k, v, mask, isa=isa, threads=threads), reference)
+    assert torch.equal(attention(q, k, v, mask), reference)
+    # The default is the best vector path the CPU has; only a CPU without AVX2 and FMA falls back to SDPA.
+    assert _kernels.attention_isa() == (ran[0] if ran else "scalar")
 
 
 @pytest.mark.parametrize("model", MODELS)

@@ -364,13 +364,24 @@ void linear_bf16(uintptr_t x, uintptr_t w, uintptr_t b, uintptr_t y, int64_t M, 
 }
 
 // ---------------------------------------------------------------- attention
-bool attention_avx512() {
+// The attention path this CPU runs by default: "avx512", "avx2" (with FMA) or "scalar".
+std::string attention_isa() {
 #ifdef QD_X86
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f");
-#else
-  return false;
+  if (__builtin_cpu_supports("avx512f")) return "avx512";
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return "avx2";
 #endif
+  return "scalar";
+}
+
+bool attention_supports(const std::string& isa) {
+  if (isa == "scalar") return true;
+#ifdef QD_X86
+  __builtin_cpu_init();
+  if (isa == "avx512") return __builtin_cpu_supports("avx512f");
+  if (isa == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+  return false;
 }
 
 void attention(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t mask, uintptr_t out, int64_t H, int64_t Hkv,
@@ -379,14 +390,19 @@ void attention(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t mask, uintptr_t 
   if (H <= 0 || Hkv <= 0 || H % Hkv != 0) throw std::invalid_argument("query heads must be a multiple of kv heads");
   if (D <= 0 || D % 64 != 0) throw std::invalid_argument("head dimension must be a multiple of 64");
   if (Lq < 0 || Lk < 0) throw std::invalid_argument("negative length");
-  bool vector = attention_avx512(), tiles = false;
-  if (isa == "scalar") vector = false;
-  else if (isa == "avx512" && !vector) throw std::invalid_argument("this CPU cannot run the avx512 kernel");
-  else if (isa == "amx") {
+  std::string path = attention_isa();
+  bool tiles = false;
+  if (isa == "amx") {
     if (!qd_attention::amx_attention_supported())
       throw std::invalid_argument("this CPU (or its kernel) cannot run the amx attention kernel");
     tiles = true;
-  } else if (isa != "avx512" && isa != "auto" && !isa.empty()) throw std::invalid_argument("unknown kernel: " + isa);
+  } else if (isa == "avx512" || isa == "avx2" || isa == "scalar") {
+    if (!attention_supports(isa)) throw std::invalid_argument("this CPU cannot run the " + isa + " kernel");
+    path = isa;
+  } else if (isa != "auto" && !isa.empty()) {
+    throw std::invalid_argument("unknown kernel: " + isa);
+  }
+  const bool avx512 = path == "avx512", avx2 = path == "avx2";
   const qd_attention::Problem a{reinterpret_cast<const float*>(q), reinterpret_cast<const float*>(k),
                                 reinterpret_cast<const float*>(v), reinterpret_cast<const uint8_t*>(mask),
                                 reinterpret_cast<float*>(out), H, Hkv, Lq, Lk, D, k_head, k_tok, v_head, v_tok,
@@ -417,8 +433,12 @@ void attention(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t mask, uintptr_t 
       }
 #endif
 #ifdef QD_X86
-      if (vector) {
+      if (avx512) {
         qd_attention::avx512_segment(a, lists, g, seg, partial.data(), scratch);
+        continue;
+      }
+      if (avx2) {
+        qd_attention::avx2_segment(a, lists, g, seg, partial.data(), scratch);
         continue;
       }
 #endif
@@ -430,8 +450,12 @@ void attention(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t mask, uintptr_t 
 #pragma omp for schedule(static)
     for (int64_t row = 0; row < Lq * H; ++row) {
 #ifdef QD_X86
-      if (vector) {
+      if (avx512) {
         qd_attention::avx512_merge_row(a, lists, partial.data(), row / H, row % H);
+        continue;
+      }
+      if (avx2) {
+        qd_attention::avx2_merge_row(a, lists, partial.data(), row / H, row % H);
         continue;
       }
 #endif
@@ -463,7 +487,7 @@ PYBIND11_MODULE(_kernels, m) {
         py::arg("mask_row_stride"), py::arg("scale"), py::arg("threads") = 1, py::arg("isa") = "auto",
         "softmax(q k^T * scale, over the keys the uint8 mask shows) v, one row independent of the others; "
         "q [heads, q_len, head_dim] and out [q_len, heads, head_dim] contiguous fp32, strides in elements");
-  m.def("attention_isa", [] { return std::string(attention_avx512() ? "avx512" : "scalar"); },
+  m.def("attention_isa", &attention_isa,
         "the attention kernel this CPU runs by default");
   m.def("amx_attention_supported", [] { return qd_attention::amx_attention_supported(); },
         "whether attention(isa='amx') runs here (bf16 tiles; not bitwise the fp32 kernels)");

@@ -12,9 +12,9 @@ context by segment, so one row's pass uses both cores and a draft's rows read ea
 K and V once (at a 6.7k-token context, 30 layers: 1 row 28.8 -> 23.5 ms, 5 rows 47.7 -> 29.3 ms).
 
 It runs inside ``small_linear.invariant()`` (the runtime's verification passes) on
-fp32 CPU tensors with a boolean mask, where the CPU has AVX-512 (its portable path
-is the reference the tests check it against, too slow to serve); everywhere else
-the caller keeps SDPA. Inside ``invariant(bf16_tiles=True)`` (a model on the bf16 tile
+fp32 CPU tensors with a boolean mask, where the CPU has AVX-512 or AVX2 with FMA (its
+portable path is the reference the tests check both against, too slow to serve);
+everywhere else the caller keeps SDPA. Inside ``invariant(bf16_tiles=True)`` (a model on the bf16 tile
 kernel, ``csrc/attention_amx.h``) the same segments take their two products on AMX tiles:
 a draft's extra rows then cost little more than the softmax.
 """
@@ -26,7 +26,7 @@ import torch
 from quickdraft.verifiers import small_linear
 from quickdraft.verifiers.small_linear import _kernels
 
-_VECTOR = _kernels is not None and _kernels.attention_isa() == "avx512"
+_VECTOR = _kernels is not None and _kernels.attention_isa() in ("avx512", "avx2")
 
 
 def applies(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, dropout: float) -> bool:

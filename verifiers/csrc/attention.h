@@ -23,7 +23,7 @@
 // The segments are numbered in the row's own keys, so they too depend on nothing but the row;
 // they let a long context's keys be split between threads (each segment's K and V read once for
 // every row of the call) instead of giving a whole kv head to one thread.
-// The AVX-512 path and the portable path implement it operation for operation.
+// The AVX-512, AVX2 and portable paths implement it operation for operation.
 
 #pragma once
 
@@ -478,6 +478,212 @@ __attribute__((target("avx512f"))) inline void avx512_merge_row(const Problem& a
     for (int64_t s = 0; s < r.used; ++s)
       o = _mm512_fmadd_ps(_mm512_set1_ps(exp16(r.at(s)[D + 1] - r.m)), _mm512_loadu_ps(r.at(s) + d0), o);
     _mm512_storeu_ps(out + d0, _mm512_div_ps(o, _mm512_set1_ps(l)));
+  }
+}
+
+// ---------------------------------------------------------------- AVX2 + FMA
+// The AVX-512 path's operations on pairs of 8-lane registers: a 16-key block's lanes 0-7 and 8-15
+// live in two registers and take the same operations, so every value is the definition's.
+__attribute__((target("avx2,fma"))) inline __m256 avx2_exp8(__m256 x) {
+  const __m256 live = _mm256_cmp_ps(x, _mm256_set1_ps(EXP_CUTOFF), _CMP_GE_OQ);
+  const __m256 rounder = _mm256_set1_ps(ROUNDER);
+  const __m256 n = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(x, _mm256_set1_ps(LOG2E)), rounder), rounder);
+  __m256 r = _mm256_fmadd_ps(n, _mm256_set1_ps(-LN2_HI), x);
+  r = _mm256_fmadd_ps(n, _mm256_set1_ps(-LN2_LO), r);
+  __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(P5), r, _mm256_set1_ps(P4));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(P3));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(P2));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(P1));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(P0));
+  const __m256 y = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+  const __m256i bits = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_and_ps(live, _mm256_mul_ps(y, _mm256_castsi256_ps(bits)));
+}
+
+// 8 rows of 8 floats -> 8 columns.
+__attribute__((target("avx2,fma"))) inline void avx2_transpose8(__m256 (&r)[8]) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 2; ++i) {
+    u[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2f128_ps(u[i], u[4 + i], 0x20);
+    r[4 + i] = _mm256_permute2f128_ps(u[i], u[4 + i], 0x31);
+  }
+}
+
+// G rows' scores for the 16 transposed keys in kt: two chains over d per row.
+template <int G>
+__attribute__((target("avx2,fma"))) void avx2_score_rows(const Problem& a, const Item& it, int64_t row0, int64_t j0,
+                                                         int64_t n, const float* kt, Scratch& s) {
+  __m256 lo[G], hi[G];
+  for (int r = 0; r < G; ++r) lo[r] = hi[r] = _mm256_setzero_ps();
+  const float* q = s.qt.data() + row0;
+  for (int64_t d = 0; d < a.D; ++d, q += it.rows) {
+    const __m256 k0 = _mm256_loadu_ps(kt + d * 16), k1 = _mm256_loadu_ps(kt + d * 16 + 8);
+    #pragma GCC unroll 6
+    for (int r = 0; r < G; ++r) {
+      const __m256 qb = _mm256_set1_ps(q[r]);
+      lo[r] = _mm256_fmadd_ps(qb, k0, lo[r]);
+      hi[r] = _mm256_fmadd_ps(qb, k1, hi[r]);
+    }
+  }
+  const __m256 scale = _mm256_set1_ps(a.scale);
+  for (int r = 0; r < G; ++r) {
+    alignas(32) float out[16];
+    _mm256_store_ps(out, _mm256_mul_ps(lo[r], scale));
+    _mm256_store_ps(out + 8, _mm256_mul_ps(hi[r], scale));
+    std::memcpy(s.p.data() + (row0 + r) * Scratch::stride + j0, out, static_cast<size_t>(n) * sizeof(float));
+  }
+}
+
+__attribute__((target("avx2,fma"))) void avx2_block_scores(const Problem& a, const Item& it, const int32_t* keys,
+                                                           int64_t n, int64_t t0, int64_t row0, int64_t rows,
+                                                           Scratch& s) {
+  float* kt = s.kt.data();
+  const float* k = a.k + it.g * a.k_head;
+  for (int half = 0; half < 2; ++half) {
+    for (int64_t c = 0; c < a.D; c += 8) {
+      __m256 r[8];
+      for (int j = 0; j < 8; ++j) {
+        const int64_t key = 8 * half + j;
+        r[j] = key < n ? _mm256_loadu_ps(k + keys[key] * a.k_tok + c) : _mm256_setzero_ps();
+      }
+      avx2_transpose8(r);
+      for (int d = 0; d < 8; ++d) _mm256_storeu_ps(kt + (c + d) * 16 + 8 * half, r[d]);
+    }
+  }
+  for (int64_t r0 = row0; r0 < row0 + rows; r0 += 6) {
+    switch (std::min<int64_t>(6, row0 + rows - r0)) {
+      case 6: avx2_score_rows<6>(a, it, r0, t0, n, kt, s); break;
+      case 5: avx2_score_rows<5>(a, it, r0, t0, n, kt, s); break;
+      case 4: avx2_score_rows<4>(a, it, r0, t0, n, kt, s); break;
+      case 3: avx2_score_rows<3>(a, it, r0, t0, n, kt, s); break;
+      case 2: avx2_score_rows<2>(a, it, r0, t0, n, kt, s); break;
+      default: avx2_score_rows<1>(a, it, r0, t0, n, kt, s); break;
+    }
+  }
+}
+
+__attribute__((target("avx2,fma"))) inline float avx2_softmax(float* p, int64_t n, float* max) {
+  float m = -INFINITY;
+  for (int64_t t = 0; t < n; ++t) m = std::max(m, p[t]);
+  *max = m;
+  const __m256 mb = _mm256_set1_ps(m);
+  __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
+  for (int64_t t = 0; t < n; t += 16) {
+    // Past n the lanes hold exp(-inf) = 0: adding +0 to a sum of non-negative terms changes nothing.
+    alignas(32) float x[16];
+    const int64_t live = std::min<int64_t>(16, n - t);
+    for (int i = 0; i < 16; ++i) x[i] = i < live ? p[t + i] : -INFINITY;
+    const __m256 e0 = avx2_exp8(_mm256_sub_ps(_mm256_load_ps(x), mb));
+    const __m256 e1 = avx2_exp8(_mm256_sub_ps(_mm256_load_ps(x + 8), mb));
+    _mm256_store_ps(x, e0);
+    _mm256_store_ps(x + 8, e1);
+    std::memcpy(p + t, x, static_cast<size_t>(live) * sizeof(float));
+    lo = _mm256_add_ps(lo, e0);
+    hi = _mm256_add_ps(hi, e1);
+  }
+  alignas(32) float l[16];
+  _mm256_store_ps(l, lo);
+  _mm256_store_ps(l + 8, hi);
+  return tree16(l);
+}
+
+// o_r += p_r[t] v_j for shared keys j in [j0, j1), R rows, 32 dimensions from d0.
+template <int R>
+__attribute__((target("avx2,fma"))) void avx2_values(const Problem& a, const Item& it, int64_t row0, int64_t j0,
+                                                     int64_t j1, int64_t d0, Scratch& s) {
+  __m256 o[R][4];
+  const float* p[R];
+  for (int r = 0; r < R; ++r) {
+    p[r] = s.p.data() + (row0 + r) * Scratch::stride;
+    for (int c = 0; c < 4; ++c) o[r][c] = _mm256_loadu_ps(s.o.data() + (row0 + r) * a.D + d0 + 8 * c);
+  }
+  for (int64_t j = j0; j < j1; ++j) {
+    const float* v = a.v + it.g * a.v_head + j * a.v_tok + d0;
+    __m256 vv[4];
+    for (int c = 0; c < 4; ++c) vv[c] = _mm256_loadu_ps(v + 8 * c);
+    for (int r = 0; r < R; ++r) {
+      const __m256 pb = _mm256_set1_ps(p[r][j - it.t0]);
+      for (int c = 0; c < 4; ++c) o[r][c] = _mm256_fmadd_ps(pb, vv[c], o[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < 4; ++c) _mm256_storeu_ps(s.o.data() + (row0 + r) * a.D + d0 + 8 * c, o[r][c]);
+}
+
+__attribute__((target("avx2,fma"))) inline void avx2_segment(const Problem& a, const Lists& L, int64_t g,
+                                                             int64_t seg, float* partial, Scratch& s) {
+  const int64_t n_rep = a.H / a.Hkv, t0 = seg * SEGMENT, t1 = t0 + SEGMENT;
+  Item it{g, n_rep, n_rep * a.Lq, t0};
+  s.fit(it.rows, a.D);
+  for (int64_t row = 0; row < it.rows; ++row) {
+    const float* q = it.q(a, row);
+    for (int64_t d = 0; d < a.D; ++d) s.qt[d * it.rows + row] = q[d];
+  }
+  const int64_t shared_end = std::min(t1, L.shared);
+  for (int64_t t = t0; t < shared_end; t += 16)
+    avx2_block_scores(a, it, L.of(0, a.Lk) + t, std::min<int64_t>(16, shared_end - t), t - t0, 0, it.rows, s);
+  const int64_t own_start = std::max(t0, L.shared);
+  for (int64_t pos = 0; pos < a.Lq; ++pos) {
+    const int32_t* keys = L.of(pos, a.Lk);
+    const int64_t end = std::min(t1, L.counts[pos]);
+    for (int64_t t = own_start; t < end; t += 16)
+      avx2_block_scores(a, it, keys + t, std::min<int64_t>(16, end - t), t - t0, pos * n_rep, n_rep, s);
+  }
+  for (int64_t row = 0; row < it.rows; ++row) {
+    const int64_t n = std::min(t1, L.counts[row / n_rep]) - t0;
+    if (n > 0) s.l[row] = avx2_softmax(s.p.data() + row * Scratch::stride, n, &s.m[row]);
+  }
+  std::fill(s.o.begin(), s.o.begin() + it.rows * a.D, 0.0f);
+  const int64_t block = key_block(a.D);
+  for (int64_t j0 = t0; j0 < shared_end; j0 += block) {
+    const int64_t j1 = std::min(shared_end, j0 + block);
+    for (int64_t row0 = 0; row0 < it.rows; row0 += 2)
+      for (int64_t d0 = 0; d0 < a.D; d0 += 32) {
+        if (it.rows - row0 >= 2) avx2_values<2>(a, it, row0, j0, j1, d0, s);
+        else avx2_values<1>(a, it, row0, j0, j1, d0, s);
+      }
+  }
+  for (int64_t row = 0; row < it.rows; ++row) {
+    const int64_t pos = row / n_rep, end = std::min(t1, L.counts[pos]);
+    if (end <= t0) continue;
+    const int32_t* keys = L.of(pos, a.Lk);
+    const float* p = s.p.data() + row * Scratch::stride;
+    const float* o = s.o.data() + row * a.D;
+    float* out = partial + partial_offset(a, L, pos, g * n_rep + row % n_rep, seg);
+    for (int64_t d0 = 0; d0 < a.D; d0 += 8) {
+      __m256 acc = _mm256_loadu_ps(o + d0);
+      for (int64_t t = own_start; t < end; ++t)
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(p[t - t0]), _mm256_loadu_ps(a.v + g * a.v_head + keys[t] * a.v_tok + d0),
+                              acc);
+      _mm256_storeu_ps(out + d0, acc);
+    }
+    out[a.D] = s.l[row];
+    out[a.D + 1] = s.m[row];
+  }
+}
+
+__attribute__((target("avx2,fma"))) inline void avx2_merge_row(const Problem& a, const Lists& L,
+                                                               const float* partial, int64_t i, int64_t h) {
+  const int64_t D = a.D;
+  const RowSegments r(a, L, partial, i, h);
+  float* out = a.out + (i * a.H + h) * D;
+  float l = 0.0f;
+  for (int64_t s = 0; s < r.used; ++s) l = std::fma(exp16(r.at(s)[D + 1] - r.m), r.at(s)[D], l);
+  for (int64_t d0 = 0; d0 < D; d0 += 8) {
+    __m256 o = _mm256_setzero_ps();
+    for (int64_t s = 0; s < r.used; ++s)
+      o = _mm256_fmadd_ps(_mm256_set1_ps(exp16(r.at(s)[D + 1] - r.m)), _mm256_loadu_ps(r.at(s) + d0), o);
+    _mm256_storeu_ps(out + d0, _mm256_div_ps(o, _mm256_set1_ps(l)));
   }
 }
 #endif
