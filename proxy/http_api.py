@@ -58,16 +58,20 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
+INT32_MIN, INT32_MAX, UINT32_MAX, UINT64_MAX = -(2**31), 2**31 - 1, 2**32 - 1, 2**64 - 1
+
+
 class ChatCompletionRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
     model: str = "auto"
     messages: list[ChatMessageIn]
-    max_tokens: int | None = None
-    max_completion_tokens: int | None = None
+    # Bounds of the protobuf fields these travel in (int32, uint64), so an out-of-range number is a 400.
+    max_tokens: int | None = Field(None, ge=INT32_MIN, le=INT32_MAX)
+    max_completion_tokens: int | None = Field(None, ge=INT32_MIN, le=INT32_MAX)
     temperature: float | None = None
     top_p: float | None = None
-    top_k: int | None = None
-    seed: int | None = None
+    top_k: int | None = Field(None, ge=INT32_MIN, le=INT32_MAX)
+    seed: int | None = Field(None, ge=0, le=UINT64_MAX)
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -76,7 +80,7 @@ class ChatCompletionRequest(BaseModel):
     # QuickDraft's own knobs, accepted as extra body fields (`extra_body` in the openai client).
     drafter: str | None = None
     speculate: bool | None = None
-    max_draft_tokens: int | None = Field(None, ge=0)
+    max_draft_tokens: int | None = Field(None, ge=0, le=UINT32_MAX)
 
 
 def to_grpc(body: ChatCompletionRequest, session_id: str) -> pb.GenerateRequest:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -139,8 +140,8 @@ class DecodeProxyService:
         else:
             max_tokens = s.default_max_tokens
         sp = request.sampling
-        if sp.temperature < 0:
-            raise InvalidRequest(f"temperature must be >= 0, got {sp.temperature:g}")
+        if not math.isfinite(sp.temperature) or sp.temperature < 0:
+            raise InvalidRequest(f"temperature must be a finite number >= 0, got {sp.temperature:g}")
         if not 0 <= sp.top_p <= 1:
             raise InvalidRequest(f"top_p must be in [0, 1], got {sp.top_p:g}")
         if sp.top_k < 0:

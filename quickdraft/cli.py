@@ -380,6 +380,8 @@ def bench(
             levels = [int(x) for x in sessions.split(",") if x.strip()]
         except ValueError:
             raise typer.BadParameter(f"--sessions takes numbers separated by commas, got {sessions!r}") from None
+        if not levels or min(levels) <= 0:
+            raise typer.BadParameter(f"--sessions takes positive numbers separated by commas, got {sessions!r}")
     if name == "soak":
         from quickdraft.bench.soak import run_soak
         from quickdraft.bench.traces import default_traces_dir
@@ -419,6 +421,10 @@ def bench(
     if name == "e2e":
         from quickdraft.bench.e2e import TEXTS, run_e2e
         from quickdraft.bench.traces import default_traces_dir
+
+        unknown = [t for t in text or () if t not in TEXTS]
+        if unknown:
+            raise typer.BadParameter(f"unknown text {unknown[0]!r}; use {' or '.join(TEXTS)}", param_hint="--text")
 
         result = run_e2e(paths or [default_traces_dir()], texts=text or TEXTS, model=model, max_calls=max_calls,
                          max_new_tokens=max_new_tokens, threads=threads, device=device, warm=warm,
@@ -530,9 +536,16 @@ DatabaseOpt = Annotated[str | None, typer.Option(
 
 
 def _store(database_url: str | None):
+    from sqlalchemy.exc import ArgumentError
+
     from quickdraft.records import RecordStore
 
-    return RecordStore(database_url or load_settings().database_url)
+    url = database_url or load_settings().database_url
+    try:
+        return RecordStore(url)
+    except ArgumentError as exc:
+        raise typer.BadParameter(f"not a database URL ({exc}); e.g. sqlite:///path.db or "
+                                 "postgresql://user@host:5432/db", param_hint="--database-url") from None
 
 
 @records_app.command("migrate")

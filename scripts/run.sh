@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fresh machine to figures: install, start the stack (proxy + SmolLM2 worker, in-process
+# Fresh machine to figures: install, start the stack (proxy + SmolLM2 and Gemma 3 workers, in-process
 # cache, SQLite), replay a few real agent calls live, print the figures, stop the stack.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -29,8 +29,20 @@ def test_generated_grpc_code_matches_the_proto():
 
 def test_help_lists_every_command():
     out = quickdraft("--help").stdout
-    for command in ("up", "serve", "worker", "replay", "bench", "demo"):
-        assert command in out
+    listed = {line.strip("│ ").split()[0] for line in out.splitlines() if line.startswith("│ ") and line.strip("│ ")}
+    assert {"up", "serve", "worker", "replay", "bench", "demo", "records"} <= listed
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["bench", "soak", "--sessions", ",", "--proxy", "127.0.0.1:1"], "--sessions takes positive numbers"),
+    (["bench", "load", "--sessions", "8,x", "--proxy", "127.0.0.1:1"], "--sessions takes numbers"),
+    (["bench", "e2e", "--text", "nope"], "unknown text 'nope'"),
+    (["records", "migrate", "--database-url", "garbage"], "not a database URL"),
+])
+def test_bad_options_are_usage_errors_not_tracebacks(args, needle):
+    done = quickdraft(*args, timeout=120, env={"COLUMNS": "200"})
+    assert done.returncode == 2, done.stderr
+    assert needle in done.stderr and "Traceback" not in done.stderr
 
 
 @pytest.mark.parametrize("drafter", ["suffix", "pld"])

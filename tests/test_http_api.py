@@ -61,6 +61,13 @@ def test_openai_client_lists_models(oa):
     ({"model": "auto", "messages": [{"role": "wizard", "content": "hi"}]}, 400, "role"),
     ({"model": "auto"}, 400, "messages"),
     ({"model": "auto", "messages": HELLO, "response_format": {"type": "json_schema"}}, 400, "response_format"),
+    # Numbers that do not fit the protobuf fields they travel in: a 400 naming the field, not a 500.
+    ({"model": "auto", "messages": HELLO, "seed": -1}, 400, "seed"),
+    ({"model": "auto", "messages": HELLO, "seed": 2**64}, 400, "seed"),
+    ({"model": "auto", "messages": HELLO, "top_k": 2**31}, 400, "top_k"),
+    ({"model": "auto", "messages": HELLO, "max_tokens": 2**31}, 400, "max_tokens"),
+    ({"model": "auto", "messages": HELLO, "max_draft_tokens": 2**32}, 400, "max_draft_tokens"),
+    ({"model": "auto", "messages": HELLO, "temperature": 1e39}, 400, "temperature must be a finite number"),
 ])
 def test_bad_requests_get_openai_style_errors(http_base, body, status, needle):
     r = httpx.post(f"{http_base}/chat/completions", json=body, timeout=60)

@@ -121,7 +121,8 @@ def test_bad_requests_get_invalid_argument_with_a_reason(client, proxy_address):
     expect_status(client, inv, "max_tokens must be positive", max_tokens=-5)
     expect_status(client, inv, "above this server's cap of 4096", max_tokens=5000)
     expect_status(client, inv, "unknown drafter 'nope'", drafter="nope")
-    expect_status(client, inv, "temperature must be >= 0", temperature=-1.0)
+    expect_status(client, inv, "temperature must be a finite number >= 0", temperature=-1.0)
+    expect_status(client, inv, "temperature must be a finite number >= 0", temperature=float("nan"))
     expect_status(client, inv, "role is 'wizard'", messages=[{"role": "wizard", "content": "x"}])
     long = [{"role": "user", "content": "word " * 9000}]
     expect_status(client, inv, "has a context of 8192 tokens", messages=long, max_tokens=16)

@@ -24,6 +24,14 @@ def test_greedy_walk_follows_argmax():
     assert emitted == [0, 2] and accepted == [0] and rows == [0, 1]
 
 
+def test_a_temperature_too_small_to_divide_by_is_greedy():
+    # logits / 1e-30 overflows fp32 to inf and NaN probabilities; below 1e-5 the worker decodes greedily.
+    for temperature in (1e-30, 1e-6):
+        emitted, accepted, rows = accept_walk(LOGITS, TOKENS, PARENTS, Sampling(temperature=temperature))
+        assert emitted == [0, 2] and accepted == [0] and rows == [0, 1]
+    assert not Sampling(temperature=1e-4).greedy
+
+
 def test_sampling_through_a_tree_keeps_the_target_distribution():
     sampling = Sampling(temperature=0.8, top_p=0.95)
     n = 20000

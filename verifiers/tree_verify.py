@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
+GREEDY_BELOW = 1e-5
+
 
 @dataclass(frozen=True, slots=True)
 class Sampling:
@@ -33,7 +35,8 @@ class Sampling:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0.0
+        # Below this, logits divided by the temperature overflow fp32 (vLLM draws the same line).
+        return self.temperature < GREEDY_BELOW
 
 
 @dataclass(frozen=True, slots=True)
