@@ -363,6 +363,14 @@ struct DraftParams {
   // `context_window` tokens weigh exp(context_weight * shared fraction) more (0: off).
   int context_window = 0;
   double context_weight = 0.0;
+  // One-substitution resync (0: off): when the context's match is shorter than
+  // resync_below, occurrences of the context *without its last token* that match at
+  // least resync_min tokens and continue with another token are copies with that token
+  // replaced (an edited operator in a copied line); their continuation after the
+  // replaced token joins the tree with weight resync_weight.
+  double resync_weight = 0.0;
+  int resync_below = 3;
+  int resync_min = 4;
 };
 
 // Context match lengths by doubling: 1, 2-3, 4-7, 8-15, 16-31, 32+.
@@ -859,14 +867,30 @@ Draft propose_merged(const TokenIndex& session, const TokenIndex* shared, const 
   int longest = 0;
   for (const auto& o : own) longest = std::max(longest, static_cast<int>(o.match_len));
   for (const auto& o : other) longest = std::max(longest, static_cast<int>(o.match_len));
-  if (longest == 0) return Draft{};
   std::vector<Weighted> weighted;
   int w = std::clamp(p.context_window, 0, 64);
   ContextWindows windows{session, w, {}, {}};
   ContextWindows* win = w > 0 ? &windows : nullptr;
   add_weighted(weighted, session, own, longest, 1.0, p, win);
   if (shared != nullptr) add_weighted(weighted, *shared, other, longest, p.shared_weight, p, win);
-  return grow_draft(weighted, depth_for(p, longest), budget, p.min_prob, longest, cal, &session);
+  int depth = longest > 0 ? depth_for(p, longest) : 0;
+  if (p.resync_weight > 0 && longest < p.resync_below && ctx_len > p.resync_min) {
+    int32_t last_tok = ctx[ctx_len - 1];
+    auto resync = [&](const TokenIndex& index, int64_t exclude, double source_weight) {
+      auto occs = index.occurrences(ctx, ctx_len - 1, p.max_occurrences, exclude, p.max_match, false);
+      for (const auto& o : occs) {
+        if (o.match_len < p.resync_min || o.end + 2 >= index.size()) continue;
+        int32_t replaced = index.at(o.end + 1);
+        if (replaced == last_tok || replaced == BOUNDARY) continue;
+        weighted.push_back({&index, o.end + 1, p.resync_weight * source_weight, -1});
+        depth = std::max(depth, depth_for(p, o.match_len));
+      }
+    };
+    resync(session, session.size() - 2, 1.0);
+    if (shared != nullptr && shared->live_tokens() > 0) resync(*shared, -1, p.shared_weight);
+  }
+  if (weighted.empty()) return Draft{};
+  return grow_draft(weighted, depth, budget, p.min_prob, longest, cal, &session);
 }
 
 // Draft for a session: its own index (context = its tail) and optionally a shared
@@ -972,7 +996,10 @@ PYBIND11_MODULE(_core, m) {
       .def_readwrite("recency_decay", &DraftParams::recency_decay)
       .def_readwrite("shared_weight", &DraftParams::shared_weight)
       .def_readwrite("context_window", &DraftParams::context_window)
-      .def_readwrite("context_weight", &DraftParams::context_weight);
+      .def_readwrite("context_weight", &DraftParams::context_weight)
+      .def_readwrite("resync_weight", &DraftParams::resync_weight)
+      .def_readwrite("resync_below", &DraftParams::resync_below)
+      .def_readwrite("resync_min", &DraftParams::resync_min);
 
   py::class_<TokenIndex>(m, "TokenIndex")
       .def(py::init<std::vector<int>>(), py::arg("orders") = std::vector<int>{1, 2, 3, 4, 6, 8, 12, 16})

@@ -51,11 +51,19 @@ class SuffixParams:
     context_window: int = 16     # ... times exp(context_weight * the share of the context's last
     context_weight: float = 2.0  #     context_window tokens that also precede the occurrence's match)
     calibrate: bool = True       # grow trees by calibrated acceptance chances (learned per scope)
+    # One-substitution resync: when the context matches fewer than resync_below tokens, a copy whose
+    # source differs from the context in its last token only (an edited operator, a new identifier),
+    # matched over at least resync_min tokens before it, continues after the source's token, with
+    # this weight (0: off).
+    resync_weight: float = 0.5
+    resync_below: int = 3
+    resync_min: int = 3
 
     def core(self) -> _core.DraftParams:
         p = _core.DraftParams()
         for name in ("max_depth", "factor", "offset", "min_prob", "max_occurrences", "merge", "length_decay",
-                     "recency_decay", "shared_weight", "context_window", "context_weight"):
+                     "recency_decay", "shared_weight", "context_window", "context_weight", "resync_weight",
+                     "resync_below", "resync_min"):
             setattr(p, name, getattr(self, name))
         return p
 

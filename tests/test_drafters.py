@@ -164,6 +164,32 @@ def test_occurrence_sharing_the_context_outweighs_a_more_frequent_one():
     assert frequency_only.propose(key, 4).token_ids[0] == 80
 
 
+@pytest.mark.parametrize("replaced", [777, 3])  # a token never seen before; one seen elsewhere (a 1-token match)
+def test_a_copy_with_one_token_replaced_drafts_on_after_it(replaced):
+    from quickdraft.suffix_cache.suffix import SuffixParams
+
+    line = list(range(100, 120))
+    prompt = [3, 4] + line + [1] + line[:10] + [replaced]  # the agent copies the line, editing its 11th token
+    key = SessionKey(A, "s")
+    d = SuffixDrafter()
+    d.begin_call(key, prompt)
+    tree = d.propose(key, 32)
+    # The line's continuation after the edited token is a branch: a root, then its path.
+    nodes = list(zip(tree.token_ids, tree.parents, strict=True))
+    root = nodes.index((line[11], -1))
+    assert (line[12], root) in nodes
+    if replaced == 777:  # nothing else to draft from: the resync branch is the whole tree
+        assert tree.token_ids[:4] == line[11:15] and tree.parents[:4] == [-1, 0, 1, 2]
+    off = SuffixDrafter(SuffixParams(resync_weight=0.0))
+    off.begin_call(key, prompt)
+    without = off.propose(key, 32)
+    assert (line[11], -1) not in zip(without.token_ids, without.parents, strict=True)
+    # A context matching 3 tokens or more drafts only what follows its matches.
+    d.begin_call(key, prompt + [1] + line[:5])
+    longer = d.propose(key, 32)
+    assert {t for t, p in zip(longer.token_ids, longer.parents, strict=True) if p == -1} == {line[5]}
+
+
 def test_suffixdecoding_rule_picks_one_source():
     from quickdraft.suffix_cache.suffix import SuffixParams
 
