@@ -370,7 +370,7 @@ struct DraftParams {
   // replaced token joins the tree with weight resync_weight.
   double resync_weight = 0.0;
   int resync_below = 3;
-  int resync_min = 4;
+  int resync_min = 3;
 };
 
 // Context match lengths by doubling: 1, 2-3, 4-7, 8-15, 16-31, 32+.

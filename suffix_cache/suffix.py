@@ -10,15 +10,16 @@ levels and to nodes whose probability is at least ``min_prob``. The index whose
 tree promises more accepted tokens wins. The index and the tree growth are
 compiled (``_core.cpp``); this module keeps the sessions and scopes.
 
-QuickDraft's default departs from that rule in three ways, each measured on the
+QuickDraft's default departs from that rule in four ways, each measured on the
 dev traces (bench/RESULTS.md): one frequency tree over both indexes' occurrences
 (shorter matches and earlier responses at lower weight, occurrences whose
 surroundings share the current context's tokens at higher weight) instead of the
 better of two trees; node probabilities calibrated per scope against what the target really
 emitted (by depth, raw probability, match length and support, then corrected by
 the node's token, the pair it completes and its rivalry with its siblings), so the
-tree is grown, and the proxy sizes it, by acceptance chances; and deeper drafts (up to 32 tokens)
-where a long match makes a long copy likely.
+tree is grown, and the proxy sizes it, by acceptance chances; deeper drafts (up to 32 tokens)
+where a long match makes a long copy likely; and, after a short or no match, the copy that
+differs from the context in its last token only (an edited line) continues past that token.
 """
 
 from __future__ import annotations

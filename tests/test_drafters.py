@@ -184,10 +184,26 @@ def test_a_copy_with_one_token_replaced_drafts_on_after_it(replaced):
     off.begin_call(key, prompt)
     without = off.propose(key, 32)
     assert (line[11], -1) not in zip(without.token_ids, without.parents, strict=True)
-    # A context matching 3 tokens or more drafts only what follows its matches.
-    d.begin_call(key, prompt + [1] + line[:5])
-    longer = d.propose(key, 32)
-    assert {t for t, p in zip(longer.token_ids, longer.parents, strict=True) if p == -1} == {line[5]}
+
+
+
+def test_the_resync_waits_for_a_short_match_and_a_long_agreement():
+    from quickdraft.suffix_cache.suffix import SuffixParams
+
+    line = list(range(100, 120))
+    # [108, 109, 90] also occurs elsewhere (then 70): the edited copy's context matches 3 tokens on its own.
+    prompt = [3, 4] + line + [1] + [108, 109, 90, 70, 71] + [2] + line[:10] + [90]
+    key = SessionKey(A, "s")
+
+    def roots(params: SuffixParams) -> set[int]:
+        d = SuffixDrafter(params)
+        d.begin_call(key, prompt)
+        tree = d.propose(key, 32)
+        return {t for t, p in zip(tree.token_ids, tree.parents, strict=True) if p == -1}
+
+    assert roots(SuffixParams()) == {70}                       # a 3-token match: no resync
+    assert line[11] in roots(SuffixParams(resync_below=4))     # below a 4-token match: the copy's branch joins
+    assert line[11] not in roots(SuffixParams(resync_below=4, resync_min=11))  # it agrees on 10 tokens only
 
 
 def test_suffixdecoding_rule_picks_one_source():

@@ -25,8 +25,10 @@ def test_greedy_walk_follows_argmax():
 
 
 def test_a_temperature_too_small_to_divide_by_is_greedy():
-    # logits / 1e-30 overflows fp32 to inf and NaN probabilities; below 1e-5 the worker decodes greedily.
-    for temperature in (1e-30, 1e-6):
+    # Logits / 1e-40 overflow fp32 to inf, and the probabilities to NaN; below 1e-5 the worker decodes greedily.
+    assert torch.isnan(torch.softmax(LOGITS[0] / 1e-40, -1)).any()
+    for temperature in (1e-40, 1e-6):
+        assert Sampling(temperature=temperature).greedy
         emitted, accepted, rows = accept_walk(LOGITS, TOKENS, PARENTS, Sampling(temperature=temperature))
         assert emitted == [0, 2] and accepted == [0] and rows == [0, 1]
     assert not Sampling(temperature=1e-4).greedy

@@ -402,7 +402,7 @@ void attention(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t mask, uintptr_t 
   } else if (isa != "auto" && !isa.empty()) {
     throw std::invalid_argument("unknown kernel: " + isa);
   }
-  const bool avx512 = path == "avx512", avx2 = path == "avx2";
+  [[maybe_unused]] const bool avx512 = path == "avx512", avx2 = path == "avx2";  // x86 only
   const qd_attention::Problem a{reinterpret_cast<const float*>(q), reinterpret_cast<const float*>(k),
                                 reinterpret_cast<const float*>(v), reinterpret_cast<const uint8_t*>(mask),
                                 reinterpret_cast<float*>(out), H, Hkv, Lq, Lk, D, k_head, k_tok, v_head, v_tok,
