@@ -33,3 +33,28 @@ def test_readme_example_runs(index, proxy_address, http_base, tmp_path):
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"README example {index} failed:\n{code}\n{done.stderr[-3000:]}"
     assert done.stdout.strip(), "the example printed nothing"
+
+
+def commands_block() -> list[list[str]]:
+    """The README's Commands block: each `quickdraft ...` command as words (continuations joined, comments cut)."""
+    block = re.search(r"## Commands\n\n```bash\n(.*?)```", README.read_text(), flags=re.S).group(1)
+    text = re.sub(r"\\\n\s*", " ", block)
+    return [line.split("#")[0].split() for line in text.splitlines() if line.startswith("quickdraft ")]
+
+
+def test_every_command_and_option_in_the_readme_exists():
+    from typer.testing import CliRunner
+
+    from quickdraft.cli import app
+
+    commands = commands_block()
+    assert len(commands) >= 15
+    runner = CliRunner()
+    for words in commands:
+        path = [w for w in words[1:3] if not w.startswith("-") and "/" not in w and "." not in w]
+        if path[:1] != ["records"]:
+            path = path[:1]  # `bench NAME`, `replay PATH`: one command, then arguments
+        done = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "200"})
+        assert done.exit_code == 0, (words, done.output)
+        for option in (w for w in words if w.startswith("--")):
+            assert option in done.output, f"README: `{' '.join(words)}`: {option} is not an option of {path}"
