@@ -194,17 +194,6 @@ def attention(q, k, v, mask, isa="auto", threads=2):
 VECTOR_ISAS = ("avx512", "avx2")
 
 
-def _attention_isas() -> set[str]:
-    """The vector attention paths this CPU runs (an AVX-512 CPU also runs the AVX2 one)."""
-    flags = open("/proc/cpuinfo").read().split()
-    have = set()
-    if "avx512f" in flags:
-        have.add("avx512")
-    if "avx2" in flags and "fma" in flags:
-        have.add("avx2")
-    return have
-
-
 # (query heads per kv head, kv heads, head dim): SmolLM2's and Gemma 3 270M's shapes.
 MODELS = [(3, 3, 64), (4, 1, 256)]
 
@@ -243,7 +232,7 @@ def test_attention_vector_path_is_the_portable_definition(model, past, window):
     reference = attention(q, k, v, mask, isa="scalar", threads=1)
     ran = []
     for isa in VECTOR_ISAS:
-        if isa not in _attention_isas():  # this CPU lacks it: the path refuses (it is checked where it runs)
+        if isa not in _kernels.supported_isas():  # this CPU lacks it: the path refuses (it is checked where it runs)
             with pytest.raises(ValueError, match=f"cannot run the {isa}"):
                 attention(q, k, v, mask, isa=isa)
             continue

@@ -364,43 +364,22 @@ void linear_bf16(uintptr_t x, uintptr_t w, uintptr_t b, uintptr_t y, int64_t M, 
 }
 
 // ---------------------------------------------------------------- attention
-// The attention path this CPU runs by default: "avx512", "avx2" (with FMA) or "scalar".
-std::string attention_isa() {
-#ifdef QD_X86
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) return "avx512";
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return "avx2";
-#endif
-  return "scalar";
-}
-
-bool attention_supports(const std::string& isa) {
-  if (isa == "scalar") return true;
-#ifdef QD_X86
-  __builtin_cpu_init();
-  if (isa == "avx512") return __builtin_cpu_supports("avx512f");
-  if (isa == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#endif
-  return false;
-}
-
 void attention(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t mask, uintptr_t out, int64_t H, int64_t Hkv,
                int64_t Lq, int64_t Lk, int64_t D, int64_t k_head, int64_t k_tok, int64_t v_head, int64_t v_tok,
                int64_t mask_row, float scale, int threads, const std::string& isa) {
   if (H <= 0 || Hkv <= 0 || H % Hkv != 0) throw std::invalid_argument("query heads must be a multiple of kv heads");
   if (D <= 0 || D % 64 != 0) throw std::invalid_argument("head dimension must be a multiple of 64");
   if (Lq < 0 || Lk < 0) throw std::invalid_argument("negative length");
-  std::string path = attention_isa();
+  // The attention kernel has the linear kernel's instruction sets (AVX-512, AVX2 with FMA, portable),
+  // chosen and refused by the same table; AMX tiles are its own extra.
+  std::string path = active_isa()->name;
   bool tiles = false;
   if (isa == "amx") {
     if (!qd_attention::amx_attention_supported())
       throw std::invalid_argument("this CPU (or its kernel) cannot run the amx attention kernel");
     tiles = true;
-  } else if (isa == "avx512" || isa == "avx2" || isa == "scalar") {
-    if (!attention_supports(isa)) throw std::invalid_argument("this CPU cannot run the " + isa + " kernel");
-    path = isa;
-  } else if (isa != "auto" && !isa.empty()) {
-    throw std::invalid_argument("unknown kernel: " + isa);
+  } else {
+    path = find_isa(isa)->name;
   }
   [[maybe_unused]] const bool avx512 = path == "avx512", avx2 = path == "avx2";  // x86 only
   const qd_attention::Problem a{reinterpret_cast<const float*>(q), reinterpret_cast<const float*>(k),
@@ -487,8 +466,8 @@ PYBIND11_MODULE(_kernels, m) {
         py::arg("mask_row_stride"), py::arg("scale"), py::arg("threads") = 1, py::arg("isa") = "auto",
         "softmax(q k^T * scale, over the keys the uint8 mask shows) v, one row independent of the others; "
         "q [heads, q_len, head_dim] and out [q_len, heads, head_dim] contiguous fp32, strides in elements");
-  m.def("attention_isa", &attention_isa,
-        "the attention kernel this CPU runs by default");
+  m.def("attention_isa", [] { return std::string(active_isa()->name); },
+        "the attention kernel this CPU runs by default (the linear kernel's: isa())");
   m.def("amx_attention_supported", [] { return qd_attention::amx_attention_supported(); },
         "whether attention(isa='amx') runs here (bf16 tiles; not bitwise the fp32 kernels)");
   m.def("supported_isas", [] {

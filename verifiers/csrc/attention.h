@@ -268,6 +268,56 @@ struct Item {
 // of the item uses it.
 inline int64_t key_block(int64_t D) { return std::max<int64_t>(16, 16384 / (4 * D)); }
 
+// One item's steps, the same for every vector path; the instruction set's pieces come as template
+// arguments: a block of 16 keys' scores, a row's softmax, the shared keys' value sums, a row's own
+// keys' value sums (continuing from the shared ones, into its segment result).
+using BlockScoresFn = void (*)(const Problem&, const Item&, const int32_t*, int64_t, int64_t, int64_t, int64_t,
+                               Scratch&);
+using SoftmaxFn = float (*)(float*, int64_t, float*);
+using PrefixValuesFn = void (*)(const Problem&, const Item&, int64_t, int64_t, Scratch&);
+using OwnValuesFn = void (*)(const Problem&, int64_t, const int32_t*, const float*, const float*, int64_t, int64_t,
+                             int64_t, float*);
+
+template <BlockScoresFn block_scores, SoftmaxFn softmax, PrefixValuesFn prefix_values, OwnValuesFn own_values>
+inline void vector_segment(const Problem& a, const Lists& L, int64_t g, int64_t seg, float* partial, Scratch& s) {
+  const int64_t n_rep = a.H / a.Hkv, t0 = seg * SEGMENT, t1 = t0 + SEGMENT;
+  Item it{g, n_rep, n_rep * a.Lq, t0};
+  s.fit(it.rows, a.D);
+  for (int64_t row = 0; row < it.rows; ++row) {
+    const float* q = it.q(a, row);
+    for (int64_t d = 0; d < a.D; ++d) s.qt[d * it.rows + row] = q[d];
+  }
+  // Shared keys in this segment: every row at once (every position's list starts 0, 1, 2, ...).
+  const int64_t shared_end = std::min(t1, L.shared);
+  for (int64_t t = t0; t < shared_end; t += 16)
+    block_scores(a, it, L.of(0, a.Lk) + t, std::min<int64_t>(16, shared_end - t), t - t0, 0, it.rows, s);
+  // Then each position's own keys in this segment, for its n_rep rows.
+  const int64_t own_start = std::max(t0, L.shared);
+  for (int64_t pos = 0; pos < a.Lq; ++pos) {
+    const int32_t* keys = L.of(pos, a.Lk);
+    const int64_t end = std::min(t1, L.counts[pos]);
+    for (int64_t t = own_start; t < end; t += 16)
+      block_scores(a, it, keys + t, std::min<int64_t>(16, end - t), t - t0, pos * n_rep, n_rep, s);
+  }
+  for (int64_t row = 0; row < it.rows; ++row) {
+    const int64_t n = std::min(t1, L.counts[row / n_rep]) - t0;
+    if (n > 0) s.l[row] = softmax(s.p.data() + row * Scratch::stride, n, &s.m[row]);
+  }
+  std::fill(s.o.begin(), s.o.begin() + it.rows * a.D, 0.0f);
+  const int64_t block = key_block(a.D);
+  for (int64_t j0 = t0; j0 < shared_end; j0 += block)
+    prefix_values(a, it, j0, std::min(shared_end, j0 + block), s);
+  for (int64_t row = 0; row < it.rows; ++row) {
+    const int64_t pos = row / n_rep, end = std::min(t1, L.counts[pos]);
+    if (end <= t0) continue;
+    float* out = partial + partial_offset(a, L, pos, g * n_rep + row % n_rep, seg);
+    own_values(a, g, L.of(pos, a.Lk), s.p.data() + row * Scratch::stride, s.o.data() + row * a.D, own_start,
+                     end, t0, out);
+    out[a.D] = s.l[row];
+    out[a.D + 1] = s.m[row];
+  }
+}
+
 // 16 rows of 16 floats -> 16 columns (r[c] holds column c of the 16 rows afterwards).
 __attribute__((target("avx512f"))) inline void avx512_transpose16(__m512 (&r)[16]) {
   __m512 t[16];
@@ -417,52 +467,23 @@ __attribute__((target("avx512f"))) void avx512_prefix_values(const Problem& a, c
   }
 }
 
-__attribute__((target("avx512f"))) inline void avx512_segment(const Problem& a, const Lists& L, int64_t g,
-                                                              int64_t seg, float* partial, Scratch& s) {
-  const int64_t n_rep = a.H / a.Hkv, t0 = seg * SEGMENT, t1 = t0 + SEGMENT;
-  Item it{g, n_rep, n_rep * a.Lq, t0};
-  s.fit(it.rows, a.D);
-  for (int64_t row = 0; row < it.rows; ++row) {
-    const float* q = it.q(a, row);
-    for (int64_t d = 0; d < a.D; ++d) s.qt[d * it.rows + row] = q[d];
+// A row's own keys' value sums for one segment (keys t in [t_begin, t_end), weights p[t - t0]),
+// continuing from the shared keys' sums o, into out.
+__attribute__((target("avx512f"))) inline void avx512_own_values(const Problem& a, int64_t g, const int32_t* keys,
+                                                                 const float* p, const float* o, int64_t t_begin,
+                                                                 int64_t t_end, int64_t t0, float* out) {
+  for (int64_t d0 = 0; d0 < a.D; d0 += 16) {
+    __m512 acc = _mm512_loadu_ps(o + d0);
+    for (int64_t t = t_begin; t < t_end; ++t)
+      acc = _mm512_fmadd_ps(_mm512_set1_ps(p[t - t0]), _mm512_loadu_ps(a.v + g * a.v_head + keys[t] * a.v_tok + d0),
+                            acc);
+    _mm512_storeu_ps(out + d0, acc);
   }
-  // Shared keys in this segment: every row at once (every position's list starts 0, 1, 2, ...).
-  const int64_t shared_end = std::min(t1, L.shared);
-  for (int64_t t = t0; t < shared_end; t += 16)
-    avx512_block_scores(a, it, L.of(0, a.Lk) + t, std::min<int64_t>(16, shared_end - t), t - t0, 0, it.rows, s);
-  // Then each position's own keys in this segment, for its n_rep rows.
-  const int64_t own_start = std::max(t0, L.shared);
-  for (int64_t pos = 0; pos < a.Lq; ++pos) {
-    const int32_t* keys = L.of(pos, a.Lk);
-    const int64_t end = std::min(t1, L.counts[pos]);
-    for (int64_t t = own_start; t < end; t += 16)
-      avx512_block_scores(a, it, keys + t, std::min<int64_t>(16, end - t), t - t0, pos * n_rep, n_rep, s);
-  }
-  for (int64_t row = 0; row < it.rows; ++row) {
-    const int64_t n = std::min(t1, L.counts[row / n_rep]) - t0;
-    if (n > 0) s.l[row] = avx512_softmax(s.p.data() + row * Scratch::stride, n, &s.m[row]);
-  }
-  std::fill(s.o.begin(), s.o.begin() + it.rows * a.D, 0.0f);
-  const int64_t block = key_block(a.D);
-  for (int64_t j0 = t0; j0 < shared_end; j0 += block)
-    avx512_prefix_values(a, it, j0, std::min(shared_end, j0 + block), s);
-  for (int64_t row = 0; row < it.rows; ++row) {
-    const int64_t pos = row / n_rep, end = std::min(t1, L.counts[pos]);
-    if (end <= t0) continue;
-    const int32_t* keys = L.of(pos, a.Lk);
-    const float* p = s.p.data() + row * Scratch::stride;
-    const float* o = s.o.data() + row * a.D;
-    float* out = partial + partial_offset(a, L, pos, g * n_rep + row % n_rep, seg);
-    for (int64_t d0 = 0; d0 < a.D; d0 += 16) {
-      __m512 acc = _mm512_loadu_ps(o + d0);
-      for (int64_t t = own_start; t < end; ++t)
-        acc = _mm512_fmadd_ps(_mm512_set1_ps(p[t - t0]), _mm512_loadu_ps(a.v + g * a.v_head + keys[t] * a.v_tok + d0),
-                              acc);
-      _mm512_storeu_ps(out + d0, acc);
-    }
-    out[a.D] = s.l[row];
-    out[a.D + 1] = s.m[row];
-  }
+}
+
+inline void avx512_segment(const Problem& a, const Lists& L, int64_t g, int64_t seg, float* partial, Scratch& s) {
+  vector_segment<avx512_block_scores, avx512_softmax, avx512_prefix_values, avx512_own_values>(a, L, g, seg, partial,
+                                                                                              s);
 }
 
 // merge_row with the dimensions 16 at a time: the same fma per dimension, in the same order.
@@ -620,56 +641,30 @@ __attribute__((target("avx2,fma"))) void avx2_values(const Problem& a, const Ite
     for (int c = 0; c < 4; ++c) _mm256_storeu_ps(s.o.data() + (row0 + r) * a.D + d0 + 8 * c, o[r][c]);
 }
 
-__attribute__((target("avx2,fma"))) inline void avx2_segment(const Problem& a, const Lists& L, int64_t g,
-                                                             int64_t seg, float* partial, Scratch& s) {
-  const int64_t n_rep = a.H / a.Hkv, t0 = seg * SEGMENT, t1 = t0 + SEGMENT;
-  Item it{g, n_rep, n_rep * a.Lq, t0};
-  s.fit(it.rows, a.D);
-  for (int64_t row = 0; row < it.rows; ++row) {
-    const float* q = it.q(a, row);
-    for (int64_t d = 0; d < a.D; ++d) s.qt[d * it.rows + row] = q[d];
-  }
-  const int64_t shared_end = std::min(t1, L.shared);
-  for (int64_t t = t0; t < shared_end; t += 16)
-    avx2_block_scores(a, it, L.of(0, a.Lk) + t, std::min<int64_t>(16, shared_end - t), t - t0, 0, it.rows, s);
-  const int64_t own_start = std::max(t0, L.shared);
-  for (int64_t pos = 0; pos < a.Lq; ++pos) {
-    const int32_t* keys = L.of(pos, a.Lk);
-    const int64_t end = std::min(t1, L.counts[pos]);
-    for (int64_t t = own_start; t < end; t += 16)
-      avx2_block_scores(a, it, keys + t, std::min<int64_t>(16, end - t), t - t0, pos * n_rep, n_rep, s);
-  }
-  for (int64_t row = 0; row < it.rows; ++row) {
-    const int64_t n = std::min(t1, L.counts[row / n_rep]) - t0;
-    if (n > 0) s.l[row] = avx2_softmax(s.p.data() + row * Scratch::stride, n, &s.m[row]);
-  }
-  std::fill(s.o.begin(), s.o.begin() + it.rows * a.D, 0.0f);
-  const int64_t block = key_block(a.D);
-  for (int64_t j0 = t0; j0 < shared_end; j0 += block) {
-    const int64_t j1 = std::min(shared_end, j0 + block);
-    for (int64_t row0 = 0; row0 < it.rows; row0 += 2)
-      for (int64_t d0 = 0; d0 < a.D; d0 += 32) {
-        if (it.rows - row0 >= 2) avx2_values<2>(a, it, row0, j0, j1, d0, s);
-        else avx2_values<1>(a, it, row0, j0, j1, d0, s);
-      }
-  }
-  for (int64_t row = 0; row < it.rows; ++row) {
-    const int64_t pos = row / n_rep, end = std::min(t1, L.counts[pos]);
-    if (end <= t0) continue;
-    const int32_t* keys = L.of(pos, a.Lk);
-    const float* p = s.p.data() + row * Scratch::stride;
-    const float* o = s.o.data() + row * a.D;
-    float* out = partial + partial_offset(a, L, pos, g * n_rep + row % n_rep, seg);
-    for (int64_t d0 = 0; d0 < a.D; d0 += 8) {
-      __m256 acc = _mm256_loadu_ps(o + d0);
-      for (int64_t t = own_start; t < end; ++t)
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(p[t - t0]), _mm256_loadu_ps(a.v + g * a.v_head + keys[t] * a.v_tok + d0),
-                              acc);
-      _mm256_storeu_ps(out + d0, acc);
+// Value sums of every row of the item over the shared keys [j0, j1), two rows at a time.
+__attribute__((target("avx2,fma"))) void avx2_prefix_values(const Problem& a, const Item& it, int64_t j0, int64_t j1,
+                                                            Scratch& s) {
+  for (int64_t row0 = 0; row0 < it.rows; row0 += 2)
+    for (int64_t d0 = 0; d0 < a.D; d0 += 32) {
+      if (it.rows - row0 >= 2) avx2_values<2>(a, it, row0, j0, j1, d0, s);
+      else avx2_values<1>(a, it, row0, j0, j1, d0, s);
     }
-    out[a.D] = s.l[row];
-    out[a.D + 1] = s.m[row];
+}
+
+__attribute__((target("avx2,fma"))) inline void avx2_own_values(const Problem& a, int64_t g, const int32_t* keys,
+                                                                const float* p, const float* o, int64_t t_begin,
+                                                                int64_t t_end, int64_t t0, float* out) {
+  for (int64_t d0 = 0; d0 < a.D; d0 += 8) {
+    __m256 acc = _mm256_loadu_ps(o + d0);
+    for (int64_t t = t_begin; t < t_end; ++t)
+      acc = _mm256_fmadd_ps(_mm256_set1_ps(p[t - t0]), _mm256_loadu_ps(a.v + g * a.v_head + keys[t] * a.v_tok + d0),
+                            acc);
+    _mm256_storeu_ps(out + d0, acc);
   }
+}
+
+inline void avx2_segment(const Problem& a, const Lists& L, int64_t g, int64_t seg, float* partial, Scratch& s) {
+  vector_segment<avx2_block_scores, avx2_softmax, avx2_prefix_values, avx2_own_values>(a, L, g, seg, partial, s);
 }
 
 __attribute__((target("avx2,fma"))) inline void avx2_merge_row(const Problem& a, const Lists& L,
