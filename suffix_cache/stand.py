@@ -19,6 +19,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from quickdraft.proto.sampling import is_greedy
 from quickdraft.suffix_cache.base import Drafter, PositionStats, Scope, SessionKey
 from quickdraft.suffix_cache.draft import DraftTree
 from quickdraft.suffix_cache.ngram_session import NgramState
@@ -46,7 +47,8 @@ class StandDrafter(Drafter):
         self._temperature: dict[SessionKey, float] = {}
 
     def set_temperature(self, key: SessionKey, temperature: float) -> None:
-        self._temperature[key] = temperature
+        # A temperature the workers decode greedily is greedy for drafting too.
+        self._temperature[key] = 0.0 if is_greedy(temperature) else temperature
 
     def begin_call(self, key: SessionKey, prompt: Sequence[int]) -> None:
         self.flush(key)

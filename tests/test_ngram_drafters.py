@@ -50,7 +50,7 @@ def test_stand_gumbel_top_k_samples_children_in_proportion_to_their_mass():
 
 def test_stand_follows_each_requests_temperature():
     d = StandDrafter(StandParams(learn_prompt=False))
-    greedy, sampled = SessionKey(A, "greedy"), SessionKey(A, "sampled")
+    greedy, sampled, tiny = SessionKey(A, "greedy"), SessionKey(A, "sampled"), SessionKey(A, "tiny")
     for key in (greedy, sampled):
         d.begin_call(key, [1])
     d.accept(greedy, [2], [PositionStats((2, 3), (math.log(0.6), math.log(0.4)), 0.7)])
@@ -60,6 +60,13 @@ def test_stand_follows_each_requests_temperature():
     firsts = {key: {d.propose(key, 1).token_ids[0] for _ in range(200)} for key in (greedy, sampled)}
     assert firsts[greedy] == {2}            # top-k: always the likelier child
     assert firsts[sampled] == {2, 3}        # Gumbel-top-k at the request's temperature: both
+    # A temperature the workers decode greedily (below 1e-5, proto/sampling.py) drafts greedily
+    # too: between two children of equal mass, always the same one, never a draw.
+    d.begin_call(tiny, [5])
+    d.accept(tiny, [6], [PositionStats((6, 7), (math.log(0.5), math.log(0.5)), 0.7)])
+    d.set_temperature(tiny, 1e-6)
+    d.begin_call(tiny, [5])
+    assert len({d.propose(tiny, 1).token_ids[0] for _ in range(200)}) == 1
 
 
 def test_aded_adapts_to_recent_text():

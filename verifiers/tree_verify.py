@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-GREEDY_BELOW = 1e-5
+from quickdraft.proto.sampling import is_greedy
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,8 +35,7 @@ class Sampling:
 
     @property
     def greedy(self) -> bool:
-        # Below this, logits divided by the temperature overflow fp32 (vLLM draws the same line).
-        return self.temperature < GREEDY_BELOW
+        return is_greedy(self.temperature)
 
 
 @dataclass(frozen=True, slots=True)
