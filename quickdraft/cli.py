@@ -546,6 +546,10 @@ def _store(database_url: str | None):
     except ArgumentError as exc:
         raise typer.BadParameter(f"not a database URL ({exc}); e.g. sqlite:///path.db or "
                                  "postgresql://user@host:5432/db", param_hint="--database-url") from None
+    except ImportError as exc:  # a known dialect whose driver package is not installed
+        raise typer.BadParameter(f"the driver for {url.split(':', 1)[0]}:// is not installed ({exc}); install it "
+                                 "into this environment, or use sqlite:///path.db or postgresql:// (psycopg 3 "
+                                 "comes with QuickDraft)", param_hint="--database-url") from None
 
 
 @records_app.command("migrate")
