@@ -26,7 +26,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <queue>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -42,8 +41,10 @@ namespace {
 constexpr int32_t BOUNDARY = -1;
 constexpr uint64_t BASE = 0x9E3779B97F4A7C15ULL;
 
-// Open-addressing map from a nonzero 64-bit key to an int32 (linear probing,
-// backward-shift deletion so erase leaves no tombstones).
+// Open-addressing map from a nonzero 64-bit key to a non-negative int32 (linear probing,
+// backward-shift deletion so erase leaves no tombstones). A key and its value sit
+// side by side in one packed 12-byte slot: a lookup in a large index is a cache
+// miss, and keys and values in separate arrays made it two.
 class FlatMap {
  public:
   // Room for `expected` keys before the first growth.
@@ -53,53 +54,67 @@ class FlatMap {
     reset(cap);
   }
 
-  const int32_t* find(uint64_t key) const {
+  // The key's value, or -1 if the key is absent.
+  int32_t find(uint64_t key) const {
     size_t i = slot(key);
-    while (keys_[i] != 0) {
-      if (keys_[i] == key) return &vals_[i];
+    while (slots_[i].key != 0) {
+      if (slots_[i].key == key) return slots_[i].val;
       i = (i + 1) & mask_;
     }
-    return nullptr;
+    return -1;
   }
 
-  void put(uint64_t key, int32_t value) {
-    if ((count_ + 1) * 4 > keys_.size() * 3) grow();
+  void put(uint64_t key, int32_t value) { exchange(key, value); }
+
+  // Set the key's value; returns the value it replaces, or -1 if the key was absent
+  // (one probe where a find and a put would take two).
+  int32_t exchange(uint64_t key, int32_t value) {
+    if ((count_ + 1) * 4 > slots_.size() * 3) grow();
     size_t i = slot(key);
-    while (keys_[i] != 0 && keys_[i] != key) i = (i + 1) & mask_;
-    if (keys_[i] == 0) ++count_;
-    keys_[i] = key;
-    vals_[i] = value;
+    while (slots_[i].key != 0 && slots_[i].key != key) i = (i + 1) & mask_;
+    int32_t old = -1;
+    if (slots_[i].key == 0)
+      ++count_;
+    else
+      old = slots_[i].val;
+    slots_[i] = {key, value};
+    return old;
   }
 
   void erase(uint64_t key) {
     size_t i = slot(key);
-    while (keys_[i] != key) {
-      if (keys_[i] == 0) return;
+    while (slots_[i].key != key) {
+      if (slots_[i].key == 0) return;
       i = (i + 1) & mask_;
     }
     size_t hole = i;
     size_t j = i;
     while (true) {
       j = (j + 1) & mask_;
-      if (keys_[j] == 0) break;
-      size_t home = slot(keys_[j]);
+      if (slots_[j].key == 0) break;
+      size_t home = slot(slots_[j].key);
       // Move j into the hole unless its home lies cyclically in (hole, j].
       bool stays = (hole <= j) ? (hole < home && home <= j) : (hole < home || home <= j);
       if (!stays) {
-        keys_[hole] = keys_[j];
-        vals_[hole] = vals_[j];
+        slots_[hole] = slots_[j];
         hole = j;
       }
     }
-    keys_[hole] = 0;
+    slots_[hole].key = 0;
     --count_;
   }
 
   void clear() { reset(64); }
   size_t size() const { return count_; }
-  size_t capacity_bytes() const { return keys_.size() * (sizeof(uint64_t) + sizeof(int32_t)); }
+  size_t capacity_bytes() const { return slots_.size() * sizeof(Slot); }
 
  private:
+  struct __attribute__((packed)) Slot {
+    uint64_t key;
+    int32_t val;
+  };
+  static_assert(sizeof(Slot) == 12);
+
   static uint64_t mix(uint64_t k) {
     k ^= k >> 33;
     k *= 0xff51afd7ed558ccdULL;
@@ -108,23 +123,19 @@ class FlatMap {
   }
   size_t slot(uint64_t key) const { return mix(key) & mask_; }
   void reset(size_t cap) {
-    keys_.assign(cap, 0);
-    vals_.assign(cap, 0);
+    slots_.assign(cap, Slot{0, 0});
     mask_ = cap - 1;
     count_ = 0;
   }
   void grow() {
-    std::vector<uint64_t> keys;
-    std::vector<int32_t> vals;
-    keys.swap(keys_);
-    vals.swap(vals_);
-    reset(keys.size() * 2);
-    for (size_t i = 0; i < keys.size(); ++i)
-      if (keys[i] != 0) put(keys[i], vals[i]);
+    std::vector<Slot> old;
+    old.swap(slots_);
+    reset(old.size() * 2);
+    for (const Slot& s : old)
+      if (s.key != 0) put(s.key, s.val);
   }
 
-  std::vector<uint64_t> keys_;
-  std::vector<int32_t> vals_;
+  std::vector<Slot> slots_;
   size_t mask_ = 0;
   size_t count_ = 0;
 };
@@ -201,17 +212,43 @@ class TokenIndex {
     FlatMap seen(static_cast<size_t>(std::max(max_occ, 1)) * orders_.size());
     int64_t limit = std::min<int64_t>(ctx_len, max_match);
     int64_t last = size() - 1;
-    for (int oi = static_cast<int>(orders_.size()) - 1; oi >= 0; --oi) {
+    // A chain walk chases links through a large arena, a cache miss per link. When every order
+    // is wanted, the first links of all chains are read side by side first, so their misses
+    // overlap; the walk below takes them from there and only then follows links alone. What is
+    // found is exactly what walking each chain alone finds.
+    const int n_orders = static_cast<int>(orders_.size());
+    std::vector<int32_t> ahead;
+    std::vector<int> ahead_count(n_orders, 0);
+    if (all_orders) {
+      ahead.assign(static_cast<size_t>(n_orders) * kAhead, -1);
+      std::vector<int32_t> cursor(n_orders, -1);
+      for (int oi = 0; oi < n_orders; ++oi)
+        if (orders_[oi] <= limit) cursor[oi] = heads_[oi].find(hash_of(ctx + ctx_len - orders_[oi], orders_[oi]));
+      for (int step = 0; step < kAhead; ++step) {
+        bool any = false;
+        for (int oi = 0; oi < n_orders; ++oi) {
+          int32_t pos = cursor[oi];
+          if (pos < floor_) continue;
+          __builtin_prefetch(&toks_[pos]);
+          ahead[static_cast<size_t>(oi) * kAhead + step] = pos;
+          ahead_count[oi] = step + 1;
+          cursor[oi] = prev_[oi][pos];
+          any = true;
+        }
+        if (!any) break;
+      }
+    }
+    for (int oi = n_orders - 1; oi >= 0; --oi) {
       int order = orders_[oi];
       if (order > limit) continue;
-      const int32_t* head = heads_[oi].find(hash_of(ctx + ctx_len - order, order));
-      if (head == nullptr) continue;
-      int32_t pos = *head;
+      const int32_t* gathered = all_orders ? &ahead[static_cast<size_t>(oi) * kAhead] : nullptr;
+      int32_t pos = gathered != nullptr ? gathered[0] : heads_[oi].find(hash_of(ctx + ctx_len - order, order));
+      if (pos < 0) continue;
       int walked = 0;
       int taken = 0;
       while (pos >= floor_ && taken < max_occ && walked < 4 * max_occ) {
         ++walked;
-        if (pos != exclude_end && pos < last && toks_[pos + 1] != BOUNDARY && seen.find(pos + 1) == nullptr) {
+        if (pos != exclude_end && pos < last && toks_[pos + 1] != BOUNDARY && seen.find(pos + 1) < 0) {
           int n = match_len(pos, ctx, ctx_len, static_cast<int>(limit));
           if (n >= order) {  // n < order: a hash collision
             found.push_back({pos, n});
@@ -219,7 +256,7 @@ class TokenIndex {
             ++taken;
           }
         }
-        pos = prev_[oi][pos];
+        pos = walked < ahead_count[oi] ? gathered[walked] : prev_[oi][pos];
       }
       if (!found.empty() && !all_orders) return found;
     }
@@ -232,9 +269,8 @@ class TokenIndex {
   // few sharing its hash, or no 1-gram chain).
   int64_t last_position(int32_t tok) const {
     if (orders_.front() != 1) return -1;
-    const int32_t* head = heads_[0].find(hash_of(&tok, 1));
-    if (head == nullptr) return -1;
-    int32_t pos = *head;
+    int32_t pos = heads_[0].find(hash_of(&tok, 1));
+    if (pos < 0) return -1;
     for (int walked = 0; pos >= floor_ && walked < 16; ++walked, pos = prev_[0][pos])
       if (toks_[pos] == tok) return pos;  // the 1-gram hash keys two ids on one key
     return -1;
@@ -279,10 +315,7 @@ class TokenIndex {
         prev_[oi].push_back(-1);
         continue;
       }
-      uint64_t key = gram_hash(pos, order);
-      const int32_t* head = heads_[oi].find(key);
-      prev_[oi].push_back(head ? *head : -1);
-      heads_[oi].put(key, static_cast<int32_t>(pos));
+      prev_[oi].push_back(heads_[oi].exchange(gram_hash(pos, order), static_cast<int32_t>(pos)));
     }
   }
 
@@ -300,8 +333,7 @@ class TokenIndex {
         int order = orders_[oi];
         if (order > avail) continue;
         uint64_t key = gram_hash(pos, order);
-        const int32_t* head = heads_[oi].find(key);
-        if (head != nullptr && *head == pos) {
+        if (heads_[oi].find(key) == pos) {
           int32_t before = prev_[oi][pos];
           if (before >= 0)
             heads_[oi].put(key, before);
@@ -334,6 +366,8 @@ class TokenIndex {
       if (t == BOUNDARY) seq_start_ = size();
     }
   }
+
+  static constexpr int kAhead = 24;  // links of every chain read side by side (occurrences)
 
   std::vector<int> orders_;
   std::vector<uint64_t> pow_;
@@ -424,6 +458,16 @@ struct Draft {
   std::vector<double> bases;   // the calibration table's estimate before the lexical correction
   std::vector<Lexical> lexical;
   int match_len = 0;
+  void reserve(size_t n) {
+    tokens.reserve(n);
+    parents.reserve(n);
+    probs.reserve(n);
+    raws.reserve(n);
+    depths.reserve(n);
+    kinds.reserve(n);
+    bases.reserve(n);
+    lexical.reserve(n);
+  }
   double expected() const {
     double s = 0;
     for (double p : probs) s += p;
@@ -659,6 +703,7 @@ Draft grow_draft(const std::vector<Weighted>& occs, int max_depth, int budget, d
   Draft draft;
   draft.match_len = match_len;
   if (occs.empty() || budget <= 0 || max_depth <= 0) return draft;
+  draft.reserve(static_cast<size_t>(budget));
   std::vector<TrieNode> trie;
   std::vector<Support> support(1);
   trie.push_back({-1, 0.0, -1, -1});
@@ -706,7 +751,7 @@ Draft grow_draft(const std::vector<Weighted>& occs, int max_depth, int budget, d
   std::vector<Considered> considered;
   // The token before a root is the context's last one (none known: the boundary marker).
   int32_t before_root = session != nullptr && session->size() > 0 ? session->at(session->size() - 1) : BOUNDARY;
-  std::priority_queue<Item> heap;
+  std::vector<Item> heap;  // a max-heap (std::push_heap / pop_heap)
   auto push_children = [&](int32_t node, int32_t parent, double parent_prob, double parent_raw, int32_t depth) {
     if (depth > max_depth) return;
     double total = 0, heaviest = 0;
@@ -736,14 +781,16 @@ Draft grow_draft(const std::vector<Weighted>& occs, int max_depth, int budget, d
         p = std::min(parent_prob, cal->corrected(base, lexical));
       }
       if (p < min_prob) continue;
-      heap.push({p, static_cast<int32_t>(considered.size())});
+      heap.push_back({p, static_cast<int32_t>(considered.size())});
+      std::push_heap(heap.begin(), heap.end());
       considered.push_back({raw, base, lexical, c, parent, depth, kind});
     }
   };
   push_children(0, -1, 1.0, 1.0, 1);
   while (!heap.empty() && static_cast<int>(draft.tokens.size()) < budget) {
-    Item top = heap.top();
-    heap.pop();
+    std::pop_heap(heap.begin(), heap.end());
+    Item top = heap.back();
+    heap.pop_back();
     const Considered it = considered[top.serial];  // a copy: push_children grows the vector
     draft.tokens.push_back(trie[it.trie_node].token);
     draft.parents.push_back(it.parent);

@@ -72,6 +72,9 @@ class SuffixParams:
 @dataclass(slots=True)
 class _Session:
     index: _core.TokenIndex = field(default_factory=_core.TokenIndex)
+    # The scope's shared state, held here so a step needs no lookups by scope.
+    responses: _core.TokenIndex | None = None
+    calibration: _core.Calibration | None = None
     response_start: int = 0
     pending: _core.Proposal | None = None  # the last draft, until the target's tokens come back
 
@@ -108,6 +111,8 @@ class SuffixDrafter(Drafter):
         session = self._sessions.get(key)
         if session is None:
             session = self._sessions[key] = _Session()
+        session.responses = self.responses(key.scope)
+        session.calibration = self.calibration(key.scope) if self.params.calibrate else None
         # The session's arena holds exactly its history: one sequence, no boundaries.
         session.index.rebase(prompt if isinstance(prompt, list) else list(prompt))
         session.response_start = len(prompt)
@@ -119,7 +124,7 @@ class SuffixDrafter(Drafter):
         session = self._sessions[key]
         tokens = tokens if isinstance(tokens, list) else list(tokens)
         if session.pending is not None:
-            self.calibration(key.scope).observe_draft(session.pending, tokens)
+            session.calibration.observe_draft(session.pending, tokens)
             session.pending = None
         session.index.extend(tokens)
 
@@ -168,7 +173,7 @@ class SuffixDrafter(Drafter):
         session = self._sessions.get(key)
         if session is None or budget <= 0:
             return DraftTree()
-        cal = self.calibration(key.scope) if self.params.calibrate else None
-        proposal = _core.propose(session.index, self._responses.get(key.scope), budget, self._core_params, cal)
+        cal = session.calibration
+        proposal = _core.propose(session.index, session.responses, budget, self._core_params, cal)
         session.pending = proposal if cal is not None and len(proposal) else None
         return DraftTree(proposal.tokens, proposal.parents, proposal.probs, proposal.match_len)

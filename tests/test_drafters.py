@@ -368,3 +368,22 @@ def test_mean_budget_spends_the_mean_where_chances_are_high():
     assert budget.sent <= 4 * budget.steps + budget.cap  # the mean holds
     assert sent_likely > 3 * sent_unlikely                # and goes where acceptance is likely
     assert budget.cap == 16
+
+
+def test_mean_budget_cuts_best_first_and_other_trees_alike():
+    from quickdraft.suffix_cache.budget import MeanBudget
+    from quickdraft.suffix_cache.draft import DraftTree
+
+    budget = MeanBudget(mean=8, threshold=0.5)
+    # Best first: the nodes above the threshold are a prefix, sent as they are.
+    best_first = DraftTree([1, 2, 3, 4], [-1, 0, -1, 1], [0.9, 0.7, 0.6, 0.2], 3)
+    cut = budget.cut(best_first)
+    assert (cut.token_ids, cut.parents, cut.match_len) == ([1, 2, 3], [-1, 0, -1], 3)
+    # Not best first (a likelier node after an unlikely one): still every node above the
+    # threshold whose parent is sent, re-indexed into a tree.
+    mixed = DraftTree([1, 2, 3, 4], [-1, -1, 0, 1], [0.9, 0.1, 0.8, 0.7])
+    cut = budget.cut(mixed)
+    cut.validate()
+    assert (cut.token_ids, cut.parents, cut.probs) == ([1, 3], [-1, 0], [0.9, 0.8])
+    # Without probabilities every node counts as certain, up to the room left.
+    assert budget.cut(DraftTree(list(range(40)), list(range(-1, 39)))).token_ids == list(range(budget.cap))
