@@ -43,9 +43,9 @@ class MeanBudget:
         if not probs:
             return tree.truncated(room)
         threshold = self.threshold
-        # Trees grown best first (every drafter's here) keep their likeliest nodes in front: the
-        # nodes above the threshold are a prefix, and any prefix is a tree. A plain loop finds it
-        # cheapest (this runs every step; bisect with a key and slices cost 4x as much).
+        # Trees grown best first (the suffix drafter's, merged ones) keep their likeliest nodes in
+        # front: the nodes above the threshold are a prefix, and any prefix is a tree. A plain loop
+        # finds it cheapest (this runs every step; bisect with a key and slices cost 4x as much).
         k = 0
         for p in probs:
             if p < threshold:

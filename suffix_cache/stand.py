@@ -45,6 +45,7 @@ class StandDrafter(Drafter):
         self.state = NgramState(self.params.max_order, self.params.width, self.params.max_entries)
         self._rng = random.Random(0)
         self._temperature: dict[SessionKey, float] = {}
+        self._default_temperature = 0.0 if is_greedy(self.params.temperature) else self.params.temperature
 
     def set_temperature(self, key: SessionKey, temperature: float) -> None:
         # A temperature the workers decode greedily is greedy for drafting too.
@@ -64,7 +65,7 @@ class StandDrafter(Drafter):
             return DraftTree()
         p = self.params
         tokens, parents, probs = table.draft_stand(
-            session.tail, budget, p.max_depth, p.min_prob, p.branch, self._temperature.get(key, p.temperature),
+            session.tail, budget, p.max_depth, p.min_prob, p.branch, self._temperature.get(key, self._default_temperature),
             self._rng.getrandbits(63),
         )
         return DraftTree(tokens, parents, probs)

@@ -93,14 +93,14 @@ class SuffixDrafter(Drafter):
     # -- state -------------------------------------------------------------
     def responses(self, scope: Scope) -> _core.TokenIndex:
         index = self._responses.get(scope)
-        if index is None:
-            index = self._responses[scope] = _core.TokenIndex()
+        if index is None:  # setdefault: a Redis log thread may create it at the same moment
+            index = self._responses.setdefault(scope, _core.TokenIndex())
         return index
 
     def calibration(self, scope: Scope) -> _core.Calibration:
         cal = self._calibrations.get(scope)
         if cal is None:
-            cal = self._calibrations[scope] = _core.Calibration()
+            cal = self._calibrations.setdefault(scope, _core.Calibration())
         return cal
 
     def session_tokens(self, key: SessionKey) -> list[int]:

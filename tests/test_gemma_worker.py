@@ -52,7 +52,7 @@ def test_gemma_cached_decoding_matches_the_models_own_forward(gemma):
     # see only what precedes it, so each of our tokens must be the argmax there (the same check
     # as eight forwards, one per token, at an eighth of the cost).
     with torch.inference_mode():
-        logits = gemma.model(input_ids=torch.tensor([prompt + ours[:-1]])).logits[0, len(prompt) - 1:]
+        logits = gemma.model(input_ids=torch.tensor([prompt + ours[:-1]]), logits_to_keep=len(ours)).logits[0]
     assert ours == logits.argmax(-1).tolist()
 
 

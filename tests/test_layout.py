@@ -22,6 +22,8 @@ FORBIDDEN = {
     "suffix_cache": ("quickdraft.verifiers", "quickdraft.proxy", "quickdraft.routing", "quickdraft.bench",
                      "torch", "transformers"),
     "verifiers": ("quickdraft.suffix_cache", "quickdraft.proxy", "quickdraft.routing"),
+    "proxy": ("torch", "transformers", "quickdraft.verifiers"),
+    "routing": ("torch", "transformers", "quickdraft.verifiers"),
 }
 
 
@@ -30,8 +32,11 @@ def imported_modules(path: pathlib.Path) -> set[str]:
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, f"{path}: a relative import; this project imports by full name"
             names.add(node.module)
+            # `from quickdraft import proxy` imports quickdraft.proxy
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
     return names
 
 
