@@ -218,9 +218,10 @@ class TokenIndex {
     // found is exactly what walking each chain alone finds.
     const int n_orders = static_cast<int>(orders_.size());
     std::vector<int32_t> ahead;
-    std::vector<int> ahead_count(n_orders, 0);
+    std::vector<int> ahead_count;  // links gathered per order (empty: none gathered, walk alone)
     if (all_orders) {
       ahead.assign(static_cast<size_t>(n_orders) * kAhead, -1);
+      ahead_count.assign(n_orders, 0);
       std::vector<int32_t> cursor(n_orders, -1);
       for (int oi = 0; oi < n_orders; ++oi)
         if (orders_[oi] <= limit) cursor[oi] = heads_[oi].find(hash_of(ctx + ctx_len - orders_[oi], orders_[oi]));
@@ -256,7 +257,7 @@ class TokenIndex {
             ++taken;
           }
         }
-        pos = walked < ahead_count[oi] ? gathered[walked] : prev_[oi][pos];
+        pos = gathered != nullptr && walked < ahead_count[oi] ? gathered[walked] : prev_[oi][pos];
       }
       if (!found.empty() && !all_orders) return found;
     }

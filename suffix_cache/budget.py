@@ -58,7 +58,7 @@ class MeanBudget:
         for i, (tok, parent) in enumerate(zip(tree.token_ids, tree.parents, strict=True)):
             if len(out.token_ids) >= room:
                 break
-            if probs[i] < self.threshold or (parent >= 0 and parent not in index):
+            if probs[i] < threshold or (parent >= 0 and parent not in index):
                 continue
             index[i] = len(out.token_ids)
             out.token_ids.append(tok)

@@ -45,11 +45,9 @@ class StandDrafter(Drafter):
         self.state = NgramState(self.params.max_order, self.params.width, self.params.max_entries)
         self._rng = random.Random(0)
         self._temperature: dict[SessionKey, float] = {}
-        self._default_temperature = 0.0 if is_greedy(self.params.temperature) else self.params.temperature
 
     def set_temperature(self, key: SessionKey, temperature: float) -> None:
-        # A temperature the workers decode greedily is greedy for drafting too.
-        self._temperature[key] = 0.0 if is_greedy(temperature) else temperature
+        self._temperature[key] = temperature
 
     def begin_call(self, key: SessionKey, prompt: Sequence[int]) -> None:
         self.flush(key)
@@ -64,9 +62,11 @@ class StandDrafter(Drafter):
         if session is None or table is None or budget <= 0:
             return DraftTree()
         p = self.params
+        temperature = self._temperature.get(key, p.temperature)
+        if is_greedy(temperature):  # what the workers decode greedily is greedy for drafting too
+            temperature = 0.0
         tokens, parents, probs = table.draft_stand(
-            session.tail, budget, p.max_depth, p.min_prob, p.branch, self._temperature.get(key, self._default_temperature),
-            self._rng.getrandbits(63),
+            session.tail, budget, p.max_depth, p.min_prob, p.branch, temperature, self._rng.getrandbits(63),
         )
         return DraftTree(tokens, parents, probs)
 

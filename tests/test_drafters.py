@@ -186,7 +186,6 @@ def test_a_copy_with_one_token_replaced_drafts_on_after_it(replaced):
     assert (line[11], -1) not in zip(without.token_ids, without.parents, strict=True)
 
 
-
 def test_the_resync_waits_for_a_short_match_and_a_long_agreement():
     from quickdraft.suffix_cache.suffix import SuffixParams
 

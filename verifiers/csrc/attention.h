@@ -311,8 +311,8 @@ inline void vector_segment(const Problem& a, const Lists& L, int64_t g, int64_t 
     const int64_t pos = row / n_rep, end = std::min(t1, L.counts[pos]);
     if (end <= t0) continue;
     float* out = partial + partial_offset(a, L, pos, g * n_rep + row % n_rep, seg);
-    own_values(a, g, L.of(pos, a.Lk), s.p.data() + row * Scratch::stride, s.o.data() + row * a.D, own_start,
-                     end, t0, out);
+    own_values(a, g, L.of(pos, a.Lk), s.p.data() + row * Scratch::stride, s.o.data() + row * a.D, own_start, end,
+               t0, out);
     out[a.D] = s.l[row];
     out[a.D + 1] = s.m[row];
   }
