@@ -152,7 +152,10 @@ def replay_oracle(
                 done = 0
                 while done < len(response):
                     t0 = time.perf_counter()
-                    offered = tree = drafter.propose(key, ask)
+                    # The budget cuts nodes under its threshold: the drafter need not hand them over,
+                    # unless on_step wants to see the whole offer.
+                    min_chance = allot.threshold if allot is not None and on_step is None else 0.0
+                    offered = tree = drafter.propose(key, ask, min_chance)
                     if allot is not None:
                         tree = allot.cut(tree)
                         allot.spent(len(tree))

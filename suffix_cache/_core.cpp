@@ -140,6 +140,50 @@ class FlatMap {
   size_t count_ = 0;
 };
 
+// A set of arena positions for the span of one query, kept between queries (one per
+// thread): a slot belongs to the current query only if it bears the query's stamp, so a
+// new query starts without clearing or allocating a table.
+class PositionSet {
+ public:
+  // Start an empty set with room for `expected` insertions.
+  void start(size_t expected) {
+    size_t cap = 64;
+    while (cap < expected * 2) cap *= 2;
+    if (cap > slots_.size()) {
+      slots_.assign(cap, Slot{});
+      shift_ = 64 - __builtin_ctzll(cap);
+      stamp_ = 0;
+    }
+    if (++stamp_ == 0) {  // the stamps wrapped: old slots could pass for new ones
+      std::fill(slots_.begin(), slots_.end(), Slot{});
+      stamp_ = 1;
+    }
+  }
+  bool contains(int32_t pos) const {
+    for (size_t i = slot(pos);; i = (i + 1) & (slots_.size() - 1)) {
+      if (slots_[i].stamp != stamp_) return false;
+      if (slots_[i].pos == pos) return true;
+    }
+  }
+  void insert(int32_t pos) {
+    size_t i = slot(pos);
+    while (slots_[i].stamp == stamp_ && slots_[i].pos != pos) i = (i + 1) & (slots_.size() - 1);
+    slots_[i] = {pos, stamp_};
+  }
+
+ private:
+  struct Slot {
+    int32_t pos = 0;
+    uint32_t stamp = 0;
+  };
+  size_t slot(int32_t pos) const {
+    return static_cast<size_t>((static_cast<uint64_t>(static_cast<uint32_t>(pos)) * BASE) >> shift_);
+  }
+  std::vector<Slot> slots_;
+  int shift_ = 58;
+  uint32_t stamp_ = 0;
+};
+
 struct Occurrence {
   int32_t end;        // arena position of the last matched token
   int32_t match_len;  // context tokens matching up to there
@@ -208,8 +252,14 @@ class TokenIndex {
   std::vector<Occurrence> occurrences(const int32_t* ctx, int64_t ctx_len, int max_occ, int64_t exclude_end,
                                       int max_match, bool all_orders = false) const {
     std::vector<Occurrence> found;
+    found.reserve(static_cast<size_t>(std::max(max_occ, 1)) * (all_orders ? orders_.size() : 1));
     // Positions a longer order's chain already gave (an 8-token match is on the 4-gram chain too).
-    FlatMap seen(static_cast<size_t>(std::max(max_occ, 1)) * orders_.size());
+    // Working storage kept between queries. One thread-local lookup: references from here on
+    // (in a shared library each access to a thread_local is a call).
+    thread_local Scratch tls;
+    Scratch& scratch = tls;
+    PositionSet& seen = scratch.seen;
+    seen.start(static_cast<size_t>(std::max(max_occ, 1)) * orders_.size());
     int64_t limit = std::min<int64_t>(ctx_len, max_match);
     int64_t last = size() - 1;
     // A chain walk chases links through a large arena, a cache miss per link. When every order
@@ -217,12 +267,13 @@ class TokenIndex {
     // overlap; the walk below takes them from there and only then follows links alone. What is
     // found is exactly what walking each chain alone finds.
     const int n_orders = static_cast<int>(orders_.size());
-    std::vector<int32_t> ahead;
-    std::vector<int> ahead_count;  // links gathered per order (empty: none gathered, walk alone)
+    std::vector<int32_t>& ahead = scratch.ahead;
+    std::vector<int32_t>& cursor = scratch.cursor;
+    std::vector<int>& ahead_count = scratch.ahead_count;  // links gathered per order
     if (all_orders) {
       ahead.assign(static_cast<size_t>(n_orders) * kAhead, -1);
       ahead_count.assign(n_orders, 0);
-      std::vector<int32_t> cursor(n_orders, -1);
+      cursor.assign(n_orders, -1);
       for (int oi = 0; oi < n_orders; ++oi)
         if (orders_[oi] <= limit) cursor[oi] = heads_[oi].find(hash_of(ctx + ctx_len - orders_[oi], orders_[oi]));
       for (int step = 0; step < kAhead; ++step) {
@@ -249,11 +300,11 @@ class TokenIndex {
       int taken = 0;
       while (pos >= floor_ && taken < max_occ && walked < 4 * max_occ) {
         ++walked;
-        if (pos != exclude_end && pos < last && toks_[pos + 1] != BOUNDARY && seen.find(pos + 1) < 0) {
+        if (pos != exclude_end && pos < last && toks_[pos + 1] != BOUNDARY && !seen.contains(pos)) {
           int n = match_len(pos, ctx, ctx_len, static_cast<int>(limit));
           if (n >= order) {  // n < order: a hash collision
             found.push_back({pos, n});
-            seen.put(pos + 1, 0);  // keys are nonzero
+            seen.insert(pos);
             ++taken;
           }
         }
@@ -369,6 +420,11 @@ class TokenIndex {
   }
 
   static constexpr int kAhead = 24;  // links of every chain read side by side (occurrences)
+  struct Scratch {
+    PositionSet seen;
+    std::vector<int32_t> ahead, cursor;
+    std::vector<int> ahead_count;
+  };
 
   std::vector<int> orders_;
   std::vector<uint64_t> pow_;
@@ -459,6 +515,17 @@ struct Draft {
   std::vector<double> bases;   // the calibration table's estimate before the lexical correction
   std::vector<Lexical> lexical;
   int match_len = 0;
+  void clear() {  // keeps the capacity: a session's draft reuses its buffers step after step
+    tokens.clear();
+    parents.clear();
+    probs.clear();
+    raws.clear();
+    depths.clear();
+    kinds.clear();
+    bases.clear();
+    lexical.clear();
+    match_len = 0;
+  }
   void reserve(size_t n) {
     tokens.reserve(n);
     parents.reserve(n);
@@ -686,6 +753,9 @@ struct TrieNode {
   double weight;
   int32_t first_child;
   int32_t next_sibling;
+  // The occurrences through this node: pool[first_occ, first_occ + n_occ), in their given order.
+  int32_t first_occ;
+  int32_t n_occ;
 };
 
 struct Weighted {
@@ -695,46 +765,9 @@ struct Weighted {
   float overlap = -1;
 };
 
-// Frequency tree of the occurrences' continuations, expanded best first by
-// acceptance chance (the calibrated path probability when `cal` is given, else
-// the raw one). A node's chance never exceeds its parent's, so every prefix of
-// the node list is the best tree of its size and callers may cut it anywhere.
-Draft grow_draft(const std::vector<Weighted>& occs, int max_depth, int budget, double min_prob, int match_len,
-                 const Calibration* cal = nullptr, const TokenIndex* session = nullptr) {
-  Draft draft;
-  draft.match_len = match_len;
-  if (occs.empty() || budget <= 0 || max_depth <= 0) return draft;
-  draft.reserve(static_cast<size_t>(budget));
-  std::vector<TrieNode> trie;
-  std::vector<Support> support(1);
-  trie.push_back({-1, 0.0, -1, -1});
-  for (const auto& occ : occs) {
-    int64_t back = occ.index == session ? session->size() - occ.end : -1;
-    const TokenIndex& index = *occ.index;
-    int64_t size = index.size();
-    int32_t node = 0;
-    for (int d = 1; d <= max_depth; ++d) {
-      int64_t pos = occ.end + d;
-      if (pos >= size) break;
-      int32_t tok = index.at(pos);
-      if (tok == BOUNDARY) break;
-      int32_t child = trie[node].first_child;
-      while (child >= 0 && trie[child].token != tok) child = trie[child].next_sibling;
-      if (child < 0) {
-        child = static_cast<int32_t>(trie.size());
-        trie.push_back({tok, 0.0, -1, trie[node].first_child});
-        support.emplace_back();
-        trie[node].first_child = child;
-      }
-      trie[child].weight += occ.weight;
-      Support& s = support[child];
-      ++s.count;
-      s.overlap = std::max(s.overlap, occ.overlap);
-      if (back >= 0 && (s.nearest < 0 || back < s.nearest)) s.nearest = back;
-      node = child;
-    }
-  }
-  // The heap orders small items; what a node needs once it is taken waits in `considered`.
+// grow_draft's working storage. The heap orders small items; what a node needs once it is
+// taken waits in `considered`.
+struct GrowScratch {
   struct Considered {
     double raw;
     double base;
@@ -749,12 +782,93 @@ Draft grow_draft(const std::vector<Weighted>& occs, int max_depth, int budget, d
     int32_t serial;  // index into `considered`; the earlier wins a tie
     bool operator<(const Item& o) const { return prob < o.prob || (prob == o.prob && serial > o.serial); }
   };
+  std::vector<TrieNode> trie;
+  std::vector<Support> support;
+  std::vector<int32_t> pool, child_of, fill;
   std::vector<Considered> considered;
+  std::vector<Item> heap;
+};
+
+// Frequency tree of the occurrences' continuations, expanded best first by
+// acceptance chance (the calibrated path probability when `cal` is given, else
+// the raw one). A node's chance never exceeds its parent's, so every prefix of
+// the node list is the best tree of its size and callers may cut it anywhere.
+void grow_draft(Draft& draft, const std::vector<Weighted>& occs, int max_depth, int budget, double min_prob,
+                int match_len, const Calibration* cal = nullptr, const TokenIndex* session = nullptr) {
+  draft.clear();
+  draft.match_len = match_len;
+  if (occs.empty() || budget <= 0 || max_depth <= 0) return;
+  draft.reserve(static_cast<size_t>(budget));
+  // The frequency tree is built lazily: a node's children are made from the occurrences through it
+  // when the node is expanded, so the branches of short, scattered matches are never walked
+  // beyond what the best-first growth reaches. Children are made in the order an eager build
+  // (each occurrence walked to full depth in turn) would make them, and their weights are summed
+  // in the same order, so the tree -- and the draft -- is the same.
+  // Working storage is kept between calls (one set per thread), so a step allocates nothing. One
+  // thread-local lookup, then references (the lambdas below would otherwise look it up per use).
+  thread_local GrowScratch tls;
+  GrowScratch& scratch = tls;
+  std::vector<TrieNode>& trie = scratch.trie;
+  std::vector<Support>& support = scratch.support;
+  std::vector<int32_t>& pool = scratch.pool;          // occurrence indices, grouped by node
+  std::vector<int32_t>& child_of = scratch.child_of;  // the child each occurrence goes to (-1: it ends here)
+  std::vector<int32_t>& fill = scratch.fill;          // next free pool slot of each new child
+  trie.clear();
+  support.assign(1, Support{});
+  pool.resize(occs.size());
+  for (size_t i = 0; i < occs.size(); ++i) pool[i] = static_cast<int32_t>(i);
+  trie.push_back({-1, 0.0, -1, -1, 0, static_cast<int32_t>(occs.size())});
+  // Make the children (at `depth`) of a node that has none yet.
+  auto expand = [&](int32_t node, int depth) {
+    const int32_t first = trie[node].first_occ, n = trie[node].n_occ;
+    const int32_t first_new = static_cast<int32_t>(trie.size());
+    child_of.assign(n, -1);
+    for (int32_t j = 0; j < n; ++j) {
+      const Weighted& occ = occs[pool[first + j]];
+      int64_t pos = occ.end + depth;
+      if (pos >= occ.index->size()) continue;
+      int32_t tok = occ.index->at(pos);
+      if (tok == BOUNDARY) continue;
+      int32_t child = trie[node].first_child;
+      while (child >= 0 && trie[child].token != tok) child = trie[child].next_sibling;
+      if (child < 0) {
+        child = static_cast<int32_t>(trie.size());
+        trie.push_back({tok, 0.0, -1, trie[node].first_child, 0, 0});
+        support.emplace_back();
+        trie[node].first_child = child;
+      }
+      trie[child].weight += occ.weight;
+      ++trie[child].n_occ;
+      Support& s = support[child];
+      ++s.count;
+      s.overlap = std::max(s.overlap, occ.overlap);
+      int64_t back = occ.index == session ? session->size() - occ.end : -1;
+      if (back >= 0 && (s.nearest < 0 || back < s.nearest)) s.nearest = back;
+      child_of[j] = child;
+    }
+    const int32_t n_new = static_cast<int32_t>(trie.size()) - first_new;
+    if (n_new == 0) return;
+    // Group the occurrences by child at the pool's end, each group in the node's order.
+    fill.resize(n_new);
+    int32_t at = static_cast<int32_t>(pool.size());
+    for (int32_t c = 0; c < n_new; ++c) {
+      trie[first_new + c].first_occ = fill[c] = at;
+      at += trie[first_new + c].n_occ;
+    }
+    pool.resize(at);
+    for (int32_t j = 0; j < n; ++j)
+      if (child_of[j] >= 0) pool[fill[child_of[j] - first_new]++] = pool[first + j];
+  };
+  // The heap orders small items; what a node needs once it is taken waits in `considered`.
+  std::vector<GrowScratch::Considered>& considered = scratch.considered;
+  considered.clear();
   // The token before a root is the context's last one (none known: the boundary marker).
   int32_t before_root = session != nullptr && session->size() > 0 ? session->at(session->size() - 1) : BOUNDARY;
-  std::vector<Item> heap;  // a max-heap (std::push_heap / pop_heap)
+  std::vector<GrowScratch::Item>& heap = scratch.heap;  // a max-heap (std::push_heap / pop_heap)
+  heap.clear();
   auto push_children = [&](int32_t node, int32_t parent, double parent_prob, double parent_raw, int32_t depth) {
     if (depth > max_depth) return;
+    expand(node, depth);
     double total = 0, heaviest = 0;
     int siblings = 0;
     for (int32_t c = trie[node].first_child; c >= 0; c = trie[c].next_sibling) {
@@ -790,9 +904,9 @@ Draft grow_draft(const std::vector<Weighted>& occs, int max_depth, int budget, d
   push_children(0, -1, 1.0, 1.0, 1);
   while (!heap.empty() && static_cast<int>(draft.tokens.size()) < budget) {
     std::pop_heap(heap.begin(), heap.end());
-    Item top = heap.back();
+    GrowScratch::Item top = heap.back();
     heap.pop_back();
-    const Considered it = considered[top.serial];  // a copy: push_children grows the vector
+    const GrowScratch::Considered it = considered[top.serial];  // a copy: push_children grows the vector
     draft.tokens.push_back(trie[it.trie_node].token);
     draft.parents.push_back(it.parent);
     draft.probs.push_back(top.prob);
@@ -803,24 +917,24 @@ Draft grow_draft(const std::vector<Weighted>& occs, int max_depth, int budget, d
     draft.lexical.push_back(it.lexical);
     push_children(it.trie_node, static_cast<int32_t>(draft.tokens.size()) - 1, top.prob, it.raw, it.depth + 1);
   }
-  return draft;
 }
 
 int depth_for(const DraftParams& p, int match_len) {
   return std::min(p.max_depth, static_cast<int>(std::floor(p.factor * match_len + p.offset)));
 }
 
-Draft draft_from(const TokenIndex& index, const int32_t* ctx, int64_t ctx_len, int64_t exclude_end, int budget,
-                 const DraftParams& p) {
+void draft_from(Draft& out, const TokenIndex& index, const int32_t* ctx, int64_t ctx_len, int64_t exclude_end,
+                int budget, const DraftParams& p) {
+  out.clear();
   auto occs = index.occurrences(ctx, ctx_len, p.max_occurrences, exclude_end, p.max_match);
-  if (occs.empty()) return Draft{};
+  if (occs.empty()) return;
   int best = 0;
   for (const auto& o : occs) best = std::max(best, static_cast<int>(o.match_len));
   // The deepest matched node of a suffix tree holds only the longest matches.
   std::vector<Weighted> deepest;
   for (const auto& o : occs)
     if (o.match_len == best) deepest.push_back({&index, o.end, 1.0});
-  return grow_draft(deepest, depth_for(p, best), budget, p.min_prob, best);
+  grow_draft(out, deepest, depth_for(p, best), budget, p.min_prob, best);
 }
 
 // The distinct tokens of the `w` positions before the last `skip` of a sequence
@@ -828,56 +942,82 @@ Draft draft_from(const TokenIndex& index, const int32_t* ctx, int64_t ctx_len, i
 // their low bits: most tokens of an occurrence's window are not in the current one,
 // and the filter says so without a search.
 struct Window {
-  std::vector<int32_t> tokens;
+  static constexpr int kMax = 64;  // the context window is clamped to this
+  std::array<int32_t, kMax> tokens;
+  int n = 0;
   std::array<uint64_t, 4> filter{};
   bool may_hold(int32_t t) const { return (filter[(t >> 6) & 3] >> (t & 63)) & 1; }
 };
 
-Window window_before(const TokenIndex& index, int64_t end, int skip, int w) {
-  Window out;
+void window_before(Window& out, const TokenIndex& index, int64_t end, int skip, int w) {
+  out.n = 0;
+  out.filter = {};
   for (int64_t pos = end - skip; pos > end - skip - w && pos >= index.floor(); --pos) {
     int32_t t = index.at(pos);
     if (t == BOUNDARY) break;
-    out.tokens.push_back(t);
+    out.tokens[out.n++] = t;
     out.filter[(t >> 6) & 3] |= uint64_t{1} << (t & 63);
   }
-  std::sort(out.tokens.begin(), out.tokens.end());
-  out.tokens.erase(std::unique(out.tokens.begin(), out.tokens.end()), out.tokens.end());
-  return out;
+  std::sort(out.tokens.begin(), out.tokens.begin() + out.n);
+  out.n = static_cast<int>(std::unique(out.tokens.begin(), out.tokens.begin() + out.n) - out.tokens.begin());
 }
 
 // Share of the distinct tokens of `mine` (at most 64) that also occur in the `w`
 // positions before the last `skip` of a sequence ending at `end`.
 float overlap_with(const Window& mine, const TokenIndex& index, int64_t end, int skip, int w) {
-  if (mine.tokens.empty()) return 0.0f;
+  if (mine.n == 0) return 0.0f;
   uint64_t hit = 0;
+  const int32_t* first = mine.tokens.data();
+  const int32_t* stop = first + mine.n;
   for (int64_t pos = end - skip; pos > end - skip - w && pos >= index.floor(); --pos) {
     int32_t t = index.at(pos);
     if (t == BOUNDARY) break;
     if (!mine.may_hold(t)) continue;
-    auto it = std::lower_bound(mine.tokens.begin(), mine.tokens.end(), t);
-    if (it != mine.tokens.end() && *it == t) hit |= uint64_t{1} << (it - mine.tokens.begin());
+    const int32_t* it = std::lower_bound(first, stop, t);
+    if (it != stop && *it == t) hit |= uint64_t{1} << (it - first);
   }
-  return static_cast<float>(__builtin_popcountll(hit)) / static_cast<float>(mine.tokens.size());
+  return static_cast<float>(__builtin_popcountll(hit)) / static_cast<float>(mine.n);
 }
 
-// The session's own context window before a match of each length, built on first use.
-struct ContextWindows {
-  const TokenIndex& session;
-  int w;
-  std::vector<Window> by_skip;
-  std::vector<bool> built;
+// The session's own context window before a match of each length, built on first use
+// (the windows' storage is kept between steps, one set per thread).
+class ContextWindows {
+ public:
+  ContextWindows(const TokenIndex& session, int w) : session_(session), w_(w), kept_(tls()) {
+    if (++kept_.steps == 0) {  // wrapped: a stale window could pass for this step's
+      std::fill(kept_.built_in.begin(), kept_.built_in.end(), 0);
+      kept_.steps = 1;
+    }
+    step_ = kept_.steps;
+  }
   const Window& get(int skip) {
+    std::vector<Window>& by_skip = kept_.by_skip;
+    std::vector<uint32_t>& built_in = kept_.built_in;
     if (skip >= static_cast<int>(by_skip.size())) {
       by_skip.resize(skip + 1);
-      built.resize(skip + 1, false);
+      built_in.resize(skip + 1, 0);
     }
-    if (!built[skip]) {
-      by_skip[skip] = window_before(session, session.size() - 1, skip, w);
-      built[skip] = true;
+    if (built_in[skip] != step_) {
+      window_before(by_skip[skip], session_, session_.size() - 1, skip, w_);
+      built_in[skip] = step_;
     }
     return by_skip[skip];
   }
+
+ private:
+  struct Kept {
+    std::vector<Window> by_skip;
+    std::vector<uint32_t> built_in;  // the step that built each window
+    uint32_t steps = 0;
+  };
+  static Kept& tls() {
+    thread_local Kept kept;
+    return kept;
+  }
+  const TokenIndex& session_;
+  int w_;
+  Kept& kept_;
+  uint32_t step_ = 0;
 };
 
 // Weight of each occurrence: length_decay^(longest - its match) for shorter
@@ -889,12 +1029,38 @@ struct ContextWindows {
 void add_weighted(std::vector<Weighted>& out, const TokenIndex& index, const std::vector<Occurrence>& occs,
                   int longest, double source_weight, const DraftParams& p, ContextWindows* windows) {
   // Occurrences come most recent first within each order; rank them by position instead.
-  std::vector<Occurrence> sorted(occs);
+  struct Kept {
+    std::vector<Occurrence> sorted;
+    std::vector<double> decay_pow;  // length_decay^k, NaN: not computed yet
+    double decay_of = -1;
+  };
+  thread_local Kept tls;
+  Kept& kept = tls;
+  std::vector<Occurrence>& sorted = kept.sorted;
+  sorted.assign(occs.begin(), occs.end());
   std::sort(sorted.begin(), sorted.end(), [](const Occurrence& a, const Occurrence& b) { return a.end > b.end; });
+  // The factors take few distinct values per step: computed once each (the same calls, so the same values).
+  std::vector<double>& decay_pow = kept.decay_pow;
+  if (kept.decay_of != p.length_decay) {
+    decay_pow.assign(65, std::nan(""));
+    kept.decay_of = p.length_decay;
+  }
   double recency = 1.0;
   for (const auto& o : sorted) {
     double w = source_weight * recency;
-    if (o.match_len < longest) w *= p.length_decay > 0 ? std::pow(p.length_decay, longest - o.match_len) : 0.0;
+    if (o.match_len < longest) {
+      int gap = longest - o.match_len;
+      double f = 0.0;
+      if (p.length_decay > 0) {
+        if (gap >= static_cast<int>(decay_pow.size())) {
+          f = std::pow(p.length_decay, gap);
+        } else {
+          if (std::isnan(decay_pow[gap])) decay_pow[gap] = std::pow(p.length_decay, gap);
+          f = decay_pow[gap];
+        }
+      }
+      w *= f;
+    }
     float overlap = -1;
     if (w > 0 && windows != nullptr) {
       overlap = overlap_with(windows->get(o.match_len), index, o.end, o.match_len, p.context_window);
@@ -905,8 +1071,9 @@ void add_weighted(std::vector<Weighted>& out, const TokenIndex& index, const std
   }
 }
 
-Draft propose_merged(const TokenIndex& session, const TokenIndex* shared, const int32_t* ctx, int64_t ctx_len,
-                     int budget, const DraftParams& p, const Calibration* cal) {
+void propose_merged(Draft& out, const TokenIndex& session, const TokenIndex* shared, const int32_t* ctx,
+                    int64_t ctx_len, int budget, const DraftParams& p, const Calibration* cal) {
+  out.clear();
   bool all_orders = p.length_decay > 0;
   auto own = session.occurrences(ctx, ctx_len, p.max_occurrences, session.size() - 1, p.max_match, all_orders);
   std::vector<Occurrence> other;
@@ -915,9 +1082,11 @@ Draft propose_merged(const TokenIndex& session, const TokenIndex* shared, const 
   int longest = 0;
   for (const auto& o : own) longest = std::max(longest, static_cast<int>(o.match_len));
   for (const auto& o : other) longest = std::max(longest, static_cast<int>(o.match_len));
-  std::vector<Weighted> weighted;
+  thread_local std::vector<Weighted> kept_weighted;
+  std::vector<Weighted>& weighted = kept_weighted;
+  weighted.clear();
   int w = std::clamp(p.context_window, 0, 64);
-  ContextWindows windows{session, w, {}, {}};
+  ContextWindows windows{session, w};
   ContextWindows* win = w > 0 ? &windows : nullptr;
   add_weighted(weighted, session, own, longest, 1.0, p, win);
   if (shared != nullptr) add_weighted(weighted, *shared, other, longest, p.shared_weight, p, win);
@@ -937,27 +1106,28 @@ Draft propose_merged(const TokenIndex& session, const TokenIndex* shared, const 
     resync(session, session.size() - 2, 1.0);
     if (shared != nullptr && shared->live_tokens() > 0) resync(*shared, -1, p.shared_weight);
   }
-  if (weighted.empty()) return Draft{};
-  return grow_draft(weighted, depth, budget, p.min_prob, longest, cal, &session);
+  if (weighted.empty()) return;
+  grow_draft(out, weighted, depth, budget, p.min_prob, longest, cal, &session);
 }
 
 // Draft for a session: its own index (context = its tail) and optionally a shared
 // index of earlier responses. Unmerged (SuffixDecoding's rule): the tree promising
 // more accepted tokens wins; merged: one tree over both.
-Draft propose(const TokenIndex& session, const TokenIndex* shared, int budget, const DraftParams& p,
-              const Calibration* cal = nullptr) {
+void propose(Draft& out, const TokenIndex& session, const TokenIndex* shared, int budget, const DraftParams& p,
+             const Calibration* cal = nullptr) {
+  out.clear();
   const auto& toks = session.tokens();
   int64_t n = static_cast<int64_t>(toks.size());
-  if (n == 0 || budget <= 0) return Draft{};
+  if (n == 0 || budget <= 0) return;
   int64_t ctx_len = std::min<int64_t>(n, p.max_match);
   const int32_t* ctx = toks.data() + (n - ctx_len);
-  if (p.merge) return propose_merged(session, shared, ctx, ctx_len, budget, p, cal);
-  Draft best = draft_from(session, ctx, ctx_len, n - 1, budget, p);
+  if (p.merge) return propose_merged(out, session, shared, ctx, ctx_len, budget, p, cal);
+  draft_from(out, session, ctx, ctx_len, n - 1, budget, p);
   if (shared != nullptr && shared->live_tokens() > 0) {
-    Draft other = draft_from(*shared, ctx, ctx_len, -1, budget, p);
-    if (other.expected() > best.expected()) best = std::move(other);
+    Draft other;
+    draft_from(other, *shared, ctx, ctx_len, -1, budget, p);
+    if (other.expected() > out.expected()) std::swap(out, other);
   }
-  return best;
 }
 
 // Union of several drafters' trees: a node's probability is the highest of its
@@ -1024,6 +1194,67 @@ Draft merge_trees(const std::vector<std::tuple<std::vector<int32_t>, std::vector
 }
 
 py::tuple to_python(const Draft& d) { return py::make_tuple(d.tokens, d.parents, d.probs, d.match_len); }
+
+template <class T>
+py::list list_of(const std::vector<T>& v, size_t n) {
+  py::list out(n);
+  for (size_t i = 0; i < n; ++i) out[i] = py::cast(v[i]);
+  return out;
+}
+
+// One session of the suffix drafter: its own index, the scope's shared index of earlier
+// responses and calibration it drafts with, and its last draft until the target's tokens come
+// back. A step is then two calls from Python (propose, accept) with nothing to convert but the
+// nodes sent and the tokens emitted.
+class SuffixSession {
+ public:
+  TokenIndex index;
+
+  SuffixSession() : index(std::vector<int>{1, 2, 3, 4, 6, 8, 12, 16}) {}
+
+  // The scope's shared state and the drafting parameters (the Python objects are kept alive here).
+  void bind(py::object responses, py::object calibration, const DraftParams& params) {
+    responses_ref_ = responses;
+    calibration_ref_ = calibration;
+    responses_ = responses.is_none() ? nullptr : responses.cast<TokenIndex*>();
+    calibration_ = calibration.is_none() ? nullptr : calibration.cast<Calibration*>();
+    params_ = params;
+    has_pending_ = false;
+  }
+
+  // (tokens, parents, probs, match_len, left_out): the draft's nodes whose acceptance chance is at
+  // least `min_chance` -- a prefix, since the tree is grown best first -- and how many were left out.
+  // The calibration will judge the whole tree, sent or not.
+  py::tuple propose(int budget, double min_chance) {
+    has_pending_ = false;
+    Draft& d = pending_;  // its buffers are reused step after step
+    ::propose(d, index, responses_, budget, params_, calibration_);
+    size_t n = d.tokens.size(), k = 0;
+    while (k < n && d.probs[k] >= min_chance) ++k;
+    has_pending_ = calibration_ != nullptr && n > 0;
+    return py::make_tuple(list_of(d.tokens, k), list_of(d.parents, k), list_of(d.probs, k), d.match_len, n - k);
+  }
+
+  // The tokens the target emitted after the last draft: the calibration learns from the draft, the
+  // index takes the tokens.
+  void accept(const std::vector<int32_t>& tokens) {
+    if (has_pending_) {
+      calibration_->observe_draft(pending_, tokens);
+      has_pending_ = false;
+    }
+    index.extend(tokens);
+  }
+
+  void forget_draft() { has_pending_ = false; }
+
+ private:
+  py::object responses_ref_, calibration_ref_;
+  const TokenIndex* responses_ = nullptr;
+  Calibration* calibration_ = nullptr;
+  DraftParams params_;
+  Draft pending_;
+  bool has_pending_ = false;
+};
 
 }  // namespace
 
@@ -1169,10 +1400,27 @@ PYBIND11_MODULE(_core, m) {
       .def_readonly("match_len", &Draft::match_len)
       .def("__len__", [](const Draft& d) { return d.tokens.size(); });
 
+  py::class_<SuffixSession>(m, "SuffixSession",
+                            "A suffix-drafter session: its index, its scope's shared state and its pending draft.")
+      .def(py::init<>())
+      .def_property_readonly(
+          "index", [](SuffixSession& s) -> TokenIndex& { return s.index; }, py::return_value_policy::reference_internal)
+      .def("bind", &SuffixSession::bind, py::arg("responses").none(true), py::arg("calibration").none(true),
+           py::arg("params"), "Draft with this scope's response index and calibration (either may be None).")
+      .def("propose", &SuffixSession::propose, py::arg("budget"), py::arg("min_chance") = 0.0,
+           "(tokens, parents, probs, match_len, left_out): the draft's nodes with a chance of at least min_chance.")
+      .def("accept", &SuffixSession::accept, py::arg("tokens"),
+           "Tokens the target emitted: the calibration learns from the pending draft, the index takes them.")
+      .def("forget_draft", &SuffixSession::forget_draft, "Drop the pending draft unjudged.");
+
   m.def(
       "propose",
       [](const TokenIndex& session, const TokenIndex* shared, int budget, const DraftParams& p,
-         const Calibration* calibration) { return propose(session, shared, budget, p, calibration); },
+         const Calibration* calibration) {
+        Draft d;
+        propose(d, session, shared, budget, p, calibration);
+        return d;
+      },
       py::arg("session"), py::arg("shared").none(true), py::arg("budget"), py::arg("params"),
       py::arg("calibration").none(true) = nullptr,
       "Draft tree continuing the session's tokens, grown by calibrated acceptance chance when a calibration is "

@@ -53,7 +53,7 @@ class AdedDrafter(Drafter):
             before = list(prompt[max(0, len(prompt) - len(new) - self.params.max_order): len(prompt) - len(new)])
             self.state.learn(key, before, new, None, self.params.forget)
 
-    def propose(self, key: SessionKey, budget: int) -> DraftTree:
+    def propose(self, key: SessionKey, budget: int, min_chance: float = 0.0) -> DraftTree:
         session = self.state.sessions.get(key)
         table = self.state.tables.get(key.scope)
         if session is None or table is None or budget <= 0:

@@ -85,8 +85,10 @@ class Drafter(ABC):
         """A new call of the session: ``prompt`` usually extends the last call's history."""
 
     @abstractmethod
-    def propose(self, key: SessionKey, budget: int) -> DraftTree:
-        """A draft tree of at most ``budget`` nodes continuing the session's history."""
+    def propose(self, key: SessionKey, budget: int, min_chance: float = 0.0) -> DraftTree:
+        """A draft tree of at most ``budget`` nodes continuing the session's history. A caller that
+        will cut every node whose acceptance chance is under ``min_chance`` (``MeanBudget``) may say
+        so: a drafter is then free to leave those nodes out (counted in the tree's ``left_out``)."""
 
     @abstractmethod
     def accept(

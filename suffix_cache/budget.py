@@ -43,6 +43,8 @@ class MeanBudget:
         if not probs:
             return tree.truncated(room)
         threshold = self.threshold
+        if min(probs) >= threshold:  # a drafter told the threshold has left out what is under it
+            return tree.truncated(room)
         # Trees grown best first (the suffix drafter's, merged ones) keep their likeliest nodes in
         # front: the nodes above the threshold are a prefix, and any prefix is a tree. A plain loop
         # finds it cheapest (this runs every step; bisect with a key and slices cost 4x as much).

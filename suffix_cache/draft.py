@@ -20,6 +20,8 @@ class DraftTree:
     probs: list[float] = field(default_factory=list)
     # Length of the context match the draft was built from (0 when unknown).
     match_len: int = 0
+    # Nodes the drafter grew but left out, their chance being under the caller's ``min_chance``.
+    left_out: int = 0
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -56,7 +56,7 @@ class PromptLookupDrafter(Drafter):
             self._extend(hist, kept)
         self._extend(hist, prompt[keep:])
 
-    def propose(self, key: SessionKey, budget: int) -> DraftTree:
+    def propose(self, key: SessionKey, budget: int, min_chance: float = 0.0) -> DraftTree:
         hist = self._sessions.get(key)
         if hist is None or budget <= 0:
             return DraftTree()

@@ -71,12 +71,10 @@ class SuffixParams:
 
 @dataclass(slots=True)
 class _Session:
-    index: _core.TokenIndex = field(default_factory=_core.TokenIndex)
-    # The scope's shared state, held here so a step needs no lookups by scope.
-    responses: _core.TokenIndex | None = None
-    calibration: _core.Calibration | None = None
+    # The index, the scope's shared state it drafts with and the pending draft live in the core,
+    # so a step crosses into C++ once to propose and once to accept.
+    core: _core.SuffixSession = field(default_factory=_core.SuffixSession)
     response_start: int = 0
-    pending: _core.Proposal | None = None  # the last draft, until the target's tokens come back
 
 
 class SuffixDrafter(Drafter):
@@ -105,34 +103,28 @@ class SuffixDrafter(Drafter):
 
     def session_tokens(self, key: SessionKey) -> list[int]:
         session = self._sessions.get(key)
-        return session.index.tokens if session else []
+        return session.core.index.tokens if session else []
 
     def begin_call(self, key: SessionKey, prompt: Sequence[int]) -> None:
         session = self._sessions.get(key)
         if session is None:
             session = self._sessions[key] = _Session()
-        session.responses = self.responses(key.scope)
-        session.calibration = self.calibration(key.scope) if self.params.calibrate else None
+        cal = self.calibration(key.scope) if self.params.calibrate else None
+        session.core.bind(self.responses(key.scope), cal, self._core_params)  # drops any pending draft
         # The session's arena holds exactly its history: one sequence, no boundaries.
-        session.index.rebase(prompt if isinstance(prompt, list) else list(prompt))
+        session.core.index.rebase(prompt if isinstance(prompt, list) else list(prompt))
         session.response_start = len(prompt)
-        session.pending = None
 
     def accept(
         self, key: SessionKey, tokens: Sequence[int], stats: Sequence[PositionStats] | None = None
     ) -> None:
-        session = self._sessions[key]
-        tokens = tokens if isinstance(tokens, list) else list(tokens)
-        if session.pending is not None:
-            session.calibration.observe_draft(session.pending, tokens)
-            session.pending = None
-        session.index.extend(tokens)
+        self._sessions[key].core.accept(tokens)
 
     def end_call(self, key: SessionKey) -> None:
         session = self._sessions.get(key)
         if session is None:
             return
-        response = session.index.since(session.response_start)
+        response = session.core.index.since(session.response_start)
         if response:
             self.learn_response(key.scope, response)
 
@@ -169,11 +161,8 @@ class SuffixDrafter(Drafter):
         return True
 
     # -- drafting ----------------------------------------------------------
-    def propose(self, key: SessionKey, budget: int) -> DraftTree:
+    def propose(self, key: SessionKey, budget: int, min_chance: float = 0.0) -> DraftTree:
         session = self._sessions.get(key)
         if session is None or budget <= 0:
             return DraftTree()
-        cal = session.calibration
-        proposal = _core.propose(session.index, session.responses, budget, self._core_params, cal)
-        session.pending = proposal if cal is not None and len(proposal) else None
-        return DraftTree(proposal.tokens, proposal.parents, proposal.probs, proposal.match_len)
+        return DraftTree(*session.core.propose(budget, min_chance))

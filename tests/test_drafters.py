@@ -243,7 +243,7 @@ def test_calibration_counts_nodes_under_a_rejected_ancestor_as_rejected():
     d = SuffixDrafter()
     key = SessionKey(A, "s")
     d.begin_call(key, [1, 2, 3, 4, 9, 1, 2, 5, 6, 9, 1, 2])
-    proposal = _core.propose(d._sessions[key].index, None, 8, d.params.core(), d.calibration(A))
+    proposal = _core.propose(d._sessions[key].core.index, None, 8, d.params.core(), d.calibration(A))
     assert set(proposal.depths) >= {1, 2}
     cal = _core.Calibration()
     cal.observe_draft(proposal, [7])  # the target emitted 7: every node is rejected, at every depth
@@ -289,8 +289,8 @@ def test_lexical_correction_tells_apart_what_the_table_cannot():
     copy = _core.Calibration()
     assert copy.load(d.calibration(A).dump())
     assert copy.dump() == d.calibration(A).dump()
-    again = _core.propose(d._sessions[key].index, None, 8, d.params.core(), copy)
-    before = _core.propose(d._sessions[key].index, None, 8, d.params.core(), d.calibration(A))
+    again = _core.propose(d._sessions[key].core.index, None, 8, d.params.core(), copy)
+    before = _core.propose(d._sessions[key].core.index, None, 8, d.params.core(), d.calibration(A))
     assert list(again.tokens) == list(before.tokens) and list(again.parents) == list(before.parents)
     assert list(again.probs) == pytest.approx(list(before.probs), rel=0.01)
 
@@ -386,3 +386,34 @@ def test_mean_budget_cuts_best_first_and_other_trees_alike():
     assert (cut.token_ids, cut.parents, cut.probs) == ([1, 3], [-1, 0], [0.9, 0.8])
     # Without probabilities every node counts as certain, up to the room left.
     assert budget.cut(DraftTree(list(range(40)), list(range(-1, 39)))).token_ids == list(range(budget.cap))
+
+
+@pytest.mark.parametrize("name", ["suffix", "hybrid"])
+def test_a_drafter_told_the_cut_leaves_out_only_what_the_cut_drops(name):
+    from quickdraft.suffix_cache.budget import MeanBudget
+
+    # Two drafters fed alike, one asked for whole trees, one told the budget's threshold: every
+    # step, the second sends what cutting the first's tree sends, and both keep learning alike
+    # (the calibration judges the whole tree either way).
+    whole, told = make_drafter(name), make_drafter(name)
+    cut_whole, cut_told = MeanBudget(mean=4), MeanBudget(mean=4)
+    body = [5, 6, 7, 8, 9, 10, 11, 12]
+    prompt = body + [1] + body[:2] + [3, 4] + body[:3] + [2] + body[:2]
+    key = SessionKey(A, "s")
+    for d in (whole, told):
+        d.begin_call(key, prompt)
+    left_out = 0
+    for emitted in ([7, 8, 9], [70], [10, 11, 12, 1], [5], [6, 2, 5, 6], [7, 8]):
+        full = whole.propose(key, cut_whole.cap)
+        short = told.propose(key, cut_told.cap, cut_told.threshold)
+        assert short.token_ids == full.token_ids[: len(short)]
+        assert len(short) + short.left_out == len(full)
+        assert all(p >= cut_told.threshold for p in short.probs)
+        left_out += short.left_out
+        a, b = cut_whole.cut(full), cut_told.cut(short)
+        assert (a.token_ids, a.parents, a.probs) == (b.token_ids, b.parents, b.probs)
+        cut_whole.spent(len(a))
+        cut_told.spent(len(b))
+        whole.accept(key, emitted)
+        told.accept(key, emitted)
+    assert left_out > 0
