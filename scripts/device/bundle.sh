@@ -2,13 +2,13 @@
 # Prepare .gpu/ for a benchmark run on a lent GPU machine (the workplace's `device` tool; see README.md here).
 # That machine has Python 3.12 with CUDA torch and transformers but no registry, and each call carries at
 # most 64 MiB: so QuickDraft travels as a cp312 wheel with its missing dependencies, and the 98 MB GGUF in
-# two parts (.gpu/a with call1.sh, .gpu/b with call2.sh); .gpu/c (call3.sh) holds the load levels' traces.
+# two parts (.gpu/a with call1.sh and the load levels' traces, .gpu/b with call2.sh): two calls on one warm machine.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY312=${PY312:-$(ls -d /root/.pyenv/versions/3.12*/bin/python 2>/dev/null | head -1)}
 [ -x "$PY312" ] || { echo "needs a Python 3.12 here to build the cp312 wheel (set PY312)"; exit 1; }
 grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude
-rm -rf .gpu && mkdir -p .gpu/whl .gpu/a/traces .gpu/b/traces .gpu/c/traces
+rm -rf .gpu && mkdir -p .gpu/whl .gpu/a/load_traces .gpu/b/traces
 [ -x /tmp/py312/bin/pip ] || { "$PY312" -m venv /tmp/py312 && /tmp/py312/bin/pip install -q pybind11 setuptools wheel; }
 # The project pins Python 3.11 and the CPU torch; the device brings its own torch on 3.12.
 build=$(mktemp -d) && git ls-files -z | xargs -0 cp --parents -t "$build"
@@ -33,8 +33,9 @@ cp -r "${QUICKDRAFT_CACHE:-$HOME/.cache/quickdraft}/models/smollm2-135m/tokenize
 # The first trajectories by name: `bench e2e --max-calls 20` takes its calls from the first four.
 traces=${TRACES:-../shared/traces/swebench-dev}
 cp $(ls -d "$traces"/*.traj.json | sort | head -6) .gpu/b/traces/
-cp "$traces"/*.traj.json .gpu/c/traces/  # `bench load` cycles through all of them
-cp scripts/device/call1.sh .gpu/a/ && cp scripts/device/call2.sh .gpu/b/ && cp scripts/device/call3.sh .gpu/c/
-du -sh .gpu/a .gpu/b .gpu/c .gpu/whl
-echo "then, on one warm machine: 'bash .gpu/a/call1.sh' carrying .gpu/whl and .gpu/a (about 25 s),"
-echo "'bash .gpu/b/call2.sh' carrying .gpu/b (about 5 min), 'bash .gpu/c/call3.sh' carrying .gpu/c (about 4 min)"
+# `bench load` cycles through these: every sixth trajectory by name (a call carries 64 MiB at most).
+cp $(ls -d "$traces"/*.traj.json | sort | awk 'NR % 6 == 1') .gpu/a/load_traces/
+cp scripts/device/call1.sh .gpu/a/ && cp scripts/device/call2.sh .gpu/b/
+du -sh .gpu/a .gpu/b .gpu/whl
+echo "then, on one warm machine (it goes back 30 s after a call): 'bash .gpu/a/call1.sh' carrying .gpu/whl"
+echo "and .gpu/a (about 25 s), at once 'bash .gpu/b/call2.sh' carrying .gpu/b (at most 9 min)"

