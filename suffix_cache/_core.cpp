@@ -585,7 +585,7 @@ class Calibration {
 
   double estimate(int depth, double raw, int match_len, int kind) const {
     int c = cell(depth, raw, match_len, kind);
-    return (accepted_[c] + kPrior * raw) / (drafted_[c] + kPrior);
+    return (cells_[c].accepted + kPrior * raw) / (cells_[c].drafted + kPrior);
   }
 
   // The table's estimate corrected by the node's lexical features: a logistic
@@ -593,7 +593,7 @@ class Calibration {
   // so it starts as the table and learns only what the table's cells cannot key on.
   double corrected(double base, const Lexical& x) const {
     float w = 0.0f;
-    for (int32_t s : x.slots) w += lexical_[s];
+    for (int32_t s : x.slots) w += slots_[s].weight;
     if (w == 0.0f) return base;  // nothing learned for these slots yet: the table's estimate
     // Single precision is plenty for ranking nodes, and is what keeps this cheap per node.
     float b = std::clamp(static_cast<float>(base), 1e-4f, 1.0f - 1e-4f);
@@ -602,12 +602,13 @@ class Calibration {
 
   void observe(int depth, double raw, int match_len, int kind, bool accepted) {
     int c = cell(depth, raw, match_len, kind);
-    if (drafted_[c] >= kHalveAt) {  // keep adapting: old evidence fades
-      drafted_[c] *= 0.5f;
-      accepted_[c] *= 0.5f;
+    Cell& counts = cells_[c];
+    if (counts.drafted >= kHalveAt) {  // keep adapting: old evidence fades
+      counts.drafted *= 0.5f;
+      counts.accepted *= 0.5f;
     }
-    drafted_[c] += 1.0f;
-    accepted_[c] += accepted ? 1.0f : 0.0f;
+    counts.drafted += 1.0f;
+    counts.accepted += accepted ? 1.0f : 0.0f;
     ++observed_;
   }
 
@@ -646,11 +647,10 @@ class Calibration {
     out.reserve(sizeof(head) + sizeof(observed_) + float_count() * sizeof(uint16_t));
     out.append(reinterpret_cast<const char*>(head), sizeof(head));
     out.append(reinterpret_cast<const char*>(&observed_), sizeof(observed_));
-    for (auto [array, n] : floats(*this))
-      for (size_t i = 0; i < n; ++i) {
-        uint16_t h = to_bf16(array[i]);
-        out.append(reinterpret_cast<const char*>(&h), sizeof(h));
-      }
+    each_float(*this, [&](const float& v) {
+      uint16_t h = to_bf16(v);
+      out.append(reinterpret_cast<const char*>(&h), sizeof(h));
+    });
     return py::bytes(out);
   }
 
@@ -668,16 +668,16 @@ class Calibration {
     if (width == 0 || in.size() != prefix + float_count() * width) return false;
     std::memcpy(&observed_, in.data() + sizeof(head), sizeof(observed_));
     const char* at = in.data() + prefix;
-    for (auto [v, n] : floats(*this))
-      for (size_t i = 0; i < n; ++i, at += width) {
-        if (width == sizeof(float)) {
-          std::memcpy(&v[i], at, sizeof(float));
-        } else {
-          uint16_t h;
-          std::memcpy(&h, at, sizeof(h));
-          v[i] = from_bf16(h);
-        }
+    each_float(*this, [&](float& v) {
+      if (width == sizeof(float)) {
+        std::memcpy(&v, at, sizeof(float));
+      } else {
+        uint16_t h;
+        std::memcpy(&h, at, sizeof(h));
+        v = from_bf16(h);
       }
+      at += width;
+    });
     return true;
   }
 
@@ -698,17 +698,16 @@ class Calibration {
     return f;
   }
 
-  // The learned float arrays as (values, count) in dump order; const for dump, writable for load.
-  template <class Self, class Value = std::conditional_t<std::is_const_v<Self>, const float, float>>
-  static std::array<std::pair<Value*, size_t>, 4> floats(Self& self) {
-    auto field = [](auto& x) { return std::pair<Value*, size_t>(x.data(), x.size()); };
-    return std::array{field(self.drafted_), field(self.accepted_), field(self.lexical_), field(self.sq_)};
+  // Every learned float in dump order (all cells' drafted counts, then their accepted counts,
+  // the slots' weights, then their squared-gradient sums); const for dump, writable for load.
+  template <class Self, class F>
+  static void each_float(Self& self, F&& f) {
+    for (auto& c : self.cells_) f(c.drafted);
+    for (auto& c : self.cells_) f(c.accepted);
+    for (auto& x : self.slots_) f(x.weight);
+    for (auto& x : self.slots_) f(x.sq);
   }
-  size_t float_count() const {
-    size_t count = 0;
-    for (auto [values, n] : floats(*this)) count += n;
-    return count;
-  }
+  static constexpr size_t float_count() { return 2 * (kCells + Lexical::kSlots); }
   static constexpr float kPrior = 2.0f;
   static constexpr float kHalveAt = 4096.0f;
   // Step of the correction's online logistic regression, per slot divided by the root of its
@@ -721,8 +720,9 @@ class Calibration {
   void learn_lexical(double base, const Lexical& x, bool accepted) {
     float g = static_cast<float>((accepted ? 1.0 : 0.0) - corrected(base, x));
     for (int32_t s : x.slots) {
-      sq_[s] = std::min(sq_[s] + g * g, kMaxSquares);
-      lexical_[s] = std::clamp(lexical_[s] + kRate * g / std::sqrt(1.0f + sq_[s]), -kMaxWeight, kMaxWeight);
+      Slot& x = slots_[s];
+      x.sq = std::min(x.sq + g * g, kMaxSquares);
+      x.weight = std::clamp(x.weight + kRate * g / std::sqrt(1.0f + x.sq), -kMaxWeight, kMaxWeight);
     }
   }
 
@@ -741,10 +741,19 @@ class Calibration {
     return ((d * kProbs + p) * kMatches + m) * Support::kKinds + k;
   }
 
-  std::array<float, kCells> drafted_{};
-  std::array<float, kCells> accepted_{};
-  std::array<float, Lexical::kSlots> lexical_{};
-  std::array<float, Lexical::kSlots> sq_{};  // summed squared gradients of each slot
+  // What one lookup reads sits together (a node's estimate reads both counts of its cell, a
+  // correction reads each slot's weight and learns its step size): the tables are larger than
+  // the caches, so each pair costs one miss instead of two.
+  struct Cell {
+    float drafted = 0;
+    float accepted = 0;
+  };
+  struct Slot {
+    float weight = 0;
+    float sq = 0;  // summed squared gradients of the slot
+  };
+  std::array<Cell, kCells> cells_{};
+  std::array<Slot, Lexical::kSlots> slots_{};
   int64_t observed_ = 0;
 };
 

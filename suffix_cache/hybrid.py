@@ -129,7 +129,7 @@ class HybridDrafter(Drafter):
 
     def accept(self, key: SessionKey, tokens: Sequence[int], stats: Sequence[PositionStats] | None = None) -> None:
         self.members[0].accept(key, tokens, stats)
-        step = self._last.pop(key, None)
+        step = self._last.pop(key, None) if self._last else None
         if step is not None:  # the stand-ins drafted this step: calibrate them on its outcome
             for member, tree in zip(self.members[1:], step.trees[1:], strict=False):
                 if tree.token_ids:
