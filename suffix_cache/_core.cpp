@@ -39,6 +39,7 @@ namespace py = pybind11;
 namespace {
 
 constexpr int32_t BOUNDARY = -1;
+const std::vector<int> kDefaultOrders{1, 2, 3, 4, 6, 8, 12, 16};  // n-gram orders of an index
 constexpr uint64_t BASE = 0x9E3779B97F4A7C15ULL;
 
 // Open-addressing map from a nonzero 64-bit key to a non-negative int32 (linear probing,
@@ -253,11 +254,11 @@ class TokenIndex {
                                       int max_match, bool all_orders = false) const {
     std::vector<Occurrence> found;
     found.reserve(static_cast<size_t>(std::max(max_occ, 1)) * (all_orders ? orders_.size() : 1));
-    // Positions a longer order's chain already gave (an 8-token match is on the 4-gram chain too).
     // Working storage kept between queries. One thread-local lookup: references from here on
     // (in a shared library each access to a thread_local is a call).
     thread_local Scratch tls;
     Scratch& scratch = tls;
+    // Positions a longer order's chain already gave (an 8-token match is on the 4-gram chain too).
     PositionSet& seen = scratch.seen;
     seen.start(static_cast<size_t>(std::max(max_occ, 1)) * orders_.size());
     int64_t limit = std::min<int64_t>(ctx_len, max_match);
@@ -720,9 +721,9 @@ class Calibration {
   void learn_lexical(double base, const Lexical& x, bool accepted) {
     float g = static_cast<float>((accepted ? 1.0 : 0.0) - corrected(base, x));
     for (int32_t s : x.slots) {
-      Slot& x = slots_[s];
-      x.sq = std::min(x.sq + g * g, kMaxSquares);
-      x.weight = std::clamp(x.weight + kRate * g / std::sqrt(1.0f + x.sq), -kMaxWeight, kMaxWeight);
+      Slot& slot = slots_[s];
+      slot.sq = std::min(slot.sq + g * g, kMaxSquares);
+      slot.weight = std::clamp(slot.weight + kRate * g / std::sqrt(1.0f + slot.sq), -kMaxWeight, kMaxWeight);
     }
   }
 
@@ -813,7 +814,7 @@ void grow_draft(Draft& draft, const std::vector<Weighted>& occs, int max_depth, 
   // beyond what the best-first growth reaches. Children are made in the order an eager build
   // (each occurrence walked to full depth in turn) would make them, and their weights are summed
   // in the same order, so the tree -- and the draft -- is the same.
-  // Working storage is kept between calls (one set per thread), so a step allocates nothing. One
+  // Working storage is kept between calls (one set per thread); its buffers only grow. One
   // thread-local lookup, then references (the lambdas below would otherwise look it up per use).
   thread_local GrowScratch tls;
   GrowScratch& scratch = tls;
@@ -959,6 +960,7 @@ struct Window {
 };
 
 void window_before(Window& out, const TokenIndex& index, int64_t end, int skip, int w) {
+  w = std::min(w, Window::kMax);
   out.n = 0;
   out.filter = {};
   for (int64_t pos = end - skip; pos > end - skip - w && pos >= index.floor(); --pos) {
@@ -1038,6 +1040,7 @@ class ContextWindows {
 void add_weighted(std::vector<Weighted>& out, const TokenIndex& index, const std::vector<Occurrence>& occs,
                   int longest, double source_weight, const DraftParams& p, ContextWindows* windows) {
   // Occurrences come most recent first within each order; rank them by position instead.
+  constexpr int kMaxGap = 64;  // gaps in match length cached (longer ones are computed each time)
   struct Kept {
     std::vector<Occurrence> sorted;
     std::vector<double> decay_pow;  // length_decay^k, NaN: not computed yet
@@ -1051,7 +1054,7 @@ void add_weighted(std::vector<Weighted>& out, const TokenIndex& index, const std
   // The factors take few distinct values per step: computed once each (the same calls, so the same values).
   std::vector<double>& decay_pow = kept.decay_pow;
   if (kept.decay_of != p.length_decay) {
-    decay_pow.assign(65, std::nan(""));
+    decay_pow.assign(kMaxGap + 1, std::nan(""));
     kept.decay_of = p.length_decay;
   }
   double recency = 1.0;
@@ -1219,7 +1222,7 @@ class SuffixSession {
  public:
   TokenIndex index;
 
-  SuffixSession() : index(std::vector<int>{1, 2, 3, 4, 6, 8, 12, 16}) {}
+  SuffixSession() : index(kDefaultOrders) {}
 
   // The scope's shared state and the drafting parameters (the Python objects are kept alive here).
   void bind(py::object responses, py::object calibration, const DraftParams& params) {
@@ -1254,7 +1257,6 @@ class SuffixSession {
     index.extend(tokens);
   }
 
-  void forget_draft() { has_pending_ = false; }
 
  private:
   py::object responses_ref_, calibration_ref_;
@@ -1290,7 +1292,7 @@ PYBIND11_MODULE(_core, m) {
       .def_readwrite("resync_min", &DraftParams::resync_min);
 
   py::class_<TokenIndex>(m, "TokenIndex")
-      .def(py::init<std::vector<int>>(), py::arg("orders") = std::vector<int>{1, 2, 3, 4, 6, 8, 12, 16})
+      .def(py::init<std::vector<int>>(), py::arg("orders") = kDefaultOrders)
       .def("__len__", &TokenIndex::size)
       .def_property_readonly("floor", &TokenIndex::floor)
       .def_property_readonly("live_tokens", &TokenIndex::live_tokens)
@@ -1419,8 +1421,7 @@ PYBIND11_MODULE(_core, m) {
       .def("propose", &SuffixSession::propose, py::arg("budget"), py::arg("min_chance") = 0.0,
            "(tokens, parents, probs, match_len, left_out): the draft's nodes with a chance of at least min_chance.")
       .def("accept", &SuffixSession::accept, py::arg("tokens"),
-           "Tokens the target emitted: the calibration learns from the pending draft, the index takes them.")
-      .def("forget_draft", &SuffixSession::forget_draft, "Drop the pending draft unjudged.");
+           "Tokens the target emitted: the calibration learns from the pending draft, the index takes them.");
 
   m.def(
       "propose",

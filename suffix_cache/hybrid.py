@@ -111,13 +111,14 @@ class HybridDrafter(Drafter):
     def propose(self, key: SessionKey, budget: int, min_chance: float = 0.0) -> DraftTree:
         if budget <= 0:
             return DraftTree()
-        # The leader's nodes under min_chance would be cut after the merge too (a node the stand-ins
-        # share keeps the higher chance): it may leave them out, but they count for the rule below.
+        # The leader may leave out its nodes under min_chance, but they count for the rule below.
         leader = self.members[0].propose(key, budget, min_chance)
         if len(leader) + leader.left_out >= self.fill_below or len(self.members) == 1:
             if self._last:
                 self._last.pop(key, None)
             return leader
+        if leader.left_out:  # merge the whole tree, as ties in the merge are broken by node order
+            leader = self.members[0].propose(key, budget)
         self._catch_up(key, learn=False)
         trees = [leader, *(m.propose(key, budget) for m in self.members[1:])]
         self._last[key] = _Step(trees)
