@@ -351,6 +351,8 @@ def bench(
     model: Annotated[str, typer.Option(help="forward, prefill, e2e: model to measure")] = "smollm2-135m",
     threads: Annotated[int, typer.Option(help="forward, prefill, e2e: torch CPU threads (0: default)")] = 0,
     prefill_tokens: Annotated[int, typer.Option(help="prefill: prompt length (capped at the model's context)")] = 8192,
+    prefill_chunk: Annotated[int, typer.Option(
+        help="prefill: tokens per chunk (0: the worker's own chunk size)", min=0)] = 0,
     device: Annotated[str, typer.Option(help="e2e: worker device (auto, cpu, cuda)")] = "auto",
     max_calls: Annotated[int, typer.Option(help="e2e: calls per text")] = 20,
     max_new_tokens: Annotated[int, typer.Option(help="e2e, load: completion budget per call")] = 128,
@@ -447,7 +449,10 @@ def bench(
             torch.set_num_threads(threads)
         loaded = load_model(model)
         tokens = min(prefill_tokens, loaded.model.config.max_position_embeddings)
-        result = measure_prefill(loaded.model, tokens, bf16=loaded.invariant_linears > 0)
+        from quickdraft.bench.prefill_cost import PREFILL_CHUNK
+
+        result = measure_prefill(loaded.model, tokens, chunk=prefill_chunk or PREFILL_CHUNK,
+                                 bf16=loaded.invariant_linears > 0)
         table = Table("path", "seconds (median)", "per 1k tokens")
         rows = [("masked SDPA", "masked_s"), ("two-pass, fp32", "two_pass_s"), ("two-pass, bf16 products", "bf16_s")]
         for path, key in rows:

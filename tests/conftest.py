@@ -44,6 +44,22 @@ def trace_files(n: int) -> list[pathlib.Path]:
     return files[:n]
 
 
+def trimmed_trace(directory: pathlib.Path, chars: int = 600) -> pathlib.Path:
+    """The first dev trajectory with every message cut to ``chars`` characters: the same calls, turns
+    and copying between them, with prompts a tenth as long (on a 2-core CPU without AVX-512 the real
+    model prefills about 150 tokens a second, and full prompts made a live replay take minutes)."""
+    import json
+
+    source = trace_files(1)[0]
+    data = json.loads(source.read_text())
+    for message in data["messages"]:
+        if isinstance(message.get("content"), str):
+            message["content"] = message["content"][:chars]
+    target = directory / f"trimmed-{source.name}"
+    target.write_text(json.dumps(data))
+    return target
+
+
 def start(args: list[str], log: pathlib.Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     handle = log.open("a")
     return subprocess.Popen([sys.executable, "-m", "quickdraft", *args], stdout=handle, stderr=subprocess.STDOUT,
