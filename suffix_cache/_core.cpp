@@ -585,8 +585,16 @@ class Calibration {
   static constexpr int kCells = kDepths * kProbs * kMatches * Support::kKinds;
 
   double estimate(int depth, double raw, int match_len, int kind) const {
-    int c = cell(depth, raw, match_len, kind);
+    return estimate_at(cell(depth, raw, match_len, kind), raw);
+  }
+  double estimate_at(int c, double raw) const {
     return (cells_[c].accepted + kPrior * raw) / (cells_[c].drafted + kPrior);
+  }
+  // Ask for what estimate_at(c, ...) and corrected(..., x) will read: the tables are larger than
+  // the caches, and a node's siblings are judged together, so their misses can overlap.
+  void prefetch(int c, const Lexical& x) const {
+    __builtin_prefetch(&cells_[c]);
+    for (int32_t s : x.slots) __builtin_prefetch(&slots_[s]);
   }
 
   // The table's estimate corrected by the node's lexical features: a logistic
@@ -637,6 +645,7 @@ class Calibration {
   }
 
   int64_t observed() const { return observed_; }
+  static int cell_of(int depth, double raw, int match_len, int kind) { return cell(depth, raw, match_len, kind); }
 
   // The learned state as bytes (a header names the layout), so a restarted or new
   // replica can start from what another one learned. Every float is stored in 16 bits
@@ -797,6 +806,14 @@ struct GrowScratch {
   std::vector<int32_t> pool, child_of, fill;
   std::vector<Considered> considered;
   std::vector<Item> heap;
+  struct Child {  // a child being judged: what its lookups need, worked out before any is read
+    int32_t node;
+    int32_t kind;
+    int32_t cell;
+    double raw;
+    Lexical lexical;
+  };
+  std::vector<Child> children;
 };
 
 // Frequency tree of the occurrences' continuations, expanded best first by
@@ -876,6 +893,7 @@ void grow_draft(Draft& draft, const std::vector<Weighted>& occs, int max_depth, 
   int32_t before_root = session != nullptr && session->size() > 0 ? session->at(session->size() - 1) : BOUNDARY;
   std::vector<GrowScratch::Item>& heap = scratch.heap;  // a max-heap (std::push_heap / pop_heap)
   heap.clear();
+  std::vector<GrowScratch::Child>& children = scratch.children;
   auto push_children = [&](int32_t node, int32_t parent, double parent_prob, double parent_raw, int32_t depth) {
     if (depth > max_depth) return;
     expand(node, depth);
@@ -888,6 +906,9 @@ void grow_draft(Draft& draft, const std::vector<Weighted>& occs, int max_depth, 
     }
     if (total <= 0) return;
     int32_t before = node == 0 ? before_root : trie[node].token;
+    // Two passes: the first works out every child's calibration cell and lexical slots and asks
+    // for them, the second reads them (one child's misses no longer wait for the previous one's).
+    children.clear();
     for (int32_t c = trie[node].first_child; c >= 0; c = trie[c].next_sibling) {
       double raw = parent_raw * trie[c].weight / total;
       Support& sup = support[c];
@@ -898,17 +919,26 @@ void grow_draft(Draft& draft, const std::vector<Weighted>& occs, int max_depth, 
         if (last >= 0) sup.token_back = session->size() - 1 - last;
       }
       int kind = sup.kind();
-      double base = raw, p = raw;
-      Lexical lexical;
+      GrowScratch::Child& child = children.emplace_back();
+      child.node = c;
+      child.kind = kind;
+      child.raw = raw;
       if (cal != nullptr) {
-        base = cal->estimate(depth, raw, match_len, kind);
-        lexical = Lexical::of(depth, siblings, trie[c].weight >= heaviest, trie[c].token, before, match_len);
-        p = std::min(parent_prob, cal->corrected(base, lexical));
+        child.cell = Calibration::cell_of(depth, raw, match_len, kind);
+        child.lexical = Lexical::of(depth, siblings, trie[c].weight >= heaviest, trie[c].token, before, match_len);
+        cal->prefetch(child.cell, child.lexical);
+      }
+    }
+    for (const GrowScratch::Child& child : children) {
+      double base = child.raw, p = child.raw;
+      if (cal != nullptr) {
+        base = cal->estimate_at(child.cell, child.raw);
+        p = std::min(parent_prob, cal->corrected(base, child.lexical));
       }
       if (p < min_prob) continue;
       heap.push_back({p, static_cast<int32_t>(considered.size())});
       std::push_heap(heap.begin(), heap.end());
-      considered.push_back({raw, base, lexical, c, parent, depth, kind});
+      considered.push_back({child.raw, base, child.lexical, child.node, parent, depth, child.kind});
     }
   };
   push_children(0, -1, 1.0, 1.0, 1);
