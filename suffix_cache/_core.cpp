@@ -41,6 +41,7 @@ namespace {
 constexpr int32_t BOUNDARY = -1;
 const std::vector<int> kDefaultOrders{1, 2, 3, 4, 6, 8, 12, 16};  // n-gram orders of an index
 constexpr uint64_t BASE = 0x9E3779B97F4A7C15ULL;
+constexpr size_t kMaxOrders = 16;  // orders whose chain heads one push asks for ahead
 
 // Open-addressing map from a nonzero 64-bit key to a non-negative int32 (linear probing,
 // backward-shift deletion so erase leaves no tombstones). A key and its value sit
@@ -66,6 +67,9 @@ class FlatMap {
   }
 
   void put(uint64_t key, int32_t value) { exchange(key, value); }
+
+  // Ask for the key's home slot ahead of a find or exchange (the tables outgrow the caches).
+  void prefetch(uint64_t key) const { __builtin_prefetch(&slots_[slot(key)]); }
 
   // Set the key's value; returns the value it replaces, or -1 if the key was absent
   // (one probe where a find and a put would take two).
@@ -362,13 +366,22 @@ class TokenIndex {
       return;
     }
     int64_t avail = pos - seq_start_ + 1;
+    // Every order's chain head is a miss in its own table: ask for all of them before using any.
+    uint64_t keys[kMaxOrders];
+    const size_t n = std::min(orders_.size(), kMaxOrders);
+    for (size_t oi = 0; oi < n; ++oi) {
+      if (orders_[oi] > avail) continue;
+      keys[oi] = gram_hash(pos, orders_[oi]);
+      heads_[oi].prefetch(keys[oi]);
+    }
     for (size_t oi = 0; oi < orders_.size(); ++oi) {
       int order = orders_[oi];
       if (order > avail) {
         prev_[oi].push_back(-1);
         continue;
       }
-      prev_[oi].push_back(heads_[oi].exchange(gram_hash(pos, order), static_cast<int32_t>(pos)));
+      uint64_t key = oi < n ? keys[oi] : gram_hash(pos, order);
+      prev_[oi].push_back(heads_[oi].exchange(key, static_cast<int32_t>(pos)));
     }
   }
 
