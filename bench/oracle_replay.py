@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 
 from quickdraft.bench.traces import tokenized_calls, trajectory_files, trajectory_name
 from quickdraft.catalog import load_tokenizer, tokenizer_id
-from quickdraft.suffix_cache.base import Drafter, Scope, SessionKey, export_states, import_states
+from quickdraft.suffix_cache.base import Drafter, Scope, SessionKey, export_states, import_states, takes_min_chance
 from quickdraft.suffix_cache.budget import MeanBudget
 from quickdraft.suffix_cache.draft import DraftTree
 from quickdraft.suffix_cache.registry import make_drafter
@@ -125,6 +125,9 @@ def replay_oracle(
     allot = None if fixed_budget else MeanBudget(mean=budget)
     ask = budget if allot is None else allot.cap
     shared = _SharedLogThread(redis_url, drafter) if redis_url else None
+    # Tell the drafter the budget's threshold, unless on_step wants the whole offer (or the drafter
+    # predates the argument).
+    tell_threshold = allot is not None and on_step is None and takes_min_chance(drafter)
     calls = steps = out = accepted = drafted = 0
     draft_s = prepare_s = 0.0
     # What is loaded by now (tokenizer, torch, transformers) lives for the whole run: keep it out
@@ -152,10 +155,11 @@ def replay_oracle(
                 done = 0
                 while done < len(response):
                     t0 = time.perf_counter()
-                    # The budget cuts nodes under its threshold: the drafter need not hand them over,
-                    # unless on_step wants to see the whole offer.
-                    min_chance = allot.threshold if allot is not None and on_step is None else 0.0
-                    offered = tree = drafter.propose(key, ask, min_chance)
+                    # The budget cuts nodes under its threshold: the drafter need not hand them over.
+                    if tell_threshold:
+                        offered = tree = drafter.propose(key, ask, allot.threshold)
+                    else:
+                        offered = tree = drafter.propose(key, ask)
                     if allot is not None:
                         tree = allot.cut(tree)
                         allot.spent(len(tree))

@@ -12,6 +12,7 @@ never matched against another's.
 
 from __future__ import annotations
 
+import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -130,6 +131,16 @@ class Drafter(ABC):
         """Start the scope from ``export_state``'s bytes (another replica's, or a previous run's);
         False if they are not this drafter's (the drafter then keeps what it has)."""
         return False
+
+
+def takes_min_chance(drafter: Drafter) -> bool:
+    """Whether ``drafter.propose`` takes ``min_chance`` (a drafter written against the older,
+    two-argument interface is still called the old way)."""
+    try:
+        params = inspect.signature(drafter.propose).parameters
+    except (TypeError, ValueError):
+        return False
+    return len(params) >= 3 or any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params.values())
 
 
 def export_states(drafters: Mapping[str, Drafter], scope: Scope) -> dict[str, bytes]:

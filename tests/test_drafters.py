@@ -417,3 +417,20 @@ def test_a_drafter_told_the_cut_leaves_out_only_what_the_cut_drops(name):
         whole.accept(key, emitted)
         told.accept(key, emitted)
     assert left_out > 0
+
+
+def test_oracle_replay_still_calls_a_drafter_written_for_the_two_argument_propose():
+    from conftest import trace_files
+
+    from quickdraft.bench.oracle_replay import replay_oracle
+    from quickdraft.suffix_cache.base import takes_min_chance
+
+    class OldStyle(PromptLookupDrafter):  # a third-party drafter that predates min_chance
+        def propose(self, key, budget):
+            return super().propose(key, budget)
+
+    assert takes_min_chance(make_drafter("suffix")) and not takes_min_chance(OldStyle())
+    file = trace_files(1)[0]
+    old = replay_oracle([file], "pld", drafter=OldStyle(), progress=False)
+    new = replay_oracle([file], "pld", progress=False)
+    assert old.steps > 0 and old.tokens_per_step == new.tokens_per_step
