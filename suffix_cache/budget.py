@@ -15,8 +15,8 @@ what it drafts, up to the cap.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+from math import exp as _exp
 
 from quickdraft.suffix_cache.draft import DraftTree
 
@@ -37,14 +37,20 @@ class MeanBudget:
 
     def cut(self, tree: DraftTree) -> DraftTree:
         """The nodes of ``tree`` worth sending this step (a tree again: a node's parent is kept first)."""
+        # This runs every step, in Python: `cap` is worked out inline (the property call alone cost
+        # 0.4 us on the dev machine), and the common cases return before any loop.
+        cap = int(self.cap_factor * self.mean)
+        if cap < 1:
+            cap = 1
         # Never run more than one cap ahead of the budget, whatever the threshold says.
-        room = max(0, min(self.cap, int(self.mean * (self.steps + 1) + self.cap) - self.sent))
+        room = min(cap, int(self.mean * (self.steps + 1) + cap) - self.sent)
+        if room < 0:
+            room = 0
         probs = tree.probs
-        if not probs:
-            return tree.truncated(room)
         threshold = self.threshold
-        if min(probs) >= threshold:  # a drafter told the threshold has left out what is under it
-            return tree.truncated(room)
+        # Nothing drafted, or a drafter told the threshold has left out what is under it.
+        if not probs or min(probs) >= threshold:
+            return tree if len(tree.token_ids) <= room else tree.truncated(room)
         # Trees grown best first (the suffix drafter's, merged ones) keep their likeliest nodes in
         # front: the nodes above the threshold are a prefix, and any prefix is a tree. A plain loop
         # finds it cheapest (this runs every step; bisect with a key and slices cost 4x as much).
@@ -73,5 +79,5 @@ class MeanBudget:
         self.steps += 1
         self.sent += nodes
         target = 0.99 * self.mean
-        self.threshold *= math.exp(self.rate * (nodes - target) / target)
-        self.threshold = min(max(self.threshold, 1e-4), 1.0)
+        t = self.threshold * _exp(self.rate * (nodes - target) / target)
+        self.threshold = 1e-4 if t < 1e-4 else 1.0 if t > 1.0 else t

@@ -113,7 +113,7 @@ class HybridDrafter(Drafter):
             return DraftTree()
         # The leader may leave out its nodes under min_chance, but they count for the rule below.
         leader = self.members[0].propose(key, budget, min_chance)
-        if len(leader) + leader.left_out >= self.fill_below or len(self.members) == 1:
+        if len(leader.token_ids) + leader.left_out >= self.fill_below or len(self.members) == 1:
             if self._last:
                 self._last.pop(key, None)
             return leader
