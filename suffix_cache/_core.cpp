@@ -1100,6 +1100,17 @@ void add_weighted(std::vector<Weighted>& out, const TokenIndex& index, const std
     decay_pow.assign(kMaxGap + 1, std::nan(""));
     kept.decay_of = p.length_decay;
   }
+  if (windows != nullptr) {
+    // Each occurrence's context window is read below, mostly from lines no cache holds: ask for
+    // every window's first and last line before comparing any.
+    const int32_t* toks = index.tokens().data();
+    for (const auto& o : sorted) {
+      int64_t last = o.end - o.match_len, first = std::max(index.floor(), last - p.context_window + 1);
+      if (last < index.floor()) continue;
+      __builtin_prefetch(toks + last);
+      __builtin_prefetch(toks + first);
+    }
+  }
   double recency = 1.0;
   for (const auto& o : sorted) {
     double w = source_weight * recency;
