@@ -279,8 +279,17 @@ class TokenIndex {
       ahead.assign(static_cast<size_t>(n_orders) * kAhead, -1);
       ahead_count.assign(n_orders, 0);
       cursor.assign(n_orders, -1);
+      // The chain heads first: one miss per order's table, all asked for before any is read.
+      uint64_t keys[kMaxOrders];
+      const int n_keys = std::min(n_orders, static_cast<int>(kMaxOrders));
+      for (int oi = 0; oi < n_keys; ++oi)
+        if (orders_[oi] <= limit) {
+          keys[oi] = hash_of(ctx + ctx_len - orders_[oi], orders_[oi]);
+          heads_[oi].prefetch(keys[oi]);
+        }
       for (int oi = 0; oi < n_orders; ++oi)
-        if (orders_[oi] <= limit) cursor[oi] = heads_[oi].find(hash_of(ctx + ctx_len - orders_[oi], orders_[oi]));
+        if (orders_[oi] <= limit)
+          cursor[oi] = heads_[oi].find(oi < n_keys ? keys[oi] : hash_of(ctx + ctx_len - orders_[oi], orders_[oi]));
       for (int step = 0; step < kAhead; ++step) {
         bool any = false;
         for (int oi = 0; oi < n_orders; ++oi) {
