@@ -157,7 +157,7 @@ def replay_oracle(
                     t0 = time.perf_counter()
                     # The budget cuts nodes under its threshold: the drafter need not hand them over.
                     if tell_threshold:
-                        offered = tree = drafter.propose(key, ask, allot.threshold)
+                        offered = tree = drafter.propose(key, ask, min_chance=allot.threshold)
                     else:
                         offered = tree = drafter.propose(key, ask)
                     if allot is not None:

@@ -134,13 +134,16 @@ class Drafter(ABC):
 
 
 def takes_min_chance(drafter: Drafter) -> bool:
-    """Whether ``drafter.propose`` takes ``min_chance`` (a drafter written against the older,
-    two-argument interface is still called the old way)."""
+    """Whether ``drafter.propose`` takes ``min_chance`` by that name (callers then pass it as a
+    keyword; a drafter written against the older, two-argument interface is called the old way)."""
     try:
         params = inspect.signature(drafter.propose).parameters
     except (TypeError, ValueError):
         return False
-    return len(params) >= 3 or any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params.values())
+    named = params.get("min_chance")
+    if named is not None:
+        return named.kind is not inspect.Parameter.POSITIONAL_ONLY
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 def export_states(drafters: Mapping[str, Drafter], scope: Scope) -> dict[str, bytes]:

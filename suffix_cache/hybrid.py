@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 
 from quickdraft.suffix_cache import _core
 from quickdraft.suffix_cache.aded import AdedDrafter
-from quickdraft.suffix_cache.base import AcceptedRun, Drafter, PositionStats, Scope, SessionKey
+from quickdraft.suffix_cache.base import AcceptedRun, Drafter, PositionStats, Scope, SessionKey, takes_min_chance
 from quickdraft.suffix_cache.draft import DraftTree
 from quickdraft.suffix_cache.stand import StandDrafter
 from quickdraft.suffix_cache.suffix import SuffixDrafter
@@ -81,6 +81,7 @@ class HybridDrafter(Drafter):
     def __init__(self, members: Sequence[Drafter] | None = None, fill_below: int = 2) -> None:
         self.members: list[Drafter] = list(members) if members else [SuffixDrafter(), StandDrafter(), AdedDrafter()]
         self.fill_below = fill_below  # the others are asked when the leader's tree has fewer nodes
+        self._lead_cuts = takes_min_chance(self.members[0])  # a leader may predate min_chance
         self._calibration: dict[tuple[Scope, str], Calibration] = {}
         self._last: dict[SessionKey, _Step] = {}
         self._backlog: dict[SessionKey, AcceptedRun] = {}  # accepted, not yet handed to the stand-ins
@@ -112,7 +113,8 @@ class HybridDrafter(Drafter):
         if budget <= 0:
             return DraftTree()
         # The leader may leave out its nodes under min_chance, but they count for the rule below.
-        leader = self.members[0].propose(key, budget, min_chance)
+        lead = self.members[0]
+        leader = lead.propose(key, budget, min_chance=min_chance) if self._lead_cuts else lead.propose(key, budget)
         if len(leader.token_ids) + leader.left_out >= self.fill_below or len(self.members) == 1:
             if self._last:
                 self._last.pop(key, None)

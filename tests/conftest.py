@@ -50,13 +50,12 @@ def trimmed_trace(directory: pathlib.Path, chars: int = 600) -> pathlib.Path:
     model prefills about 150 tokens a second, and full prompts made a live replay take minutes)."""
     import json
 
+    from quickdraft.bench.traces import trajectory_messages
+
     source = trace_files(1)[0]
-    data = json.loads(source.read_text())
-    for message in data["messages"]:
-        if isinstance(message.get("content"), str):
-            message["content"] = message["content"][:chars]
+    messages = [{"role": m["role"], "content": m["content"][:chars]} for m in trajectory_messages(source)]
     target = directory / f"trimmed-{source.name}"
-    target.write_text(json.dumps(data))
+    target.write_text(json.dumps({"messages": messages}))
     return target
 
 

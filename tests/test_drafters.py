@@ -429,8 +429,22 @@ def test_oracle_replay_still_calls_a_drafter_written_for_the_two_argument_propos
         def propose(self, key, budget):
             return super().propose(key, budget)
 
-    assert takes_min_chance(make_drafter("suffix")) and not takes_min_chance(OldStyle())
+    class KeywordOnly(PromptLookupDrafter):
+        def propose(self, key, budget, *, min_chance=0.0):
+            return super().propose(key, budget)
+
+    class OtherThird(PromptLookupDrafter):  # a third argument that is not the threshold
+        def propose(self, key, budget, verbose=False):
+            return super().propose(key, budget)
+
+    assert all(takes_min_chance(make_drafter(name)) for name in DRAFTERS)
+    assert takes_min_chance(KeywordOnly()) and not takes_min_chance(OldStyle())
+    assert not takes_min_chance(OtherThird())
     file = trace_files(1)[0]
     old = replay_oracle([file], "pld", drafter=OldStyle(), progress=False)
     new = replay_oracle([file], "pld", progress=False)
     assert old.steps > 0 and old.tokens_per_step == new.tokens_per_step
+    # A hybrid led by such a drafter asks it the old way too.
+    from quickdraft.suffix_cache.hybrid import HybridDrafter
+
+    assert replay_oracle([file], "hybrid", drafter=HybridDrafter([OldStyle()]), progress=False).steps == old.steps
