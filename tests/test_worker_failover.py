@@ -21,7 +21,7 @@ QUESTION = [{"role": "user", "content": "Write a short story about a lighthouse 
 
 
 def long_prompt(topic: str) -> list[dict[str, str]]:
-    lines = "\n".join(f"line {i}: {topic}_value_{i} = compute({i}) + offset_{i % 7}" for i in range(70))
+    lines = "\n".join(f"line {i}: {topic}_value_{i} = compute({i}) + offset_{i % 7}" for i in range(35))
     return [{"role": "user", "content": f"Here is a file about {topic}:\n{lines}\nWhat does line 3 compute?"}]
 
 
