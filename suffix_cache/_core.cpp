@@ -41,7 +41,6 @@ namespace {
 constexpr int32_t BOUNDARY = -1;
 const std::vector<int> kDefaultOrders{1, 2, 3, 4, 6, 8, 12, 16};  // n-gram orders of an index
 constexpr uint64_t BASE = 0x9E3779B97F4A7C15ULL;
-constexpr size_t kMaxOrders = 16;  // orders whose chain heads one push asks for ahead
 
 // Open-addressing map from a nonzero 64-bit key to a non-negative int32 (linear probing,
 // backward-shift deletion so erase leaves no tombstones). A key and its value sit
@@ -205,6 +204,7 @@ class TokenIndex {
     for (int k = 1; k <= max_order; ++k) pow_[k] = pow_[k - 1] * BASE;
     heads_.resize(orders_.size());
     prev_.resize(orders_.size());
+    push_keys_.resize(orders_.size());
     hash_.push_back(0);
   }
 
@@ -280,16 +280,15 @@ class TokenIndex {
       ahead_count.assign(n_orders, 0);
       cursor.assign(n_orders, -1);
       // The chain heads first: one miss per order's table, all asked for before any is read.
-      uint64_t keys[kMaxOrders];
-      const int n_keys = std::min(n_orders, static_cast<int>(kMaxOrders));
-      for (int oi = 0; oi < n_keys; ++oi)
+      std::vector<uint64_t>& keys = scratch.keys;
+      keys.resize(n_orders);
+      for (int oi = 0; oi < n_orders; ++oi)
         if (orders_[oi] <= limit) {
           keys[oi] = hash_of(ctx + ctx_len - orders_[oi], orders_[oi]);
           heads_[oi].prefetch(keys[oi]);
         }
       for (int oi = 0; oi < n_orders; ++oi)
-        if (orders_[oi] <= limit)
-          cursor[oi] = heads_[oi].find(oi < n_keys ? keys[oi] : hash_of(ctx + ctx_len - orders_[oi], orders_[oi]));
+        if (orders_[oi] <= limit) cursor[oi] = heads_[oi].find(keys[oi]);
       for (int step = 0; step < kAhead; ++step) {
         bool any = false;
         for (int oi = 0; oi < n_orders; ++oi) {
@@ -376,21 +375,17 @@ class TokenIndex {
     }
     int64_t avail = pos - seq_start_ + 1;
     // Every order's chain head is a miss in its own table: ask for all of them before using any.
-    uint64_t keys[kMaxOrders];
-    const size_t n = std::min(orders_.size(), kMaxOrders);
-    for (size_t oi = 0; oi < n; ++oi) {
+    for (size_t oi = 0; oi < orders_.size(); ++oi) {
       if (orders_[oi] > avail) continue;
-      keys[oi] = gram_hash(pos, orders_[oi]);
-      heads_[oi].prefetch(keys[oi]);
+      push_keys_[oi] = gram_hash(pos, orders_[oi]);
+      heads_[oi].prefetch(push_keys_[oi]);
     }
     for (size_t oi = 0; oi < orders_.size(); ++oi) {
-      int order = orders_[oi];
-      if (order > avail) {
+      if (orders_[oi] > avail) {
         prev_[oi].push_back(-1);
         continue;
       }
-      uint64_t key = oi < n ? keys[oi] : gram_hash(pos, order);
-      prev_[oi].push_back(heads_[oi].exchange(key, static_cast<int32_t>(pos)));
+      prev_[oi].push_back(heads_[oi].exchange(push_keys_[oi], static_cast<int32_t>(pos)));
     }
   }
 
@@ -447,6 +442,7 @@ class TokenIndex {
     PositionSet seen;
     std::vector<int32_t> ahead, cursor;
     std::vector<int> ahead_count;
+    std::vector<uint64_t> keys;  // each order's chain-head key
   };
 
   std::vector<int> orders_;
@@ -455,6 +451,7 @@ class TokenIndex {
   std::vector<uint64_t> hash_;  // hash_[i]: rolling hash of toks_[0, i)
   std::vector<std::vector<int32_t>> prev_;
   std::vector<FlatMap> heads_;
+  std::vector<uint64_t> push_keys_;  // a push's chain-head key per order
   int64_t floor_ = 0;
   int64_t seq_start_ = 0;
 };
@@ -1160,7 +1157,7 @@ void propose_merged(Draft& out, const TokenIndex& session, const TokenIndex* sha
   thread_local std::vector<Weighted> kept_weighted;
   std::vector<Weighted>& weighted = kept_weighted;
   weighted.clear();
-  int w = std::clamp(p.context_window, 0, 64);
+  int w = std::clamp(p.context_window, 0, Window::kMax);
   ContextWindows windows{session, w};
   ContextWindows* win = w > 0 ? &windows : nullptr;
   add_weighted(weighted, session, own, longest, 1.0, p, win);
@@ -1319,7 +1316,6 @@ class SuffixSession {
     }
     index.extend(tokens);
   }
-
 
  private:
   py::object responses_ref_, calibration_ref_;

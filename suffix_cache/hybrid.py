@@ -120,7 +120,7 @@ class HybridDrafter(Drafter):
                 self._last.pop(key, None)
             return leader
         if leader.left_out:  # merge the whole tree, as ties in the merge are broken by node order
-            leader = self.members[0].propose(key, budget)
+            leader = lead.propose(key, budget)
         self._catch_up(key, learn=False)
         trees = [leader, *(m.propose(key, budget) for m in self.members[1:])]
         self._last[key] = _Step(trees)
