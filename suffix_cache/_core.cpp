@@ -1291,7 +1291,7 @@ class SuffixSession {
     responses_ = responses.is_none() ? nullptr : responses.cast<TokenIndex*>();
     calibration_ = calibration.is_none() ? nullptr : calibration.cast<Calibration*>();
     params_ = params;
-    has_pending_ = false;
+    has_pending_ = has_offer_ = false;
   }
 
   // (tokens, parents, probs, match_len, left_out): the draft's nodes whose acceptance chance is at
@@ -1304,12 +1304,24 @@ class SuffixSession {
     size_t n = d.tokens.size(), k = 0;
     while (k < n && d.probs[k] >= min_chance) ++k;
     has_pending_ = calibration_ != nullptr && n > 0;
+    has_offer_ = true;
     return py::make_tuple(list_of(d.tokens, k), list_of(d.parents, k), list_of(d.probs, k), d.match_len, n - k);
+  }
+
+  // (tokens, parents, probs, match_len) of the whole tree the last propose grew, nodes under its
+  // min_chance included (None once tokens were accepted after it): a caller that needs the nodes
+  // it was spared need not grow the tree again.
+  py::object offered() const {
+    if (!has_offer_) return py::none();
+    size_t n = pending_.tokens.size();
+    return py::make_tuple(list_of(pending_.tokens, n), list_of(pending_.parents, n), list_of(pending_.probs, n),
+                          pending_.match_len);
   }
 
   // The tokens the target emitted after the last draft: the calibration learns from the draft, the
   // index takes the tokens.
   void accept(const std::vector<int32_t>& tokens) {
+    has_offer_ = false;
     if (has_pending_) {
       calibration_->observe_draft(pending_, tokens);
       has_pending_ = false;
@@ -1323,7 +1335,8 @@ class SuffixSession {
   Calibration* calibration_ = nullptr;
   DraftParams params_;
   Draft pending_;
-  bool has_pending_ = false;
+  bool has_pending_ = false;  // the calibration has yet to judge pending_
+  bool has_offer_ = false;    // pending_ is the tree of the last propose, nothing accepted since
 };
 
 }  // namespace
@@ -1479,6 +1492,8 @@ PYBIND11_MODULE(_core, m) {
            py::arg("params"), "Draft with this scope's response index and calibration (either may be None).")
       .def("propose", &SuffixSession::propose, py::arg("budget"), py::arg("min_chance") = 0.0,
            "(tokens, parents, probs, match_len, left_out): the draft's nodes with a chance of at least min_chance.")
+      .def("offered", &SuffixSession::offered,
+           "(tokens, parents, probs, match_len) of the last propose's whole tree, or None once tokens were accepted.")
       .def("accept", &SuffixSession::accept, py::arg("tokens"),
            "Tokens the target emitted: the calibration learns from the pending draft, the index takes them.");
 

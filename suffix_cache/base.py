@@ -105,6 +105,12 @@ class Drafter(ABC):
     def drop_session(self, key: SessionKey) -> None:
         """Forget the session's own state (scope-wide learning stays)."""
 
+    def offered(self, key: SessionKey) -> DraftTree | None:
+        """The whole tree the last ``propose`` grew for the session, nodes it left out under
+        ``min_chance`` included, or None (nothing proposed since the last ``accept``, or a drafter
+        that does not keep it): a caller that needs those nodes after all need not ask again."""
+        return None
+
     def follow(self, key: SessionKey, tokens: Sequence[int], stats: Sequence[PositionStats] | None = None) -> None:
         """Like ``accept``, but the learning may wait for ``flush`` (or the call's end): the context
         moves past ``tokens`` at once. A drafter that cannot split the two learns here."""

@@ -62,7 +62,7 @@ class MeanBudget:
         if k == len(probs) or max(probs[k:]) < threshold:
             return tree.truncated(min(k, room))
         index: dict[int, int] = {}
-        out = DraftTree(match_len=tree.match_len)
+        out = DraftTree(match_len=tree.match_len, left_out=tree.left_out)
         for i, (tok, parent) in enumerate(zip(tree.token_ids, tree.parents, strict=True)):
             if len(out.token_ids) >= room:
                 break

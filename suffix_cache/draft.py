@@ -66,7 +66,7 @@ class DraftTree:
         if max(depths, default=0) <= max_depth:
             return self
         new_index: dict[int, int] = {}
-        out = DraftTree(match_len=self.match_len)
+        out = DraftTree(match_len=self.match_len, left_out=self.left_out)
         for i, depth in enumerate(depths):
             if depth > max_depth:
                 continue
@@ -107,7 +107,7 @@ class DraftTree:
         if len(self) <= budget:
             return self
         return DraftTree(
-            self.token_ids[:budget], self.parents[:budget], self.probs[:budget], self.match_len
+            self.token_ids[:budget], self.parents[:budget], self.probs[:budget], self.match_len, self.left_out
         )
 
     def longest_accepted(self, target: Sequence[int]) -> list[int]:

@@ -166,3 +166,8 @@ class SuffixDrafter(Drafter):
         if session is None or budget <= 0:
             return DraftTree()
         return DraftTree(*session.core.propose(budget, min_chance))
+
+    def offered(self, key: SessionKey) -> DraftTree | None:
+        session = self._sessions.get(key)
+        whole = session.core.offered() if session is not None else None
+        return DraftTree(*whole) if whole is not None else None

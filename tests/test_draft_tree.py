@@ -68,3 +68,18 @@ def test_judged_settles_sent_and_unsent_nodes_alike():
     assert tree.judged([5]) == (pytest.approx(0.8), 1)         # 7 and 8 follow 5 deeper: undecided
     assert tree.judged([6]) == (pytest.approx(1.5), 1)         # under a rejected 5, 7 and 8 are rejected
     assert DraftTree().judged([1, 2]) == (0.0, 0)
+
+
+def test_what_a_drafter_left_out_stays_counted_through_truncation_pruning_and_the_budget_cut():
+    from quickdraft.suffix_cache.budget import MeanBudget
+
+    # Nodes a drafter did not hand over (their chance under the caller's threshold) still count
+    # for whoever reads the tree next (the hybrid's stand-in rule), whatever cut it goes through.
+    tree = DraftTree([1, 2, 3, 4], [-1, 0, 1, -1], [0.9, 0.8, 0.7, 0.6], match_len=3, left_out=5)
+    assert tree.truncated(2).left_out == 5
+    assert tree.pruned_to_depth(2).left_out == 5
+    assert tree.pruned_to_depth(2).token_ids == [1, 2, 4]
+    budget = MeanBudget(mean=8, threshold=0.65)
+    assert budget.cut(tree).left_out == 5  # a prefix above the threshold
+    mixed = DraftTree([1, 2, 3], [-1, -1, 0], [0.9, 0.1, 0.8], left_out=2)
+    assert budget.cut(mixed).token_ids == [1, 3] and budget.cut(mixed).left_out == 2  # re-indexed

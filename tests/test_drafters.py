@@ -419,6 +419,34 @@ def test_a_drafter_told_the_cut_leaves_out_only_what_the_cut_drops(name):
     assert left_out > 0
 
 
+def test_the_suffix_drafter_hands_over_the_whole_tree_it_grew_until_tokens_are_accepted():
+    # The hybrid asks for the nodes a cut spared the leader from sending (when it must merge the
+    # stand-ins' trees with the whole of it): they are the tree a propose without a threshold
+    # grows, without growing it again, and nothing is offered once the target's tokens are in.
+    told, whole = SuffixDrafter(), SuffixDrafter()
+    body = [5, 6, 7, 8, 9, 10, 11, 12]
+    prompt = body + [1] + body[:2] + [3, 4] + body[:3] + [2] + body[:2]
+    key = SessionKey(A, "s")
+    for d in (told, whole):
+        d.begin_call(key, prompt)
+    assert told.offered(key) is None  # nothing proposed yet
+    spared = 0
+    for emitted in ([7, 8, 9], [70], [10, 11, 12, 1], [5], [6, 2, 5, 6]):
+        short = told.propose(key, 32, min_chance=0.3)
+        full = whole.propose(key, 32)
+        offered = told.offered(key)
+        assert (offered.token_ids, offered.parents, offered.probs, offered.match_len) == (
+            full.token_ids, full.parents, full.probs, full.match_len)
+        assert offered.token_ids[: len(short)] == short.token_ids
+        assert len(offered) == len(short) + short.left_out
+        spared += short.left_out
+        for d in (told, whole):
+            d.accept(key, emitted)
+        assert told.offered(key) is None
+    assert spared > 0
+    assert PromptLookupDrafter().offered(key) is None  # a drafter that keeps no tree offers none
+
+
 def test_oracle_replay_still_calls_a_drafter_written_for_the_two_argument_propose():
     from conftest import trace_files
 
