@@ -1298,7 +1298,7 @@ class SuffixSession {
   // least `min_chance` -- a prefix, since the tree is grown best first -- and how many were left out.
   // The calibration will judge the whole tree, sent or not.
   py::tuple propose(int budget, double min_chance) {
-    has_pending_ = false;
+    has_pending_ = has_offer_ = false;  // until the new tree is whole
     Draft& d = pending_;  // its buffers are reused step after step
     ::propose(d, index, responses_, budget, params_, calibration_);
     size_t n = d.tokens.size(), k = 0;
@@ -1309,14 +1309,18 @@ class SuffixSession {
   }
 
   // (tokens, parents, probs, match_len) of the whole tree the last propose grew, nodes under its
-  // min_chance included (None once tokens were accepted after it): a caller that needs the nodes
-  // it was spared need not grow the tree again.
+  // min_chance included; None before any propose, and after accept, bind or forget_offer: a caller
+  // that needs the nodes it was spared need not grow the tree again.
   py::object offered() const {
     if (!has_offer_) return py::none();
     size_t n = pending_.tokens.size();
     return py::make_tuple(list_of(pending_.tokens, n), list_of(pending_.parents, n), list_of(pending_.probs, n),
                           pending_.match_len);
   }
+
+  // A step that drafted nothing (the caller's budget was spent): the last tree is no offer for it.
+  // The calibration still judges that tree when the step's tokens come.
+  void forget_offer() { has_offer_ = false; }
 
   // The tokens the target emitted after the last draft: the calibration learns from the draft, the
   // index takes the tokens.
@@ -1493,7 +1497,10 @@ PYBIND11_MODULE(_core, m) {
       .def("propose", &SuffixSession::propose, py::arg("budget"), py::arg("min_chance") = 0.0,
            "(tokens, parents, probs, match_len, left_out): the draft's nodes with a chance of at least min_chance.")
       .def("offered", &SuffixSession::offered,
-           "(tokens, parents, probs, match_len) of the last propose's whole tree, or None once tokens were accepted.")
+           "(tokens, parents, probs, match_len) of the last propose's whole tree; None before any propose and after "
+           "accept, bind or forget_offer.")
+      .def("forget_offer", &SuffixSession::forget_offer, "A step that drafted nothing: offered() is None until the "
+           "next propose.")
       .def("accept", &SuffixSession::accept, py::arg("tokens"),
            "Tokens the target emitted: the calibration learns from the pending draft, the index takes them.");
 

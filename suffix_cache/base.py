@@ -107,8 +107,9 @@ class Drafter(ABC):
 
     def offered(self, key: SessionKey) -> DraftTree | None:
         """The whole tree the last ``propose`` grew for the session, nodes it left out under
-        ``min_chance`` included, or None (nothing proposed since the last ``accept``, or a drafter
-        that does not keep it): a caller that needs those nodes after all need not ask again."""
+        ``min_chance`` included, or None: nothing proposed since the call began or since the last
+        ``accept``, or a drafter that does not keep its tree. A caller that needs those nodes after
+        all need not ask again."""
         return None
 
     def follow(self, key: SessionKey, tokens: Sequence[int], stats: Sequence[PositionStats] | None = None) -> None:

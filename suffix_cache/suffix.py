@@ -163,10 +163,14 @@ class SuffixDrafter(Drafter):
     # -- drafting ----------------------------------------------------------
     def propose(self, key: SessionKey, budget: int, min_chance: float = 0.0) -> DraftTree:
         session = self._sessions.get(key)
-        if session is None or budget <= 0:
+        if session is None:
+            return DraftTree()
+        if budget <= 0:
+            session.core.forget_offer()  # the step's offer is this empty tree, not the last one
             return DraftTree()
         return DraftTree(*session.core.propose(budget, min_chance))
 
+    # The core's tree as grown: a subclass that changes what propose returns must override this too.
     def offered(self, key: SessionKey) -> DraftTree | None:
         session = self._sessions.get(key)
         whole = session.core.offered() if session is not None else None

@@ -73,8 +73,8 @@ def test_judged_settles_sent_and_unsent_nodes_alike():
 def test_what_a_drafter_left_out_stays_counted_through_truncation_pruning_and_the_budget_cut():
     from quickdraft.suffix_cache.budget import MeanBudget
 
-    # Nodes a drafter did not hand over (their chance under the caller's threshold) still count
-    # for whoever reads the tree next (the hybrid's stand-in rule), whatever cut it goes through.
+    # The count of nodes a drafter did not hand over (their chance under the caller's threshold)
+    # stays with the tree whatever cut it goes through, so the field never understates them.
     tree = DraftTree([1, 2, 3, 4], [-1, 0, 1, -1], [0.9, 0.8, 0.7, 0.6], match_len=3, left_out=5)
     assert tree.truncated(2).left_out == 5
     assert tree.pruned_to_depth(2).left_out == 5

@@ -2,9 +2,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from quickdraft.suffix_cache.aded import AdedDrafter
 from quickdraft.suffix_cache.base import Scope, SessionKey, common_prefix_len
+from quickdraft.suffix_cache.draft import DraftTree
 from quickdraft.suffix_cache.pld import PldParams, PromptLookupDrafter
 from quickdraft.suffix_cache.registry import DRAFTERS, make_drafter
+from quickdraft.suffix_cache.stand import StandDrafter
 from quickdraft.suffix_cache.suffix import SuffixDrafter
 
 A = Scope("tenant-a", "tok")
@@ -444,7 +447,48 @@ def test_the_suffix_drafter_hands_over_the_whole_tree_it_grew_until_tokens_are_a
             d.accept(key, emitted)
         assert told.offered(key) is None
     assert spared > 0
+    told.propose(key, 32, min_chance=0.3)
+    assert told.propose(key, 0) == DraftTree() and told.offered(key) is None  # a step that drafted nothing
+    told.propose(key, 32, min_chance=0.3)
+    told.begin_call(key, prompt + [9, 9])
+    assert told.offered(key) is None  # a new call: the last call's tree is no offer
     assert PromptLookupDrafter().offered(key) is None  # a drafter that keeps no tree offers none
+
+
+def test_a_hybrid_told_the_cut_merges_the_leaders_whole_tree_without_growing_it_again():
+    from quickdraft.suffix_cache.hybrid import HybridDrafter
+
+    class Counted(SuffixDrafter):
+        def __init__(self, offers: bool = True) -> None:
+            super().__init__()
+            self.proposals, self.offers = 0, offers
+
+        def propose(self, key, budget, min_chance=0.0):
+            self.proposals += 1
+            return super().propose(key, budget, min_chance)
+
+        def offered(self, key):
+            return super().offered(key) if self.offers else None
+
+    # fill_below=100: the stand-ins are asked every step, so the leader's whole tree is merged every
+    # step. A hybrid told the threshold merges what one asked for whole trees merges, and asks its
+    # leader once a step; a leader that keeps no tree is asked again where it left nodes out.
+    leaders = [Counted(), Counted(), Counted(offers=False)]
+    whole, told, old = (HybridDrafter([lead, StandDrafter(), AdedDrafter()], fill_below=100) for lead in leaders)
+    body = [5, 6, 7, 8, 9, 10, 11, 12]
+    prompt = body + [1] + body[:2] + [3, 4] + body[:3] + [2] + body[:2]
+    key = SessionKey(A, "s")
+    for d in (whole, told, old):
+        d.begin_call(key, prompt)
+    steps = 0
+    for emitted in ([7, 8, 9], [70], [10, 11, 12, 1], [5], [6, 2, 5, 6]):
+        trees = [whole.propose(key, 32), told.propose(key, 32, min_chance=0.3), old.propose(key, 32, min_chance=0.3)]
+        assert len({(tuple(t.token_ids), tuple(t.parents), tuple(t.probs)) for t in trees}) == 1
+        assert trees[0].token_ids
+        for d in (whole, told, old):
+            d.accept(key, emitted)
+        steps += 1
+    assert leaders[0].proposals == leaders[1].proposals == steps < leaders[2].proposals
 
 
 def test_oracle_replay_still_calls_a_drafter_written_for_the_two_argument_propose():
