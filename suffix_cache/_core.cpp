@@ -534,6 +534,7 @@ struct Draft {
   std::vector<int8_t> kinds;   // Support::kind() of each node
   std::vector<double> bases;   // the calibration table's estimate before the lexical correction
   std::vector<Lexical> lexical;
+  std::vector<int32_t> cells;  // each node's Calibration cell (-1: grown without a calibration)
   int match_len = 0;
   void clear() {  // keeps the capacity: a session's draft reuses its buffers step after step
     tokens.clear();
@@ -544,6 +545,7 @@ struct Draft {
     kinds.clear();
     bases.clear();
     lexical.clear();
+    cells.clear();
     match_len = 0;
   }
   void reserve(size_t n) {
@@ -555,6 +557,7 @@ struct Draft {
     kinds.reserve(n);
     bases.reserve(n);
     lexical.reserve(n);
+    cells.reserve(n);
   }
   double expected() const {
     double s = 0;
@@ -629,7 +632,9 @@ class Calibration {
   }
 
   void observe(int depth, double raw, int match_len, int kind, bool accepted) {
-    int c = cell(depth, raw, match_len, kind);
+    observe_at(cell(depth, raw, match_len, kind), accepted);
+  }
+  void observe_at(int c, bool accepted) {
     Cell& counts = cells_[c];
     if (counts.drafted >= kHalveAt) {  // keep adapting: old evidence fades
       counts.drafted *= 0.5f;
@@ -647,7 +652,10 @@ class Calibration {
   // nothing.
   void observe_draft(const Draft& d, const std::vector<int32_t>& emitted) {
     enum : int8_t { kRejected, kAccepted, kUnknown };
-    std::vector<int8_t> state(d.tokens.size(), kUnknown);
+    thread_local std::vector<int8_t> kept_state;  // kept between steps: no allocation per step
+    std::vector<int8_t>& state = kept_state;
+    state.assign(d.tokens.size(), kUnknown);
+    const bool has_cells = d.cells.size() == d.tokens.size();
     for (size_t i = 0; i < d.tokens.size(); ++i) {
       int32_t parent = d.parents[i];
       int8_t above = parent >= 0 ? state[parent] : kAccepted;
@@ -658,7 +666,9 @@ class Calibration {
         state[i] = emitted[depth - 1] == d.tokens[i] ? kAccepted : kRejected;
       if (state[i] == kUnknown) continue;
       bool accepted = state[i] == kAccepted;
-      observe(depth, d.raws[i], d.match_len, d.kinds[i], accepted);
+      // The growth kept each node's cell (the same function of the same numbers): no log2 again.
+      int c = has_cells ? d.cells[i] : -1;
+      observe_at(c >= 0 ? c : cell(depth, d.raws[i], d.match_len, d.kinds[i]), accepted);
       learn_lexical(d.bases[i], d.lexical[i], accepted);
     }
   }
@@ -814,6 +824,7 @@ struct GrowScratch {
     int32_t parent;
     int32_t depth;
     int32_t kind;
+    int32_t cell;
   };
   struct Item {
     double prob;
@@ -957,7 +968,8 @@ void grow_draft(Draft& draft, const std::vector<Weighted>& occs, int max_depth, 
       if (p < min_prob) continue;
       heap.push_back({p, static_cast<int32_t>(considered.size())});
       std::push_heap(heap.begin(), heap.end());
-      considered.push_back({child.raw, base, child.lexical, child.node, parent, depth, child.kind});
+      considered.push_back({child.raw, base, child.lexical, child.node, parent, depth, child.kind,
+                            cal != nullptr ? child.cell : -1});
     }
   };
   push_children(0, -1, 1.0, 1.0, 1);
@@ -972,6 +984,7 @@ void grow_draft(Draft& draft, const std::vector<Weighted>& occs, int max_depth, 
     draft.raws.push_back(it.raw);
     draft.depths.push_back(it.depth);
     draft.kinds.push_back(static_cast<int8_t>(it.kind));
+    draft.cells.push_back(it.cell);
     draft.bases.push_back(it.base);
     draft.lexical.push_back(it.lexical);
     push_children(it.trie_node, static_cast<int32_t>(draft.tokens.size()) - 1, top.prob, it.raw, it.depth + 1);
