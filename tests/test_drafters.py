@@ -55,8 +55,8 @@ def test_suffix_adaptive_depth_grows_with_match_length():
     short = d.propose(key, 64)
     d.accept(key, body[1:6])
     long = d.propose(key, 64)
-    assert short.match_len == 1 and short.depth() == 3  # factor 2 * 1 + offset 1
-    assert long.match_len == 6 and long.depth() == 13
+    assert short.match_len == 1 and short.depth() == 6  # factor 2 * 1 + offset 4
+    assert long.match_len == 6 and long.depth() == 16
 
 
 def test_responses_are_learned_per_scope_and_never_cross_tenants():
