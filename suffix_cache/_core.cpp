@@ -655,7 +655,6 @@ class Calibration {
     thread_local std::vector<int8_t> kept_state;  // kept between steps: no allocation per step
     std::vector<int8_t>& state = kept_state;
     state.assign(d.tokens.size(), kUnknown);
-    const bool has_cells = d.cells.size() == d.tokens.size();
     for (size_t i = 0; i < d.tokens.size(); ++i) {
       int32_t parent = d.parents[i];
       int8_t above = parent >= 0 ? state[parent] : kAccepted;
@@ -666,8 +665,9 @@ class Calibration {
         state[i] = emitted[depth - 1] == d.tokens[i] ? kAccepted : kRejected;
       if (state[i] == kUnknown) continue;
       bool accepted = state[i] == kAccepted;
-      // The growth kept each node's cell (the same function of the same numbers): no log2 again.
-      int c = has_cells ? d.cells[i] : -1;
+      // The growth kept each node's cell (the same function of the same numbers): no log2 again,
+      // unless the tree was grown without a calibration (-1).
+      int c = d.cells[i];
       observe_at(c >= 0 ? c : cell(depth, d.raws[i], d.match_len, d.kinds[i]), accepted);
       learn_lexical(d.bases[i], d.lexical[i], accepted);
     }
