@@ -72,6 +72,12 @@ def _convert_gguf(name: str) -> str:
     return str(target)
 
 
+def checkpoint_path(name: str) -> str:
+    """The transformers model directory for ``name`` (a packaged GGUF model is converted once)."""
+    spec = resolve(name)
+    return spec.path or _convert_gguf(name)
+
+
 def pick_prefill_dtype(device: torch.device, dtype: torch.dtype, prefill_dtype: str = "auto") -> torch.dtype | None:
     """bf16 prefill products for an fp32 CPU model where the CPU has AMX (auto), or when asked.
     Prefill is the same with speculation on and off, so either choice keeps them identical;
@@ -110,7 +116,7 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto", prefill_dty
     spec = resolve(name)
     dev = pick_device(device)
     dt = pick_dtype(dev, dtype)
-    path = spec.path or _convert_gguf(name)
+    path = checkpoint_path(name)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, attn_implementation=attention.NAME)
     model.to(dev)
     model.eval()
