@@ -12,18 +12,23 @@ the drafter's branch and the chain (a tree holding both accepts exactly that), a
 keeps a mean budget of ``budget - D`` nodes, so the step still sends ``budget`` on average.
 With ``--joint`` the chain's nodes instead join the drafter's tree ranked by the model's own
 chance for them (the product of its top probabilities along the chain), and one mean budget cuts
-the joined tree, so the chain is long where the model is sure and the copy where it is not::
+the joined tree, so the chain is long where the model is sure and the copy where it is not.
+Past the chain's first wrong guess its chances are the teacher-forced ones (after its own wrong
+token the model's would differ); those nodes are never accepted, only counted by the budget::
 
     python -m quickdraft.bench.model_draft_bound ../shared/traces/swebench-dev --limit 8 --json out.json
 
-The chain's cost (a model pass per step on the drafting side) is not counted: this bounds what
+The chain's cost (a model pass per drafted token) is not counted: this bounds what
 such a drafter could yield, it is not one. Depth 0 is the plain oracle replay's loop, with the
-same figures as ``quickdraft replay --oracle``.
+same figures as ``quickdraft replay --oracle`` on the same trajectory files. Joined, the model's
+chances are its raw probabilities beside the suffix drafter's calibrated ones: a model sure of
+wrong guesses would push the copy out (the tests show it), which SmolLM2 on agent text does not.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import pathlib
 from collections.abc import Sequence
@@ -40,20 +45,32 @@ from quickdraft.suffix_cache.registry import make_drafter
 
 @dataclass(slots=True, frozen=True)
 class Call:
-    trajectory: str
+    """One assistant message of a trajectory, tokenized as the oracle replay sees it."""
+
+    file: str          # the trajectory's path: its session ends with the file, as in the replay
     session_id: str
     prompt: list[int]
     response: list[int]
 
 
+@dataclass(slots=True, frozen=True)
+class Guesses:
+    """The model's greedy next token at each response position, and its probability (a call's
+    later positions may have none: past the model's context)."""
+
+    tokens: list[int]
+    probs: list[float]
+
+
 @dataclass(slots=True)
 class BoundRow:
-    chain: int                 # depth of the model's greedy chain joined to every step's tree
-    drafter_budget: float      # the drafter's mean budget beside it
+    chain: int                 # depth of the model's greedy chain offered at every step
+    drafter_budget: float      # the drafter's mean budget (joint: the one budget of both)
     tokens_per_step: float
     drafted_per_step: float
     # Shares of steps where the chain alone would accept more than the drafter's tree, and the
-    # reverse (joint: the drafter's tree before the budget's cut).
+    # reverse. Beside: the drafter's tree as sent. Joint: as the drafter proposed it under the
+    # budget's threshold, before the chain competes for the room (so the modes' shares differ).
     chain_longer: float
     drafter_longer: float
     joint: bool = False
@@ -64,49 +81,74 @@ def load_calls(paths: Sequence[str | pathlib.Path], tokenizer_name: str, limit: 
     files = files[:limit] if limit else files
     tok = load_tokenizer(tokenizer_name)
     tok_id = tokenizer_id(tok)
-    return [Call(trajectory_name(f), sid, list(prompt), list(response))
+    return [Call(str(f), sid, list(prompt), list(response))
             for f in files for sid, prompt, response in tokenized_calls(f, tok, tok_id)]
-
-
-@dataclass(slots=True, frozen=True)
-class Guesses:
-    """The model's greedy next token at each response position, and its probability."""
-
-    tokens: list[int]
-    probs: list[float]
 
 
 def greedy_guesses(calls: Sequence[Call], model_name: str, window: int = 1024,
                    progress: bool = True) -> list[Guesses]:
-    """The model's greedy next token at every response position of every call, teacher-forced."""
+    """The model's greedy next token at every response position of every call, teacher-forced
+    after the prompt's last ``window`` tokens."""
+    if window < 1:
+        raise ValueError("the model needs at least one prompt token before the response (window >= 1)")
     import torch
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     from transformers import AutoModelForCausalLM
 
     from quickdraft.verifiers.model_loader import checkpoint_path, pick_device
 
     device = pick_device()
     model = AutoModelForCausalLM.from_pretrained(checkpoint_path(model_name), dtype=torch.float32).to(device).eval()
-    # Positions past the model's context get no guess (the chain then accepts nothing there).
-    room = getattr(model.config, "max_position_embeddings", 8192) - window
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
+    max_positions = getattr(model.config, "max_position_embeddings", 8192)
+    if window >= max_positions:
+        raise ValueError(f"a window of {window} tokens leaves no room in {model_name}'s {max_positions} positions")
     guesses: list[Guesses] = []
     columns = (TextColumn(f"teacher-forcing [bold]{model_name}"), BarColumn(), MofNCompleteColumn(),
                TimeRemainingColumn())
     with torch.inference_mode(), Progress(*columns, disable=not progress, transient=True) as bar:
         task = bar.add_task("calls", total=len(calls))
         for call in calls:
-            context = call.prompt[-window:]
-            response = call.response[:room]
+            context = call.prompt[max(0, len(call.prompt) - window):]
+            # Positions past the model's context get no guess (the chain accepts nothing there).
+            response = call.response[: max_positions - len(context)]
             ids = torch.tensor([context + response], device=device)
-            logits = model(input_ids=ids).logits[0, len(context) - 1 : len(context) + len(response) - 1]
-            top = logits.float().softmax(-1).max(-1)
+            # Only the rows that predict response tokens (the last one predicts past the response).
+            logits = model(input_ids=ids, logits_to_keep=len(response) + 1).logits[0, :-1]
+            top = logits.softmax(-1).max(-1)
             guesses.append(Guesses(top.indices.tolist(), top.values.tolist()))
             bar.update(task, advance=1)
     return guesses
 
 
+def _fingerprint(calls: Sequence[Call], model_name: str, window: int) -> str:
+    """What the guesses were computed from: the model, the window, and every call's tokens."""
+    h = hashlib.sha256(f"{model_name}|{window}".encode())
+    for call in calls:
+        h.update(repr((call.prompt[-window:], call.response)).encode())
+    return h.hexdigest()
+
+
+def load_or_compute_guesses(calls: Sequence[Call], model_name: str, window: int,
+                            path: pathlib.Path | None = None, progress: bool = True) -> list[Guesses]:
+    """The model's guesses, read from ``path`` if it holds them for these calls, model and window;
+    otherwise computed (and kept in ``path``, if given)."""
+    fingerprint = _fingerprint(calls, model_name, window)
+    if path is not None and path.exists():
+        stored = json.loads(path.read_text())
+        if not isinstance(stored, dict) or stored.get("fingerprint") != fingerprint:
+            raise ValueError(f"{path} holds guesses for other calls, another model or another window: "
+                             "remove it or pass the same traces and options")
+        return [Guesses(tokens, probs) for tokens, probs in stored["guesses"]]
+    guesses = greedy_guesses(calls, model_name, window, progress)
+    if path is not None:
+        path.write_text(json.dumps({"fingerprint": fingerprint,
+                                    "guesses": [[g.tokens, g.probs] for g in guesses]}))
+    return guesses
+
+
 def _chain_tree(guess: Guesses, done: int, depth: int) -> tuple[list[int], list[int], list[float]]:
+    """The chain from response position ``done`` as a one-branch tree (tokens, parents, chances),
+    each node's chance the product of the model's probabilities down to it."""
     tokens = guess.tokens[done : done + depth]
     chances, chance = [], 1.0
     for p in guess.probs[done : done + len(tokens)]:
@@ -123,22 +165,29 @@ def _run(guess: Guesses, response: Sequence[int], done: int, depth: int) -> int:
     return n
 
 
+def check_depth(chain: int, budget: int, joint: bool) -> None:
+    if chain < 0 or (not joint and chain >= budget):
+        raise ValueError(f"a chain of {chain} tokens beside the drafter leaves it no room in a budget of "
+                         f"{budget} nodes per step (use a shorter chain, or join it)")
+
+
 def replay_with_chain(calls: Sequence[Call], guesses: Sequence[Guesses], chain: int, budget: int = 8,
                       drafter_name: str = "suffix", tokenizer_name: str = "smollm2-135m",
                       tenant: str = "default", joint: bool = False) -> BoundRow:
     """The oracle replay's loop (``bench/oracle_replay.py``), each step also offered the chain:
-    beside the drafter's tree under a budget of its own, or (``joint``) inside it, by chance."""
-    if not 0 <= chain < budget and not joint:
-        raise ValueError(f"a chain of {chain} tokens leaves no room in a budget of {budget} nodes per step")
+    beside the drafter's tree under a budget of its own, or (``joint``) inside it, by chance.
+    Beside, the chain counts ``chain`` nodes every step; joined, the nodes sent (a chain is
+    shorter near a response's end)."""
+    check_depth(chain, budget, joint)
     scope = Scope(tenant, tokenizer_id(load_tokenizer(tokenizer_name)))
     drafter = make_drafter(drafter_name)
     allot = MeanBudget(mean=budget if joint else budget - chain)
     steps = out = drafted = chain_longer = drafter_longer = 0
-    previous = None
+    previous: Call | None = None
     for call, guess in zip(calls, guesses, strict=True):
-        if previous is not None and previous != call.trajectory:
-            drafter.drop_session(SessionKey(scope, previous))
-        previous = call.trajectory
+        if previous is not None and previous.file != call.file:
+            drafter.drop_session(SessionKey(scope, trajectory_name(pathlib.Path(previous.file))))
+        previous = call
         key = SessionKey(scope, call.session_id)
         response = call.response
         drafter.begin_call(key, call.prompt)
@@ -153,7 +202,7 @@ def replay_with_chain(calls: Sequence[Call], guesses: Sequence[Guesses], chain: 
                 sent = allot.cut(DraftTree(tokens, parents, chances))
                 allot.spent(len(sent))
                 accepted = len(sent.longest_accepted(response[done:]))
-                own = len(tree.longest_accepted(response[done:]))  # the drafter's offer, before the cut
+                own = len(tree.longest_accepted(response[done:]))
                 drafted += len(sent)
             else:
                 tree = allot.cut(tree)
@@ -174,40 +223,43 @@ def replay_with_chain(calls: Sequence[Call], guesses: Sequence[Guesses], chain: 
                     round(chain_longer / n, 4), round(drafter_longer / n, 4), joint)
 
 
+def _depths(text: str) -> list[int]:
+    return [int(d) for d in text.split(",") if d.strip()]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("::")[0])
     ap.add_argument("paths", nargs="+")
     ap.add_argument("--model", default="smollm2-135m",
-                    help="the model whose greedy chain is joined (its tokenizer too)")
+                    help="the model whose greedy chain is offered (its tokenizer too)")
     ap.add_argument("--drafter", default="suffix")
     ap.add_argument("--limit", type=int, default=8, help="only the first N trajectories (0: all)")
     ap.add_argument("--window", type=int, default=1024, help="prompt tokens the model reads before each response")
-    ap.add_argument("--chains", default="0,2,4,6", help="chain depths to try, comma-separated")
+    ap.add_argument("--chains", default="0,2,4,6", help="chain depths to offer beside the drafter, comma-separated")
     ap.add_argument("--joint", default="8,16",
                     help="chain depths to join into the drafter's tree by chance under one budget ('' for none)")
     ap.add_argument("--budget", type=int, default=8, help="nodes per step, as a mean, drafter and chain together")
     ap.add_argument("--guesses", type=pathlib.Path,
-                    help="keep the model's guesses in this file, and read them from it when it exists")
+                    help="keep the model's guesses in this file, and read them from it when it holds these calls'")
     ap.add_argument("--json", dest="json_out", type=pathlib.Path)
-    a = ap.parse_args()
-    calls = load_calls(a.paths, a.model, a.limit)
-    if a.guesses and a.guesses.exists():
-        guesses = [Guesses(*g) for g in json.loads(a.guesses.read_text())]
-        if len(guesses) != len(calls) or any(len(g.tokens) > len(c.response)
-                                             for c, g in zip(calls, guesses, strict=True)):
-            raise SystemExit(f"{a.guesses} holds guesses for other calls: remove it or pass the same traces")
-    else:
-        guesses = greedy_guesses(calls, a.model, a.window)
-        if a.guesses:
-            a.guesses.write_text(json.dumps([[g.tokens, g.probs] for g in guesses]))
-    rows = [asdict(replay_with_chain(calls, guesses, int(d), a.budget, a.drafter, a.model))
-            for d in a.chains.split(",") if d]
-    rows += [asdict(replay_with_chain(calls, guesses, int(d), a.budget, a.drafter, a.model, joint=True))
-             for d in a.joint.split(",") if d]
-    result = {"model": a.model, "drafter": a.drafter, "calls": len(calls), "window": a.window, "rows": rows}
+    args = ap.parse_args()
+    beside, joined = _depths(args.chains), _depths(args.joint)
+    try:  # before the model's pass, which takes minutes
+        for d in beside:
+            check_depth(d, args.budget, joint=False)
+        for d in joined:
+            check_depth(d, args.budget, joint=True)
+        calls = load_calls(args.paths, args.model, args.limit)
+        guesses = load_or_compute_guesses(calls, args.model, args.window, args.guesses)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    rows = [asdict(replay_with_chain(calls, guesses, d, args.budget, args.drafter, args.model)) for d in beside]
+    rows += [asdict(replay_with_chain(calls, guesses, d, args.budget, args.drafter, args.model, joint=True))
+             for d in joined]
+    result = {"model": args.model, "drafter": args.drafter, "calls": len(calls), "window": args.window, "rows": rows}
     text = json.dumps(result, indent=2)
-    if a.json_out:
-        a.json_out.write_text(text)
+    if args.json_out:
+        args.json_out.write_text(text)
     print(text)
 
 
