@@ -85,6 +85,11 @@ def load_calls(paths: Sequence[str | pathlib.Path], tokenizer_name: str, limit: 
             for f in files for sid, prompt, response in tokenized_calls(f, tok, tok_id)]
 
 
+def _context(call: Call, window: int) -> list[int]:
+    """The prompt tokens the model reads before the response."""
+    return call.prompt[max(0, len(call.prompt) - window):]
+
+
 def greedy_guesses(calls: Sequence[Call], model_name: str, window: int = 1024,
                    progress: bool = True) -> list[Guesses]:
     """The model's greedy next token at every response position of every call, teacher-forced
@@ -108,7 +113,7 @@ def greedy_guesses(calls: Sequence[Call], model_name: str, window: int = 1024,
     with torch.inference_mode(), Progress(*columns, disable=not progress, transient=True) as bar:
         task = bar.add_task("calls", total=len(calls))
         for call in calls:
-            context = call.prompt[max(0, len(call.prompt) - window):]
+            context = _context(call, window)
             # Positions past the model's context get no guess (the chain accepts nothing there).
             response = call.response[: max_positions - len(context)]
             ids = torch.tensor([context + response], device=device)
@@ -124,7 +129,7 @@ def _fingerprint(calls: Sequence[Call], model_name: str, window: int) -> str:
     """What the guesses were computed from: the model, the window, and every call's tokens."""
     h = hashlib.sha256(f"{model_name}|{window}".encode())
     for call in calls:
-        h.update(repr((call.prompt[-window:], call.response)).encode())
+        h.update(repr((_context(call, window), call.response)).encode())
     return h.hexdigest()
 
 
@@ -132,17 +137,17 @@ def load_or_compute_guesses(calls: Sequence[Call], model_name: str, window: int,
                             path: pathlib.Path | None = None, progress: bool = True) -> list[Guesses]:
     """The model's guesses, read from ``path`` if it holds them for these calls, model and window;
     otherwise computed (and kept in ``path``, if given)."""
+    if path is None:
+        return greedy_guesses(calls, model_name, window, progress)
     fingerprint = _fingerprint(calls, model_name, window)
-    if path is not None and path.exists():
+    if path.exists():
         stored = json.loads(path.read_text())
         if not isinstance(stored, dict) or stored.get("fingerprint") != fingerprint:
             raise ValueError(f"{path} holds guesses for other calls, another model or another window: "
                              "remove it or pass the same traces and options")
         return [Guesses(tokens, probs) for tokens, probs in stored["guesses"]]
     guesses = greedy_guesses(calls, model_name, window, progress)
-    if path is not None:
-        path.write_text(json.dumps({"fingerprint": fingerprint,
-                                    "guesses": [[g.tokens, g.probs] for g in guesses]}))
+    path.write_text(json.dumps({"fingerprint": fingerprint, "guesses": [[g.tokens, g.probs] for g in guesses]}))
     return guesses
 
 
@@ -195,19 +200,20 @@ def replay_with_chain(calls: Sequence[Call], guesses: Sequence[Guesses], chain: 
         while done < len(response):
             tree = drafter.propose(key, allot.cap, min_chance=allot.threshold)
             run = _run(guess, response, done, chain)
+            rest = response[done:]
             if joint and chain:
                 tokens, parents, chances, _ = _core.merge_trees(
                     [(tree.token_ids, tree.parents, list(tree.probs)), _chain_tree(guess, done, chain)],
                     [1.0, 1.0], allot.cap)
                 sent = allot.cut(DraftTree(tokens, parents, chances))
                 allot.spent(len(sent))
-                accepted = len(sent.longest_accepted(response[done:]))
-                own = len(tree.longest_accepted(response[done:]))
+                accepted = len(sent.longest_accepted(rest))
+                own = len(tree.longest_accepted(rest))
                 drafted += len(sent)
             else:
                 tree = allot.cut(tree)
                 allot.spent(len(tree))
-                own = len(tree.longest_accepted(response[done:]))
+                own = len(tree.longest_accepted(rest))
                 accepted = max(own, run)
                 drafted += len(tree) + chain
             chain_longer += run > own
