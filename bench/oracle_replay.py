@@ -29,6 +29,7 @@ from quickdraft.catalog import load_tokenizer, tokenizer_id
 from quickdraft.suffix_cache.base import Drafter, Scope, SessionKey, export_states, import_states, takes_min_chance
 from quickdraft.suffix_cache.budget import MeanBudget
 from quickdraft.suffix_cache.draft import DraftTree
+from quickdraft.suffix_cache.prior_text import NONE, batch_encoder, load_prior_text
 from quickdraft.suffix_cache.registry import make_drafter
 
 
@@ -63,6 +64,9 @@ class OracleReport:
     draft_budget: int
     budget_mode: str
     wall_s: float
+    prior_text: str = "none"   # the public text drafts could also copy from (suffix_cache/prior_text.py)
+    prior_tokens: int = 0
+    prior_load_s: float = 0.0  # once per process, before the first call: not in prepare_ms_per_call
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -112,16 +116,23 @@ def replay_oracle(
     per_step: dict[str, array] | None = None,
     fixed_budget: bool = False,
     on_step: Callable[[OracleStep], None] | None = None,
+    prior_text: str | None = None,
 ) -> OracleReport:
     """Replay trajectories through a drafter; with ``redis_url`` its learned state lives in Redis
     as the proxy's does (replayed at start, every response appended). ``per_step``, if given, receives
     the tokens each step yielded, per trajectory in order (for plots); ``on_step``, if given, sees
-    every step (outside the timed parts)."""
+    every step (outside the timed parts). ``prior_text`` (``"stdlib"`` or a folder, as the proxy's
+    setting) gives the drafter public text to copy from, loaded before the replay starts."""
     files = trajectory_files(paths)
     tok = load_tokenizer(tokenizer_name)
     tok_id = tokenizer_id(tok)
     scope = Scope(tenant, tok_id)
     drafter = drafter or make_drafter(drafter_name)
+    t0 = time.perf_counter()
+    prior = load_prior_text(prior_text or NONE, tok_id, batch_encoder(tok), progress=progress)
+    if prior is not None:
+        drafter.use_prior(prior)
+    prior_load_s = time.perf_counter() - t0
     allot = None if fixed_budget else MeanBudget(mean=budget)
     ask = budget if allot is None else allot.cap
     shared = _SharedLogThread(redis_url, drafter) if redis_url else None
@@ -205,4 +216,7 @@ def replay_oracle(
         draft_budget=budget,
         budget_mode="fixed" if fixed_budget else "mean",
         wall_s=round(time.perf_counter() - started, 1),
+        prior_text=prior.source if prior is not None else NONE,
+        prior_tokens=prior.tokens if prior is not None else 0,
+        prior_load_s=round(prior_load_s, 2),
     )

@@ -57,6 +57,7 @@ async def _health_round(service: DecodeProxyService, pool: WorkerPool, health: h
             log.warning("shared drafting state: %s", "reachable" if now_shared else "Redis unreachable")
         shared = now_shared
     await pool.refresh()
+    service.load_prior_texts()  # once a model's vocabulary is known
     m = service.metrics
     for w in pool.workers:
         m.worker_up.labels(w.address, w.meta.name if w.meta else "").set(1 if w.healthy else 0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -18,11 +19,12 @@ from quickdraft.proxy.metrics import ProxyMetrics
 from quickdraft.proxy.request_log import RequestLog, finished_record
 from quickdraft.proxy.sessions import Session, SessionTable
 from quickdraft.proxy.speculation import GenerationParams, SpeculationLoop
-from quickdraft.proxy.worker_pool import WorkerPool
+from quickdraft.proxy.worker_pool import ModelMeta, WorkerPool
 from quickdraft.records import RequestRecord
 from quickdraft.routing.router import Router
 from quickdraft.settings import Settings
 from quickdraft.suffix_cache.base import Drafter, Scope, SessionKey, export_states, import_states
+from quickdraft.suffix_cache.prior_text import PriorTextError, batch_encoder, load_prior_text
 from quickdraft.suffix_cache.redis_log import LogSettings, ResponseLog
 from quickdraft.suffix_cache.registry import DRAFTERS, make_drafter
 
@@ -86,6 +88,7 @@ class DecodeProxyService:
             )
 
         self.request_log = RequestLog(settings.database_url) if settings.record_requests else None
+        self._priors_asked: set[str] = set()  # tokenizer ids whose prior text is loaded or loading
 
     async def start(self) -> None:
         if self.shared_log is not None:
@@ -98,6 +101,31 @@ class DecodeProxyService:
             await self.shared_log.close()
         if self.request_log is not None:
             await self.request_log.close()
+
+    def load_prior_texts(self) -> None:
+        """Give the drafters the prior text (``prior_text`` setting) of every model's vocabulary, once
+        each, off the event loop: until it is loaded, sessions draft without it."""
+        if self.settings.prior_text in ("none", ""):
+            return
+        for meta in self.pool.models().values():
+            if meta.tokenizer_id not in self._priors_asked:
+                self._priors_asked.add(meta.tokenizer_id)
+                threading.Thread(target=self._load_prior_text, args=(meta,), daemon=True,
+                                 name=f"prior-text-{meta.name}").start()
+
+    def _load_prior_text(self, meta: ModelMeta) -> None:
+        started = time.perf_counter()
+        try:
+            prior = load_prior_text(self.settings.prior_text, meta.tokenizer_id, batch_encoder(meta.tokenizer))
+        except (PriorTextError, OSError, TypeError) as exc:
+            log.warning("drafting without prior text for %s: %s", meta.name, exc)
+            return
+        if prior is None:
+            return
+        for drafter in self.drafters.values():
+            drafter.use_prior(prior)
+        log.info("prior text %r for %s: %d tokens, loaded in %.1f s", prior.source, meta.name, prior.tokens,
+                 time.perf_counter() - started)
 
     def _learn_remote(self, scope: Scope, tokens: list[int]) -> None:
         for drafter in self.drafters.values():
@@ -247,6 +275,8 @@ class DecodeProxyService:
             self._forget(old)
         async with session.lock:
             session.start_call(prompt)
+            if meta.tokenizer_id not in self._priors_asked:
+                self.load_prior_texts()
             drafter = self.drafters[prepared.drafter_name]
             key = SessionKey(Scope(prepared.tenant, meta.tokenizer_id), session.session_id)
             drafter.begin_call(key, prompt)

@@ -258,6 +258,19 @@ def _record_run(kind: str, figures: dict) -> None:
     console.print(f"recorded as run {run_id} ({kind}) in {s.database_url.split('@')[-1]}")
 
 
+def _prior_text_option(value: str | None) -> str:
+    """The prior text source a command uses: its option, else the setting; checked before any work."""
+    from quickdraft.suffix_cache.prior_text import PriorTextError, source_files
+
+    source = value if value is not None else load_settings().prior_text
+    if source not in ("none", ""):
+        try:
+            source_files(source)
+        except PriorTextError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--prior-text") from exc
+    return source
+
+
 @app.command()
 def replay(
     paths: Annotated[list[pathlib.Path], typer.Argument(
@@ -280,6 +293,9 @@ def replay(
     redis_url: Annotated[str, typer.Option(
         help="oracle: keep drafting state in this Redis, as the proxy does; live: count its commands per token"
     )] = None,
+    prior_text: Annotated[str, typer.Option(
+        help="oracle: public text drafts may also copy from: stdlib, a folder or none (default: the "
+             "prior_text setting, as the proxy)")] = None,
     json_out: Annotated[pathlib.Path, typer.Option("--json", help="write the figures here")] = None,
     plot: Annotated[pathlib.Path, typer.Option(
         help="draw a PNG: oracle: tokens per step along each trajectory and the drafters side by side; "
@@ -307,9 +323,11 @@ def replay(
         for name in names:
             if name not in DRAFTERS:
                 raise typer.BadParameter(f"unknown drafter {name!r}; use one of {sorted(DRAFTERS)}")
+        prior = _prior_text_option(prior_text)
         per_step: dict[str, dict] = {name: {} for name in names}
         reports = {name: replay_oracle(paths, name, tokenizer, budget=budget, redis_url=redis_url,
-                                       per_step=per_step[name], fixed_budget=fixed_budget).to_dict() for name in names}
+                                       per_step=per_step[name], fixed_budget=fixed_budget,
+                                       prior_text=prior).to_dict() for name in names}
         figures = dict(reports[names[0]])
         if len(names) > 1:
             figures["comparison"] = reports
@@ -494,7 +512,8 @@ def bench(
     from quickdraft.suffix_cache.registry import DRAFTERS
 
     paths = paths or [default_traces_dir()]
-    rows = {d: replay_oracle(paths, d).to_dict() for d in sorted(DRAFTERS)}
+    prior = _prior_text_option(None)
+    rows = {d: replay_oracle(paths, d, prior_text=prior).to_dict() for d in sorted(DRAFTERS)}
     table = Table("drafter", "tokens/step", "drafted/step", "µs/step", "ms/call set-up")
     for d, r in rows.items():
         table.add_row(d, f"{r['tokens_per_step']:.3f}", f"{r['drafted_per_step']:.2f}",

@@ -40,6 +40,11 @@ class Settings(BaseSettings):
     adaptive_speculation: bool = Field(
         True, description="size each draft by the worker's load and the session's acceptance (never slower)"
     )
+    prior_text: str = Field(
+        "stdlib",
+        description="public text every tenant's suffix drafts may also copy from: 'stdlib' (the standard library "
+                    "sources of the Python running QuickDraft), a folder of text files, or 'none'",
+    )
     default_max_tokens: int = Field(256, ge=1, description="completion budget when a request sets none")
     max_tokens_cap: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
     max_concurrent_requests: int = Field(256, ge=1, description="requests in flight before RESOURCE_EXHAUSTED")

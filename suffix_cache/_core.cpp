@@ -470,6 +470,11 @@ struct DraftParams {
   double length_decay = 0.0;  // 0: only the longest matches count
   double recency_decay = 1.0;
   double shared_weight = 1.0;
+  // A prior index (public text, e.g. a language's standard library: no tenant's data) joins the
+  // merged tree with this weight (0: not consulted), when the session's and the shared index's
+  // longest match is shorter than prior_below tokens (0: always).
+  double prior_weight = 0.0;
+  int prior_below = 0;
   // Occurrences whose preceding tokens share more of the current context's last
   // `context_window` tokens weigh exp(context_weight * shared fraction) more (0: off).
   int context_window = 0;
@@ -1156,8 +1161,8 @@ void add_weighted(std::vector<Weighted>& out, const TokenIndex& index, const std
   }
 }
 
-void propose_merged(Draft& out, const TokenIndex& session, const TokenIndex* shared, const int32_t* ctx,
-                    int64_t ctx_len, int budget, const DraftParams& p, const Calibration* cal) {
+void propose_merged(Draft& out, const TokenIndex& session, const TokenIndex* shared, const TokenIndex* prior,
+                    const int32_t* ctx, int64_t ctx_len, int budget, const DraftParams& p, const Calibration* cal) {
   out.clear();
   bool all_orders = p.length_decay > 0;
   auto own = session.occurrences(ctx, ctx_len, p.max_occurrences, session.size() - 1, p.max_match, all_orders);
@@ -1167,6 +1172,11 @@ void propose_merged(Draft& out, const TokenIndex& session, const TokenIndex* sha
   int longest = 0;
   for (const auto& o : own) longest = std::max(longest, static_cast<int>(o.match_len));
   for (const auto& o : other) longest = std::max(longest, static_cast<int>(o.match_len));
+  if (p.prior_weight <= 0 || (prior != nullptr && prior->live_tokens() == 0)) prior = nullptr;
+  if (p.prior_below > 0 && longest >= p.prior_below) prior = nullptr;
+  std::vector<Occurrence> public_text;
+  if (prior != nullptr) public_text = prior->occurrences(ctx, ctx_len, p.max_occurrences, -1, p.max_match, all_orders);
+  for (const auto& o : public_text) longest = std::max(longest, static_cast<int>(o.match_len));
   thread_local std::vector<Weighted> kept_weighted;
   std::vector<Weighted>& weighted = kept_weighted;
   weighted.clear();
@@ -1175,6 +1185,7 @@ void propose_merged(Draft& out, const TokenIndex& session, const TokenIndex* sha
   ContextWindows* win = w > 0 ? &windows : nullptr;
   add_weighted(weighted, session, own, longest, 1.0, p, win);
   if (shared != nullptr) add_weighted(weighted, *shared, other, longest, p.shared_weight, p, win);
+  if (prior != nullptr) add_weighted(weighted, *prior, public_text, longest, p.prior_weight, p, win);
   int depth = longest > 0 ? depth_for(p, longest) : 0;
   if (p.resync_weight > 0 && longest < p.resync_below && ctx_len > p.resync_min) {
     int32_t last_tok = ctx[ctx_len - 1];
@@ -1199,14 +1210,14 @@ void propose_merged(Draft& out, const TokenIndex& session, const TokenIndex* sha
 // index of earlier responses. Unmerged (SuffixDecoding's rule): the tree promising
 // more accepted tokens wins; merged: one tree over both.
 void propose(Draft& out, const TokenIndex& session, const TokenIndex* shared, int budget, const DraftParams& p,
-             const Calibration* cal = nullptr) {
+             const Calibration* cal = nullptr, const TokenIndex* prior = nullptr) {
   out.clear();
   const auto& toks = session.tokens();
   int64_t n = static_cast<int64_t>(toks.size());
   if (n == 0 || budget <= 0) return;
   int64_t ctx_len = std::min<int64_t>(n, p.max_match);
   const int32_t* ctx = toks.data() + (n - ctx_len);
-  if (p.merge) return propose_merged(out, session, shared, ctx, ctx_len, budget, p, cal);
+  if (p.merge) return propose_merged(out, session, shared, prior, ctx, ctx_len, budget, p, cal);
   draft_from(out, session, ctx, ctx_len, n - 1, budget, p);
   if (shared != nullptr && shared->live_tokens() > 0) {
     Draft other;
@@ -1298,10 +1309,12 @@ class SuffixSession {
   SuffixSession() : index(kDefaultOrders) {}
 
   // The scope's shared state and the drafting parameters (the Python objects are kept alive here).
-  void bind(py::object responses, py::object calibration, const DraftParams& params) {
+  void bind(py::object responses, py::object calibration, const DraftParams& params, py::object prior) {
     responses_ref_ = responses;
     calibration_ref_ = calibration;
+    prior_ref_ = prior;
     responses_ = responses.is_none() ? nullptr : responses.cast<TokenIndex*>();
+    prior_ = prior.is_none() ? nullptr : prior.cast<TokenIndex*>();
     calibration_ = calibration.is_none() ? nullptr : calibration.cast<Calibration*>();
     params_ = params;
     has_pending_ = has_offer_ = false;
@@ -1313,7 +1326,7 @@ class SuffixSession {
   py::tuple propose(int budget, double min_chance) {
     has_pending_ = has_offer_ = false;  // until the new tree is whole
     Draft& d = pending_;  // its buffers are reused step after step
-    ::propose(d, index, responses_, budget, params_, calibration_);
+    ::propose(d, index, responses_, budget, params_, calibration_, prior_);
     size_t n = d.tokens.size(), k = 0;
     while (k < n && d.probs[k] >= min_chance) ++k;
     has_pending_ = calibration_ != nullptr && n > 0;
@@ -1347,8 +1360,9 @@ class SuffixSession {
   }
 
  private:
-  py::object responses_ref_, calibration_ref_;
+  py::object responses_ref_, calibration_ref_, prior_ref_;
   const TokenIndex* responses_ = nullptr;
+  const TokenIndex* prior_ = nullptr;
   Calibration* calibration_ = nullptr;
   DraftParams params_;
   Draft pending_;
@@ -1374,6 +1388,8 @@ PYBIND11_MODULE(_core, m) {
       .def_readwrite("length_decay", &DraftParams::length_decay)
       .def_readwrite("recency_decay", &DraftParams::recency_decay)
       .def_readwrite("shared_weight", &DraftParams::shared_weight)
+      .def_readwrite("prior_weight", &DraftParams::prior_weight)
+      .def_readwrite("prior_below", &DraftParams::prior_below)
       .def_readwrite("context_window", &DraftParams::context_window)
       .def_readwrite("context_weight", &DraftParams::context_weight)
       .def_readwrite("resync_weight", &DraftParams::resync_weight)
@@ -1506,7 +1522,9 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly(
           "index", [](SuffixSession& s) -> TokenIndex& { return s.index; }, py::return_value_policy::reference_internal)
       .def("bind", &SuffixSession::bind, py::arg("responses").none(true), py::arg("calibration").none(true),
-           py::arg("params"), "Draft with this scope's response index and calibration (either may be None).")
+           py::arg("params"), py::arg("prior").none(true) = py::none(),
+           "Draft with this scope's response index and calibration (either may be None), and a prior index of "
+           "public text (None: none).")
       .def("propose", &SuffixSession::propose, py::arg("budget"), py::arg("min_chance") = 0.0,
            "(tokens, parents, probs, match_len, left_out): the draft's nodes with a chance of at least min_chance.")
       .def("offered", &SuffixSession::offered,
@@ -1520,13 +1538,13 @@ PYBIND11_MODULE(_core, m) {
   m.def(
       "propose",
       [](const TokenIndex& session, const TokenIndex* shared, int budget, const DraftParams& p,
-         const Calibration* calibration) {
+         const Calibration* calibration, const TokenIndex* prior) {
         Draft d;
-        propose(d, session, shared, budget, p, calibration);
+        propose(d, session, shared, budget, p, calibration, prior);
         return d;
       },
       py::arg("session"), py::arg("shared").none(true), py::arg("budget"), py::arg("params"),
-      py::arg("calibration").none(true) = nullptr,
+      py::arg("calibration").none(true) = nullptr, py::arg("prior").none(true) = nullptr,
       "Draft tree continuing the session's tokens, grown by calibrated acceptance chance when a calibration is "
       "given.");
 }

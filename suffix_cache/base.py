@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from quickdraft.suffix_cache.draft import DraftTree
+from quickdraft.suffix_cache.prior_text import PriorText
 
 
 # The two keys are named tuples rather than frozen dataclasses: every drafting step looks
@@ -124,6 +125,10 @@ class Drafter(ABC):
         """The session's current call samples at ``temperature`` (0: greedy). Drafters that draw
         their trees stochastically follow it; the others need not care, since acceptance is
         lossless whatever the tree."""
+
+    def use_prior(self, prior: PriorText) -> None:  # noqa: B027 (optional hook)
+        """Public text every tenant of ``prior.tokenizer`` may draft from (``prior_text``); a drafter
+        that cannot use it ignores it."""
 
     def learn_response(self, scope: Scope, response: Sequence[int]) -> None:  # noqa: B027 (optional hook)
         """Learn a response produced elsewhere (another replica, or a restart's replay)."""

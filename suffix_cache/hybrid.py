@@ -32,6 +32,7 @@ from quickdraft.suffix_cache import _core
 from quickdraft.suffix_cache.aded import AdedDrafter
 from quickdraft.suffix_cache.base import AcceptedRun, Drafter, PositionStats, Scope, SessionKey, takes_min_chance
 from quickdraft.suffix_cache.draft import DraftTree
+from quickdraft.suffix_cache.prior_text import PriorText
 from quickdraft.suffix_cache.stand import StandDrafter
 from quickdraft.suffix_cache.suffix import SuffixDrafter
 
@@ -166,6 +167,10 @@ class HybridDrafter(Drafter):
     def set_temperature(self, key: SessionKey, temperature: float) -> None:
         for m in self.members:
             m.set_temperature(key, temperature)
+
+    def use_prior(self, prior: PriorText) -> None:
+        for m in self.members:
+            m.use_prior(prior)
 
     def learn_response(self, scope: Scope, response: Sequence[int]) -> None:
         for m in self.members:

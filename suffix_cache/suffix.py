@@ -2,7 +2,8 @@
 
 Two suffix indexes are consulted each step: the session's own (its prompt and the
 response so far, extended incrementally across the calls of one agent run) and
-a scope-wide one holding the tenant's earlier responses. For each, the longest
+a scope-wide one holding the tenant's earlier responses; a third, per vocabulary, holds
+public prior text (``use_prior``, suffix_cache/prior_text.py) at a lower weight. For each, the longest
 suffix match of the context is found, the continuations of its most recent
 occurrences are counted into a frequency tree, and a draft tree is grown best
 first by estimated path probability, limited to ``factor * match_len + offset``
@@ -24,6 +25,7 @@ differs from the context in its last token only (an edited line) continues past 
 
 from __future__ import annotations
 
+import threading
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,6 +33,7 @@ from dataclasses import dataclass, field
 from quickdraft.suffix_cache import _core
 from quickdraft.suffix_cache.base import Drafter, PositionStats, Scope, SessionKey
 from quickdraft.suffix_cache.draft import DraftTree
+from quickdraft.suffix_cache.prior_text import PriorText
 
 
 @dataclass(slots=True)
@@ -52,6 +55,13 @@ class SuffixParams:
     length_decay: float = 0.5    # weight of an occurrence: length_decay ** (longest match - its match)
     recency_decay: float = 1.0   # ... times recency_decay ** (its rank by recency)
     shared_weight: float = 0.5   # ... times this for occurrences in the tenant's earlier responses
+    # ... times this for occurrences in the vocabulary's prior text (use_prior; suffix_cache/prior_text.py):
+    # public code is a likelier source than nothing, a far less likely one than the tenant's own responses.
+    prior_weight: float = 0.3
+    # The prior is read only when the session's and the tenant's text match fewer tokens: after a longer
+    # match their copy is the likely one, and skipping the prior there keeps 92 % of its gain at about half
+    # its cost per step (tune / check thirds, bench/RESULTS.md).
+    prior_below: int = 4
     global_max_tokens: int = 4_000_000  # response tokens kept per scope before eviction
     context_window: int = 16     # ... times exp(context_weight * the share of the context's last
     context_weight: float = 2.0  #     context_window tokens that also precede the occurrence's match)
@@ -67,10 +77,34 @@ class SuffixParams:
     def core(self) -> _core.DraftParams:
         p = _core.DraftParams()
         for name in ("max_depth", "factor", "offset", "min_prob", "max_occurrences", "merge", "length_decay",
-                     "recency_decay", "shared_weight", "context_window", "context_weight", "resync_weight",
-                     "resync_below", "resync_min"):
+                     "recency_decay", "shared_weight", "prior_weight", "prior_below", "context_window",
+                     "context_weight", "resync_weight", "resync_below", "resync_min"):
             setattr(p, name, getattr(self, name))
         return p
+
+
+_PRIOR_INDEXES: dict[tuple[str, str], _core.TokenIndex] = {}  # read-only once built: drafters share them
+_PRIOR_LOCK = threading.Lock()
+
+
+def prior_index(prior: PriorText) -> _core.TokenIndex:
+    """The prior text's index, built once per process (every drafter of the vocabulary reads it)."""
+    if not prior.fingerprint:  # texts made by hand: nothing says two of them are the same
+        return _build_index(prior)
+    key = (prior.tokenizer, prior.fingerprint)
+    with _PRIOR_LOCK:
+        index = _PRIOR_INDEXES.get(key)
+        if index is None:
+            index = _PRIOR_INDEXES[key] = _build_index(prior)
+    return index
+
+
+def _build_index(prior: PriorText) -> _core.TokenIndex:
+    index = _core.TokenIndex()
+    for text in prior.texts:
+        index.start_sequence()
+        index.extend(text.tolist())
+    return index
 
 
 @dataclass(slots=True)
@@ -91,6 +125,7 @@ class SuffixDrafter(Drafter):
         self._responses: dict[Scope, _core.TokenIndex] = {}
         self._calibrations: dict[Scope, _core.Calibration] = {}
         self._exported: dict[Scope, int] = {}  # the calibration's observation count at its last export
+        self._priors: dict[str, _core.TokenIndex] = {}  # by tokenizer: public text, shared by every tenant
 
     # -- state -------------------------------------------------------------
     def responses(self, scope: Scope) -> _core.TokenIndex:
@@ -114,7 +149,8 @@ class SuffixDrafter(Drafter):
         if session is None:
             session = self._sessions[key] = _Session()
         cal = self.calibration(key.scope) if self.params.calibrate else None
-        session.core.bind(self.responses(key.scope), cal, self._core_params)  # drops any pending draft
+        session.core.bind(self.responses(key.scope), cal, self._core_params,  # drops any pending draft
+                          self._priors.get(key.scope.tokenizer))
         # The session's arena holds exactly its history: one sequence, no boundaries.
         session.core.index.rebase(prompt if isinstance(prompt, list) else list(prompt))
         session.response_start = len(prompt)
@@ -142,6 +178,13 @@ class SuffixDrafter(Drafter):
 
     def drop_session(self, key: SessionKey) -> None:
         self._sessions.pop(key, None)
+
+    def use_prior(self, prior: PriorText) -> None:
+        # Built whole before it is published: a session bound meanwhile drafts without it.
+        self._priors[prior.tokenizer] = prior_index(prior)
+
+    def prior_index(self, tokenizer: str) -> _core.TokenIndex | None:
+        return self._priors.get(tokenizer)
 
     def export_state(self, scope: Scope) -> bytes | None:
         # The calibration is learned from drafts against what the target emitted: the response

@@ -120,9 +120,15 @@ def test_pld_drafts_nothing_without_a_match():
     st.lists(st.integers(0, 6), max_size=80),
     st.lists(st.lists(st.integers(0, 6), min_size=1, max_size=6), max_size=10),
     st.integers(0, 16),
+    st.lists(st.lists(st.integers(0, 6), max_size=30), max_size=3),
 )
-def test_every_drafter_returns_a_valid_tree(name, prompt, steps, budget):
+def test_every_drafter_returns_a_valid_tree(name, prompt, steps, budget, prior_texts):
+    from array import array
+
+    from quickdraft.suffix_cache.prior_text import PriorText
+
     d = make_drafter(name)
+    d.use_prior(PriorText("made by hand", A.tokenizer, [array("i", t) for t in prior_texts]))
     key = SessionKey(A, "s")
     d.begin_call(key, prompt)
     for step in steps:
