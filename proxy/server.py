@@ -68,7 +68,7 @@ async def _health_round(service: DecodeProxyService, pool: WorkerPool, health: h
             m.worker_rss.labels(w.address).set(w.memory.resident_bytes)
             m.worker_kv.labels(w.address).set(w.memory.kv_cache_bytes)
             m.worker_sessions.labels(w.address).set(w.memory.sessions)
-    serving = pool.ready()
+    serving = pool.ready() and service.prior_texts_loaded()
     new = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
     if new != status:
         for name in ("", PROXY_SERVICE):

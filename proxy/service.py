@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import logging
 import math
 import threading
@@ -24,7 +26,7 @@ from quickdraft.records import RequestRecord
 from quickdraft.routing.router import Router
 from quickdraft.settings import Settings
 from quickdraft.suffix_cache.base import Drafter, Scope, SessionKey, export_states, import_states
-from quickdraft.suffix_cache.prior_text import PriorTextError, batch_encoder, load_prior_text
+from quickdraft.suffix_cache.prior_text import batch_encoder, load_prior_text
 from quickdraft.suffix_cache.redis_log import LogSettings, ResponseLog
 from quickdraft.suffix_cache.registry import DRAFTERS, make_drafter
 
@@ -88,7 +90,7 @@ class DecodeProxyService:
             )
 
         self.request_log = RequestLog(settings.database_url) if settings.record_requests else None
-        self._priors_asked: set[str] = set()  # tokenizer ids whose prior text is loaded or loading
+        self._priors: dict[str, concurrent.futures.Future[None]] = {}  # by tokenizer id: its prior text loaded
 
     async def start(self) -> None:
         if self.shared_log is not None:
@@ -103,29 +105,41 @@ class DecodeProxyService:
             await self.request_log.close()
 
     def load_prior_texts(self) -> None:
-        """Give the drafters the prior text (``prior_text`` setting) of every model's vocabulary, once
-        each, off the event loop: until it is loaded, sessions draft without it."""
+        """Start loading the prior text (``prior_text`` setting) of every model's vocabulary, once each,
+        off the event loop. Health reports SERVING, and requests of that vocabulary draft, only once it
+        is loaded: a session's drafts do not depend on when it came."""
         if self.settings.prior_text in ("none", ""):
             return
         for meta in self.pool.models().values():
-            if meta.tokenizer_id not in self._priors_asked:
-                self._priors_asked.add(meta.tokenizer_id)
-                threading.Thread(target=self._load_prior_text, args=(meta,), daemon=True,
+            if meta.tokenizer_id not in self._priors:
+                done: concurrent.futures.Future[None] = concurrent.futures.Future()
+                self._priors[meta.tokenizer_id] = done
+                threading.Thread(target=self._load_prior_text, args=(meta, done), daemon=True,
                                  name=f"prior-text-{meta.name}").start()
 
-    def _load_prior_text(self, meta: ModelMeta) -> None:
+    def prior_texts_loaded(self) -> bool:
+        return all(done.done() for done in self._priors.values())
+
+    async def _prior_text_of(self, meta: ModelMeta) -> None:
+        if meta.tokenizer_id not in self._priors:
+            self.load_prior_texts()
+        done = self._priors.get(meta.tokenizer_id)
+        if done is not None and not done.done():
+            await asyncio.wrap_future(done)
+
+    def _load_prior_text(self, meta: ModelMeta, done: concurrent.futures.Future[None]) -> None:
         started = time.perf_counter()
         try:
             prior = load_prior_text(self.settings.prior_text, meta.tokenizer_id, batch_encoder(meta.tokenizer))
-        except (PriorTextError, OSError, TypeError) as exc:
+            if prior is not None:
+                for drafter in self.drafters.values():
+                    drafter.use_prior(prior)
+                log.info("prior text %r for %s: %d tokens, loaded in %.1f s", prior.source, meta.name,
+                         prior.tokens, time.perf_counter() - started)
+        except Exception as exc:  # drafting goes on without it: a prior text is never worth a failed request
             log.warning("drafting without prior text for %s: %s", meta.name, exc)
-            return
-        if prior is None:
-            return
-        for drafter in self.drafters.values():
-            drafter.use_prior(prior)
-        log.info("prior text %r for %s: %d tokens, loaded in %.1f s", prior.source, meta.name, prior.tokens,
-                 time.perf_counter() - started)
+        finally:
+            done.set_result(None)
 
     def _learn_remote(self, scope: Scope, tokens: list[int]) -> None:
         for drafter in self.drafters.values():
@@ -275,8 +289,7 @@ class DecodeProxyService:
             self._forget(old)
         async with session.lock:
             session.start_call(prompt)
-            if meta.tokenizer_id not in self._priors_asked:
-                self.load_prior_texts()
+            await self._prior_text_of(meta)
             drafter = self.drafters[prepared.drafter_name]
             key = SessionKey(Scope(prepared.tenant, meta.tokenizer_id), session.session_id)
             drafter.begin_call(key, prompt)

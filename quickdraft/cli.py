@@ -267,7 +267,8 @@ def _prior_text_option(value: str | None) -> str:
         try:
             source_files(source)
         except PriorTextError as exc:
-            raise typer.BadParameter(str(exc), param_hint="--prior-text") from exc
+            where = "--prior-text" if value is not None else "the prior_text setting (QUICKDRAFT_PRIOR_TEXT)"
+            raise typer.BadParameter(str(exc), param_hint=where) from exc
     return source
 
 

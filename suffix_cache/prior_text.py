@@ -6,10 +6,11 @@ has. The suffix drafter therefore keeps, per vocabulary, a third index beside th
 the tenant's: the prior text, consulted at a lower weight (``SuffixParams.prior_weight``).
 It holds no tenant's data, so one copy serves every tenant of that vocabulary.
 
-The default source is the standard library of the Python running QuickDraft (its ``.py`` files
-outside test folders): public, on every machine that runs the proxy, and the language most
-coding agents write. A folder of text files may be named instead. Its tokens are cached per
-vocabulary under ``QUICKDRAFT_CACHE/prior``, so only the first start pays for tokenizing it.
+The default source is the standard library of the Python running QuickDraft (its ``.py`` files,
+leaving out every path with "test" in a part of it, and installed packages): public, on every
+machine that runs the proxy, and the language most coding agents write. A folder of text files
+may be named instead. Its tokens are cached per vocabulary under ``$QUICKDRAFT_CACHE/prior``
+(default ``~/.cache/quickdraft/prior``), so only the first start pays for tokenizing it.
 
 This module needs no tokenizer library: the caller hands over its vocabulary's ``encode``.
 """
@@ -17,10 +18,12 @@ This module needs no tokenizer library: the caller hands over its vocabulary's `
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import pathlib
 import sys
 import sysconfig
+import tempfile
 from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,6 +34,8 @@ NONE = "none"
 # Text files read from a folder source (a standard-library source reads only its .py files).
 TEXT_SUFFIXES = (".py", ".md", ".rst", ".txt", ".sh", ".json", ".toml", ".yaml", ".yml", ".cfg", ".ini")
 _FORMAT = b"QDPRIOR1"
+
+log = logging.getLogger(__name__)
 
 Encode = Callable[[list[str]], list[list[int]]]  # texts -> their token ids, in order
 
@@ -83,20 +88,25 @@ def source_files(source: str) -> list[pathlib.Path]:
 def _fingerprint(source: str, files: Sequence[pathlib.Path], tokenizer: str) -> str:
     digest = hashlib.sha256(f"{source}\n{tokenizer}\n{sys.version_info[:2]}\n".encode())
     for path in files:
-        digest.update(f"{path}\t{path.stat().st_size}\n".encode())
+        st = path.stat()
+        digest.update(f"{path}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
     return digest.hexdigest()[:16]
 
 
 def _write(path: pathlib.Path, texts: Sequence[array]) -> None:
     lengths = array("q", (len(t) for t in texts))
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(_FORMAT)
-        f.write(array("q", [len(texts)]).tobytes())
-        f.write(lengths.tobytes())
-        for t in texts:
-            f.write(t.tobytes())
-    os.replace(tmp, path)  # a reader never sees half a file
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{path.name}.")  # writers never share a file
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(_FORMAT)
+            f.write(array("q", [len(texts)]).tobytes())
+            f.write(lengths.tobytes())
+            for t in texts:
+                f.write(t.tobytes())
+        os.replace(tmp, path)  # a reader never sees half a file
+    except BaseException:
+        pathlib.Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _read(path: pathlib.Path) -> list[array] | None:
@@ -119,6 +129,8 @@ def _read(path: pathlib.Path) -> list[array] | None:
     for n in lengths:
         texts.append(array("i", data[at:at + 4 * n]))
         at += 4 * n
+    if any(t and min(t) < 0 for t in texts):  # no token id is negative (-1 would read as a boundary)
+        return None
     return texts
 
 
@@ -128,6 +140,11 @@ def batch_encoder(tokenizer: Any) -> Encode:
     backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
     if not hasattr(backend, "encode_batch"):
         raise TypeError(f"cannot tokenize prior text with {type(tokenizer).__name__}: it has no fast backend")
+    if getattr(backend, "truncation", None) is not None or getattr(backend, "padding", None) is not None:
+        # A tokenizer.json may carry a truncation or padding setting: the whole text is wanted, unpadded.
+        backend = type(backend).from_str(backend.to_str())
+        backend.no_truncation()
+        backend.no_padding()
     return lambda texts: [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
 
 
@@ -146,8 +163,11 @@ def load_prior_text(source: str, tokenizer: str, encode: Encode, cache_dir: path
     texts = _read(cached)
     if texts is None:
         texts = _tokenize(files, encode, progress)
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        _write(cached, texts)
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            _write(cached, texts)
+        except OSError as exc:  # a read-only or full cache: the tokens are still good for this process
+            log.warning("could not cache the prior text's tokens in %s: %s", cache_dir, exc)
     return PriorText(source, tokenizer, texts, fingerprint)
 
 

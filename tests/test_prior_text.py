@@ -84,7 +84,7 @@ def test_the_tenant_own_answer_outranks_the_prior():
     d.begin_call(key, [2, *LINE[:3]])
     tree = d.propose(key, 8)
     assert tree.token_ids[0] == 80
-    assert 70 in tree.token_ids  # the prior's continuation is kept as the second guess
+    assert 70 in tree.token_ids  # at the same match length, the prior's continuation is the second guess
     assert tree.probs[0] > tree.probs[tree.token_ids.index(70)]
 
 
@@ -123,11 +123,22 @@ def test_prior_tokens_are_cached_per_vocabulary_and_rebuilt_when_the_cache_is_da
     # Another vocabulary is tokenized on its own.
     load_prior_text(str(source), "tok-2", encode, cache_dir=cache)
     assert calls == [2, 2]
-    for cached in cache.iterdir():
-        cached.write_bytes(cached.read_bytes()[:-3])
-    repaired = load_prior_text(str(source), "tok", encode, cache_dir=cache)
-    assert calls == [2, 2, 2] and [t.tolist() for t in repaired.texts] == [t.tolist() for t in first.texts]
+    (cached,) = (p for p in cache.iterdir() if p.name.startswith("tok-") and not p.name.startswith("tok-2"))
+    whole = cached.read_bytes()
+    negative = whole[:-4] + (-1).to_bytes(4, "little", signed=True)  # a -1 would read as a boundary
+    for damaged in (whole[:-3], b"NOTPRIOR" + whole[8:], negative):
+        cached.write_bytes(damaged)
+        repaired = load_prior_text(str(source), "tok", encode, cache_dir=cache)
+        assert [t.tolist() for t in repaired.texts] == [t.tolist() for t in first.texts]
+        assert cached.read_bytes() == whole
+    assert calls == [2, 2, 2, 2, 2]
     assert load_prior_text("none", "tok", encode, cache_dir=cache) is None
+    # A cache that cannot be written: the tokens still serve this process.
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    unwritten = load_prior_text(str(source), "tok", encode, cache_dir=blocked / "prior")
+    assert [t.tolist() for t in unwritten.texts] == [t.tolist() for t in first.texts]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("a-file")] == ["a-file"]
 
 
 def test_a_source_that_is_no_folder_of_text_is_refused_with_the_reason(tmp_path):
@@ -170,10 +181,7 @@ def test_the_standard_library_prior_on_the_real_tokenizer_lifts_the_first_dev_tr
     json.dumps(lifted.to_dict())
 
 
-def test_the_proxy_gives_every_drafter_each_model_vocabulary_prior_once(tmp_path, monkeypatch):
-    """The service loads the prior text of the vocabulary a worker reports, off the event loop."""
-    import time
-
+def _service(prior_text: str):
     from tokenizers import Tokenizer
 
     from quickdraft.catalog import load_tokenizer, tokenizer_id
@@ -181,21 +189,41 @@ def test_the_proxy_gives_every_drafter_each_model_vocabulary_prior_once(tmp_path
     from quickdraft.proxy.worker_pool import ModelMeta, WorkerClient, WorkerPool
     from quickdraft.settings import Settings
 
+    hf = load_tokenizer("smollm2-135m")
+    worker = WorkerClient.connect("127.0.0.1:1")  # never called: the service only reads its model's vocabulary
+    worker.meta = ModelMeta("smollm2-135m", 8192, 49152, frozenset(), tokenizer_id(hf),
+                            Tokenizer.from_str(hf.backend_tokenizer.to_str()))
+    return DecodeProxyService(Settings(prior_text=prior_text, record_requests=False), WorkerPool([worker])), \
+        tokenizer_id(hf)
+
+
+def test_the_proxy_gives_every_drafter_each_model_vocabulary_prior_once(tmp_path, monkeypatch):
+    """The service loads the prior text of the vocabulary a worker reports, once, off the event loop,
+    and says when it is done (health waits for it)."""
+    import quickdraft.proxy.service as service_module
+
     monkeypatch.setenv("QUICKDRAFT_CACHE", str(tmp_path))
+    loads = []
+    real_load = service_module.load_prior_text
+    monkeypatch.setattr(service_module, "load_prior_text", lambda *a, **k: loads.append(a) or real_load(*a, **k))
     folder = tmp_path / "corpus"
     folder.mkdir()
     (folder / "notes.md").write_text("The quick brown fox jumps over the lazy dog. " * 20)
-    hf = load_tokenizer("smollm2-135m")
-    worker = WorkerClient.connect("127.0.0.1:1")
-    worker.meta = ModelMeta("smollm2-135m", 8192, 49152, frozenset(), tokenizer_id(hf),
-                            Tokenizer.from_str(hf.backend_tokenizer.to_str()))
-    service = DecodeProxyService(Settings(prior_text=str(folder), record_requests=False), WorkerPool([worker]))
+    service, vocabulary = _service(str(folder))
+    assert service.prior_texts_loaded()  # nothing asked yet
     service.load_prior_texts()
     service.load_prior_texts()  # asked again: still one load
-    deadline = time.monotonic() + 30
-    while service.drafters["suffix"].prior_index(tokenizer_id(hf)) is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    suffix_index = service.drafters["suffix"].prior_index(tokenizer_id(hf))
+    service._priors[vocabulary].result(timeout=60)
+    assert service.prior_texts_loaded() and len(loads) == 1
+    suffix_index = service.drafters["suffix"].prior_index(vocabulary)
     assert suffix_index is not None and len(suffix_index) > 100
-    assert service.drafters["hybrid"].members[0].prior_index(tokenizer_id(hf)) is suffix_index
+    assert service.drafters["hybrid"].members[0].prior_index(vocabulary) is suffix_index
     assert len(list((tmp_path / "prior").iterdir())) == 1
+
+
+def test_a_prior_text_that_cannot_be_read_leaves_the_proxy_drafting_without_it(tmp_path):
+    service, vocabulary = _service(str(tmp_path / "missing"))
+    service.load_prior_texts()
+    service._priors[vocabulary].result(timeout=60)
+    assert service.prior_texts_loaded()
+    assert service.drafters["suffix"].prior_index(vocabulary) is None
