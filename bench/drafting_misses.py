@@ -116,12 +116,14 @@ class _Observer:
 
 
 def measure(paths: Sequence[str | pathlib.Path], drafter_name: str = "suffix", limit: int = 0, budget: int = 8,
-            tokenizer_name: str = "smollm2-135m", examples: int = 20, seed: int = 0) -> Misses:
+            tokenizer_name: str = "smollm2-135m", examples: int = 20, seed: int = 0,
+            prior_text: str = "stdlib") -> Misses:
     files = trajectory_files(paths)
     files = files[:limit] if limit else files
     out = Misses(drafter_name, len(files))
     observer = _Observer(out, load_tokenizer(tokenizer_name), examples, seed)
-    replay_oracle(files, drafter_name, tokenizer_name, budget=budget, progress=False, on_step=observer)
+    replay_oracle(files, drafter_name, tokenizer_name, budget=budget, progress=False, on_step=observer,
+                  prior_text=prior_text)
     return out
 
 
@@ -134,9 +136,10 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=8, help="draft tree nodes per step, as a mean over the run")
     ap.add_argument("--seed", type=int, default=0, help="for the sample of missed steps")
     ap.add_argument("--examples", type=int, default=20, help="steps that accepted nothing, sampled for the report")
+    ap.add_argument("--prior-text", default="stdlib", help="public text drafts may also copy from (none: off)")
     ap.add_argument("--json", dest="json_out", type=pathlib.Path)
     a = ap.parse_args()
-    result = measure(a.paths, a.drafter, a.limit, a.budget, a.tokenizer, a.examples, a.seed).to_dict()
+    result = measure(a.paths, a.drafter, a.limit, a.budget, a.tokenizer, a.examples, a.seed, a.prior_text).to_dict()
     text = json.dumps(result, indent=2, ensure_ascii=False)
     if a.json_out:
         a.json_out.write_text(text)
