@@ -29,7 +29,7 @@ from quickdraft.catalog import load_tokenizer, tokenizer_id
 from quickdraft.suffix_cache.base import Drafter, Scope, SessionKey, export_states, import_states, takes_min_chance
 from quickdraft.suffix_cache.budget import MeanBudget
 from quickdraft.suffix_cache.draft import DraftTree
-from quickdraft.suffix_cache.prior_text import NONE, batch_encoder, load_prior_text
+from quickdraft.suffix_cache.prior_text import NONE, batch_encoder, is_off, load_prior_text
 from quickdraft.suffix_cache.registry import make_drafter
 
 
@@ -129,7 +129,7 @@ def replay_oracle(
     scope = Scope(tenant, tok_id)
     drafter = drafter or make_drafter(drafter_name)
     t0 = time.perf_counter()
-    prior = load_prior_text(prior_text or NONE, tok_id, batch_encoder(tok), progress=progress)
+    prior = None if is_off(prior_text) else load_prior_text(prior_text, tok_id, batch_encoder(tok), progress=progress)
     if prior is not None:
         drafter.use_prior(prior)
     prior_load_s = time.perf_counter() - t0

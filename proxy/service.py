@@ -26,7 +26,7 @@ from quickdraft.records import RequestRecord
 from quickdraft.routing.router import Router
 from quickdraft.settings import Settings
 from quickdraft.suffix_cache.base import Drafter, Scope, SessionKey, export_states, import_states
-from quickdraft.suffix_cache.prior_text import batch_encoder, load_prior_text
+from quickdraft.suffix_cache.prior_text import batch_encoder, is_off, load_prior_text
 from quickdraft.suffix_cache.redis_log import LogSettings, ResponseLog
 from quickdraft.suffix_cache.registry import DRAFTERS, make_drafter
 
@@ -108,7 +108,7 @@ class DecodeProxyService:
         """Start loading the prior text (``prior_text`` setting) of every model's vocabulary, once each,
         off the event loop. Health reports SERVING, and requests of that vocabulary draft, only once it
         is loaded: a session's drafts do not depend on when it came."""
-        if self.settings.prior_text in ("none", ""):
+        if is_off(self.settings.prior_text):
             return
         for meta in self.pool.models().values():
             if meta.tokenizer_id not in self._priors:

@@ -260,10 +260,10 @@ def _record_run(kind: str, figures: dict) -> None:
 
 def _prior_text_option(value: str | None) -> str:
     """The prior text source a command uses: its option, else the setting; checked before any work."""
-    from quickdraft.suffix_cache.prior_text import PriorTextError, source_files
+    from quickdraft.suffix_cache.prior_text import PriorTextError, is_off, source_files
 
     source = value if value is not None else load_settings().prior_text
-    if source not in ("none", ""):
+    if not is_off(source):
         try:
             source_files(source)
         except PriorTextError as exc:

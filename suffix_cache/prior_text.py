@@ -58,6 +58,11 @@ class PriorText:
         return sum(len(t) for t in self.texts)
 
 
+def is_off(source: str | None) -> bool:
+    """Whether a ``prior_text`` setting asks for no prior text."""
+    return not source or source == NONE
+
+
 def stdlib_dir() -> pathlib.Path:
     return pathlib.Path(sysconfig.get_paths()["stdlib"])
 
@@ -151,7 +156,7 @@ def batch_encoder(tokenizer: Any) -> Encode:
 def load_prior_text(source: str, tokenizer: str, encode: Encode, cache_dir: pathlib.Path | None = None,
                     progress: bool = False) -> PriorText | None:
     """The source's tokens for a vocabulary (None for ``"none"``), from the cache when it has them."""
-    if source == NONE or not source:
+    if is_off(source):
         return None
     files = source_files(source)
     if cache_dir is None:

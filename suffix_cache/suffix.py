@@ -93,7 +93,7 @@ PRIOR_ORDERS = [1, 2, 3, 4]
 _PRIOR_LOCK = threading.Lock()
 
 
-def prior_index(prior: PriorText) -> _core.TokenIndex:
+def shared_prior_index(prior: PriorText) -> _core.TokenIndex:
     """The prior text's index, built once per process (every drafter of the vocabulary reads it)."""
     if not prior.fingerprint:  # texts made by hand: nothing says two of them are the same
         return _build_index(prior)
@@ -187,7 +187,7 @@ class SuffixDrafter(Drafter):
 
     def use_prior(self, prior: PriorText) -> None:
         # Built whole before it is published: a session bound meanwhile drafts without it.
-        self._priors[prior.tokenizer] = prior_index(prior)
+        self._priors[prior.tokenizer] = shared_prior_index(prior)
 
     def prior_index(self, tokenizer: str) -> _core.TokenIndex | None:
         return self._priors.get(tokenizer)
