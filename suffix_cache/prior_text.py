@@ -76,18 +76,22 @@ def source_files(source: str) -> list[pathlib.Path]:
     if not root.is_dir():
         raise PriorTextError(f"prior text source {source!r} is not a folder (use {STDLIB!r}, {NONE!r} or a folder)")
     found = []
-    for path in root.rglob("*"):
-        rel = path.relative_to(root)
-        # Tests are mostly fixtures and odd inputs; installed packages are not the language's text.
-        if any("test" in part.lower() or part.startswith(".") or part in ("site-packages", "dist-packages")
-               for part in rel.parts):
-            continue
-        if path.suffix in suffixes and path.is_file():
-            found.append(path)
+    # Walked with pruning rather than globbed: the standard library's folder holds the installed
+    # packages too (tens of thousands of paths), and none of an excluded folder's files is wanted.
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if not _left_out(d)]
+        here = pathlib.Path(folder)
+        found.extend(here / n for n in names
+                     if not _left_out(n) and pathlib.PurePath(n).suffix in suffixes and (here / n).is_file())
     found.sort(key=lambda p: p.relative_to(root).as_posix())
     if not found:
         raise PriorTextError(f"prior text source {source!r} holds no text files ({', '.join(suffixes)})")
     return found
+
+
+def _left_out(part: str) -> bool:
+    # Tests are mostly fixtures and odd inputs; installed packages are not the language's text.
+    return "test" in part.lower() or part.startswith(".") or part in ("site-packages", "dist-packages")
 
 
 def _fingerprint(source: str, files: Sequence[pathlib.Path], tokenizer: str) -> str:

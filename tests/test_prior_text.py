@@ -14,6 +14,7 @@ from quickdraft.suffix_cache.prior_text import (
     batch_encoder,
     load_prior_text,
     source_files,
+    stdlib_dir,
 )
 from quickdraft.suffix_cache.suffix import SuffixDrafter
 
@@ -107,6 +108,9 @@ def test_prior_tokens_are_cached_per_vocabulary_and_rebuilt_when_the_cache_is_da
     (source / "tests").mkdir()
     (source / "tests" / "test_a.py").write_text("assert a() == 1")
     (source / "image.png").write_bytes(b"\x89PNG")
+    for hidden in (".git", "site-packages", "pkg/Testing"):  # never read, at any depth
+        (source / hidden).mkdir()
+        (source / hidden / "c.py").write_text("hidden = True\n")
     calls = []
 
     def encode(texts):
@@ -166,7 +170,8 @@ def test_the_standard_library_prior_on_the_real_tokenizer_lifts_the_first_dev_tr
 
     files = source_files("stdlib")
     assert any(f.name == "json" or f.parent.name == "json" for f in files)
-    assert not any("test" in part for f in files for part in f.parts[-2:])
+    rel = [f.relative_to(stdlib_dir()).parts for f in files]
+    assert not any("test" in part or part == "site-packages" for parts in rel for part in parts)
     tok = load_tokenizer("smollm2-135m")
     text = load_prior_text("stdlib", tokenizer_id(tok), batch_encoder(tok))
     assert text.tokens > 1_000_000 and len(text.texts) == len(files)
