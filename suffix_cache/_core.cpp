@@ -1415,6 +1415,26 @@ PYBIND11_MODULE(_core, m) {
       .def("rebase", &TokenIndex::rebase)
       .def("start_sequence", &TokenIndex::start_sequence)
       .def("extend", &TokenIndex::extend)
+      .def(
+          "extend_sequences",
+          [](TokenIndex& t, const py::iterable& texts) {
+            // Copied while the GIL is held, indexed without it: a large text (a prior) takes a
+            // good part of a second to index, and the proxy's event loop must not stall meanwhile.
+            std::vector<std::vector<int32_t>> copies;
+            for (const auto& item : texts) {
+              py::buffer_info info = py::reinterpret_borrow<py::buffer>(item).request();
+              if (info.ndim != 1 || info.itemsize != 4 || (info.format != "i" && info.format != "l"))
+                throw py::value_error("extend_sequences takes 1-D buffers of 32-bit ints, e.g. array('i')");
+              const auto* first = static_cast<const int32_t*>(info.ptr);
+              copies.emplace_back(first, first + info.shape[0]);
+            }
+            py::gil_scoped_release unlocked;
+            for (const auto& c : copies) {
+              t.start_sequence();
+              t.extend(c);
+            }
+          },
+          py::arg("texts"), "start_sequence() and extend() for each buffer of token ids, without holding the GIL")
       .def("truncate", &TokenIndex::truncate)
       .def("evict_before", &TokenIndex::evict_before)
       .def("memory_bytes", &TokenIndex::memory_bytes)

@@ -107,9 +107,7 @@ def shared_prior_index(prior: PriorText) -> _core.TokenIndex:
 
 def _build_index(prior: PriorText) -> _core.TokenIndex:
     index = _core.TokenIndex(PRIOR_ORDERS)
-    for text in prior.texts:
-        index.start_sequence()
-        index.extend(text.tolist())
+    index.extend_sequences(prior.texts)
     return index
 
 

@@ -1,5 +1,11 @@
 """The compiled token index: matches, continuations, boundaries, truncation, eviction."""
 
+import random
+import threading
+import time
+from array import array
+
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -85,3 +91,43 @@ def test_truncate_exactly_undoes_appends(tokens, data):
     assert truncated.tokens == fresh.tokens
     for ctx in contexts():
         assert sorted(truncated.occurrences(ctx, 64)) == sorted(fresh.occurrences(ctx, 64))
+
+
+def test_extend_sequences_indexes_buffers_as_start_sequence_and_extend_do():
+    seqs = [[1, 2, 3, 4, 5], [], [9, 2, 3, 4, 6], [2, 3]]
+    bulk = TokenIndex()
+    bulk.extend_sequences([array("i", s) for s in seqs])
+    one_by_one = build(seqs)
+    assert bulk.tokens == one_by_one.tokens
+    for ctx in ([2, 3, 4], [3], [7, 2, 3]):
+        assert sorted(bulk.occurrences(ctx, 8)) == sorted(one_by_one.occurrences(ctx, 8))
+    with pytest.raises(ValueError, match="32-bit ints"):
+        bulk.extend_sequences([array("d", [1.0])])
+
+
+def test_extend_sequences_lets_other_threads_run_while_it_indexes():
+    # A prior text takes a good part of a second to index, in the proxy's loading thread: the
+    # event loop must go on meanwhile. A thread that counts while the call runs shows the GIL free.
+    text = array("i", random.Random(7).choices(range(5_000), k=1_500_000))
+    counted = [0]
+    stop = threading.Event()
+
+    def count():
+        while not stop.is_set():
+            counted[0] += 1
+
+    spinner = threading.Thread(target=count)
+    spinner.start()
+    try:
+        time.sleep(0.05)
+        before, t0 = counted[0], time.perf_counter()
+        time.sleep(0.2)
+        rate = (counted[0] - before) / (time.perf_counter() - t0)  # counts a second, the GIL free
+        before, t0 = counted[0], time.perf_counter()
+        TokenIndex().extend_sequences([text])
+        during, took = counted[0] - before, time.perf_counter() - t0
+    finally:
+        stop.set()
+        spinner.join()
+    # Held, the GIL would let the counter run for one switch interval (5 ms) at the most.
+    assert took > 0.1 and during > 0.2 * rate * took
