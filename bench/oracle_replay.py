@@ -29,7 +29,7 @@ from quickdraft.catalog import load_tokenizer, tokenizer_id
 from quickdraft.suffix_cache.base import Drafter, Scope, SessionKey, export_states, import_states, takes_min_chance
 from quickdraft.suffix_cache.budget import MeanBudget
 from quickdraft.suffix_cache.draft import DraftTree
-from quickdraft.suffix_cache.prior_text import NONE, batch_encoder, is_off, load_prior_text
+from quickdraft.suffix_cache.prior_text import MAX_MB, NONE, batch_encoder, is_off, load_prior_text
 from quickdraft.suffix_cache.registry import make_drafter
 
 
@@ -117,19 +117,22 @@ def replay_oracle(
     fixed_budget: bool = False,
     on_step: Callable[[OracleStep], None] | None = None,
     prior_text: str | None = None,
+    prior_max_mb: float = MAX_MB,
 ) -> OracleReport:
     """Replay trajectories through a drafter; with ``redis_url`` its learned state lives in Redis
     as the proxy's does (replayed at start, every response appended). ``per_step``, if given, receives
     the tokens each step yielded, per trajectory in order (for plots); ``on_step``, if given, sees
     every step (outside the timed parts). ``prior_text`` (``"stdlib"`` or a folder, as the proxy's
-    setting) gives the drafter public text to copy from, loaded before the replay starts."""
+    setting) gives the drafter public text to copy from, loaded before the replay starts (a larger
+    source than ``prior_max_mb`` is refused, as the proxy's ``prior_text_max_mb``)."""
     files = trajectory_files(paths)
     tok = load_tokenizer(tokenizer_name)
     tok_id = tokenizer_id(tok)
     scope = Scope(tenant, tok_id)
     drafter = drafter or make_drafter(drafter_name)
     t0 = time.perf_counter()
-    prior = None if is_off(prior_text) else load_prior_text(prior_text, tok_id, batch_encoder(tok), progress=progress)
+    prior = None if is_off(prior_text) else load_prior_text(prior_text, tok_id, batch_encoder(tok), progress=progress,
+                                                                   max_mb=prior_max_mb)
     if prior is not None:
         drafter.use_prior(prior)
     prior_load_s = time.perf_counter() - t0

@@ -130,7 +130,8 @@ class DecodeProxyService:
     def _load_prior_text(self, meta: ModelMeta, done: concurrent.futures.Future[None]) -> None:
         started = time.perf_counter()
         try:
-            prior = load_prior_text(self.settings.prior_text, meta.tokenizer_id, batch_encoder(meta.tokenizer))
+            prior = load_prior_text(self.settings.prior_text, meta.tokenizer_id, batch_encoder(meta.tokenizer),
+                                    max_mb=self.settings.prior_text_max_mb)
             if prior is not None:
                 for drafter in self.drafters.values():
                     drafter.use_prior(prior)

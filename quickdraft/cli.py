@@ -258,18 +258,20 @@ def _record_run(kind: str, figures: dict) -> None:
     console.print(f"recorded as run {run_id} ({kind}) in {s.database_url.split('@')[-1]}")
 
 
-def _prior_text_option(value: str | None) -> str:
-    """The prior text source a command uses: its option, else the setting; checked before any work."""
+def _prior_text_option(value: str | None) -> tuple[str, float]:
+    """The prior text source a command uses (its option, else the setting) and the size it may
+    have (the setting), the source checked before any work."""
     from quickdraft.suffix_cache.prior_text import PriorTextError, is_off, source_files
 
-    source = value if value is not None else load_settings().prior_text
+    settings = load_settings()
+    source = value if value is not None else settings.prior_text
     if not is_off(source):
         try:
-            source_files(source)
+            source_files(source, settings.prior_text_max_mb)
         except PriorTextError as exc:
             where = "--prior-text" if value is not None else "the prior_text setting (QUICKDRAFT_PRIOR_TEXT)"
             raise typer.BadParameter(str(exc), param_hint=where) from exc
-    return source
+    return source, settings.prior_text_max_mb
 
 
 @app.command()
@@ -324,11 +326,11 @@ def replay(
         for name in names:
             if name not in DRAFTERS:
                 raise typer.BadParameter(f"unknown drafter {name!r}; use one of {sorted(DRAFTERS)}")
-        prior = _prior_text_option(prior_text)
+        prior, prior_max_mb = _prior_text_option(prior_text)
         per_step: dict[str, dict] = {name: {} for name in names}
         reports = {name: replay_oracle(paths, name, tokenizer, budget=budget, redis_url=redis_url,
                                        per_step=per_step[name], fixed_budget=fixed_budget,
-                                       prior_text=prior).to_dict() for name in names}
+                                       prior_text=prior, prior_max_mb=prior_max_mb).to_dict() for name in names}
         figures = dict(reports[names[0]])
         if len(names) > 1:
             figures["comparison"] = reports
@@ -513,8 +515,8 @@ def bench(
     from quickdraft.suffix_cache.registry import DRAFTERS
 
     paths = paths or [default_traces_dir()]
-    prior = _prior_text_option(None)
-    rows = {d: replay_oracle(paths, d, prior_text=prior).to_dict() for d in sorted(DRAFTERS)}
+    prior, prior_max_mb = _prior_text_option(None)
+    rows = {d: replay_oracle(paths, d, prior_text=prior, prior_max_mb=prior_max_mb).to_dict() for d in sorted(DRAFTERS)}
     table = Table("drafter", "tokens/step", "drafted/step", "µs/step", "ms/call set-up")
     for d, r in rows.items():
         table.add_row(d, f"{r['tokens_per_step']:.3f}", f"{r['drafted_per_step']:.2f}",

@@ -45,6 +45,10 @@ class Settings(BaseSettings):
         description="public text every tenant's suffix drafts may also copy from: 'stdlib' (the standard library "
                     "sources of the Python running QuickDraft), a folder of text files, or 'none'",
     )
+    prior_text_max_mb: float = Field(
+        64.0, gt=0,
+        description="largest prior text source accepted, in MB of text (its index takes about 15 bytes per byte)",
+    )
     default_max_tokens: int = Field(256, ge=1, description="completion budget when a request sets none")
     max_tokens_cap: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
     max_concurrent_requests: int = Field(256, ge=1, description="requests in flight before RESOURCE_EXHAUSTED")

@@ -34,6 +34,9 @@ NONE = "none"
 # Text files read from a folder source (a standard-library source reads only its .py files).
 TEXT_SUFFIXES = (".py", ".md", ".rst", ".txt", ".sh", ".json", ".toml", ".yaml", ".yml", ".cfg", ".ini")
 _FORMAT = b"QDPRIOR1"
+# A source's text beyond this is refused: its index takes about 15 bytes per byte of text (52 a
+# token), all of it in the proxy's memory. The standard library's is 12 MB.
+MAX_MB = 64.0
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +70,9 @@ def stdlib_dir() -> pathlib.Path:
     return pathlib.Path(sysconfig.get_paths()["stdlib"])
 
 
-def source_files(source: str) -> list[pathlib.Path]:
-    """The files a source names, in a stable order (sorted by their path under the source)."""
+def source_files(source: str, max_mb: float = MAX_MB) -> list[pathlib.Path]:
+    """The files a source names, in a stable order (sorted by their path under the source); a
+    source holding more than ``max_mb`` megabytes of them is refused."""
     if source == STDLIB:
         root, suffixes = stdlib_dir(), (".py",)
     else:
@@ -86,6 +90,12 @@ def source_files(source: str) -> list[pathlib.Path]:
     found.sort(key=lambda p: p.relative_to(root).as_posix())
     if not found:
         raise PriorTextError(f"prior text source {source!r} holds no text files ({', '.join(suffixes)})")
+    size_mb = sum(p.stat().st_size for p in found) / 1e6
+    if size_mb > max_mb:
+        raise PriorTextError(
+            f"prior text source {source!r} holds {size_mb:,.1f} MB of text files, over the limit of {max_mb:g} MB "
+            f"(prior_text_max_mb): its index would take about {size_mb * 15:,.0f} MB of the proxy's memory. "
+            "Name a smaller folder, or raise prior_text_max_mb")
     return found
 
 
@@ -158,11 +168,11 @@ def batch_encoder(tokenizer: Any) -> Encode:
 
 
 def load_prior_text(source: str, tokenizer: str, encode: Encode, cache_dir: pathlib.Path | None = None,
-                    progress: bool = False) -> PriorText | None:
+                    progress: bool = False, max_mb: float = MAX_MB) -> PriorText | None:
     """The source's tokens for a vocabulary (None for ``"none"``), from the cache when it has them."""
     if is_off(source):
         return None
-    files = source_files(source)
+    files = source_files(source, max_mb)
     if cache_dir is None:
         from quickdraft.catalog import cache_root
 

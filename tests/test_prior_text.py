@@ -161,6 +161,24 @@ def test_a_source_that_is_no_folder_of_text_is_refused_with_the_reason(tmp_path)
     assert "prior text source 'missing' is not a folder" in result.output
 
 
+def test_a_source_larger_than_the_limit_is_refused_before_it_is_read(tmp_path):
+    big = tmp_path / "big"
+    big.mkdir()
+    (big / "a.txt").write_text("x" * 300_000)
+    assert len(source_files(str(big), max_mb=1)) == 1
+    with pytest.raises(PriorTextError, match=r"holds 0.3 MB of text files, over the limit of 0.1 MB"):
+        load_prior_text(str(big), "tok", lambda texts: pytest.fail("tokenized a refused source"),
+                        cache_dir=tmp_path / "cache", max_mb=0.1)
+    from conftest import trace_files
+
+    from quickdraft.cli import app
+
+    result = CliRunner().invoke(app, ["replay", str(trace_files(1)[0]), "--oracle", "--prior-text", str(big)],
+                                env={"COLUMNS": "300", "QUICKDRAFT_PRIOR_TEXT_MAX_MB": "0.1"})
+    assert result.exit_code == 2
+    assert "raise prior_text_max_mb" in result.output
+
+
 def test_the_standard_library_prior_on_the_real_tokenizer_lifts_the_first_dev_trajectory(tmp_path):
     """The default source, tokenized by SmolLM2's tokenizer, in the oracle replay of a real trajectory."""
     from conftest import trace_files
