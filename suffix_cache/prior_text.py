@@ -34,9 +34,11 @@ NONE = "none"
 # Text files read from a folder source (a standard-library source reads only its .py files).
 TEXT_SUFFIXES = (".py", ".md", ".rst", ".txt", ".sh", ".json", ".toml", ".yaml", ".yml", ".cfg", ".ini")
 _FORMAT = b"QDPRIOR1"
-# A source's text beyond this is refused: its index takes about 15 bytes per byte of text (52 a
-# token), all of it in the proxy's memory. The standard library's is 12 MB.
+# A source's text beyond this is refused: its index takes about INDEX_BYTES_PER_BYTE bytes per byte
+# of text once built (42 a token; about half as much again while it is built), all of it in the
+# proxy's memory. The standard library's is 12 MB.
 MAX_MB = 64.0
+INDEX_BYTES_PER_BYTE = 12
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +94,10 @@ def source_files(source: str, max_mb: float = MAX_MB) -> list[pathlib.Path]:
         raise PriorTextError(f"prior text source {source!r} holds no text files ({', '.join(suffixes)})")
     size_mb = sum(p.stat().st_size for p in found) / 1e6
     if size_mb > max_mb:
+        index_mb = size_mb * INDEX_BYTES_PER_BYTE
         raise PriorTextError(
             f"prior text source {source!r} holds {size_mb:,.1f} MB of text files, over the limit of {max_mb:g} MB "
-            f"(prior_text_max_mb): its index would take about {size_mb * 15:,.0f} MB of the proxy's memory. "
+            f"(prior_text_max_mb): its index would take about {index_mb:,.0f} MB of the proxy's memory. "
             "Name a smaller folder, or raise prior_text_max_mb")
     return found
 

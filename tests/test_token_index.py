@@ -131,3 +131,46 @@ def test_extend_sequences_lets_other_threads_run_while_it_indexes():
         spinner.join()
     # Held, the GIL would let the counter run for one switch interval (5 ms) at the most.
     assert took > 0.1 and during > 0.2 * rate * took
+
+
+def frozen_copy(seqs, floor=0):
+    index = build(seqs)
+    if floor:
+        index.evict_before(floor)
+    index.freeze()
+    return index
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 4), max_size=40), min_size=1, max_size=4), st.data())
+def test_a_frozen_index_finds_exactly_what_its_chains_find(seqs, data):
+    # The prior text's index is frozen: its chains laid out as blocks. Every query must give the
+    # same occurrences in the same order (the drafts depend on the order), whatever was evicted.
+    floor = data.draw(st.integers(0, sum(len(s) + 1 for s in seqs)))
+    live = build(seqs)
+    live.evict_before(floor)
+    frozen = frozen_copy(seqs, floor)
+    assert frozen.frozen and not live.frozen
+    assert frozen.tokens == live.tokens
+    for ctx in contexts():
+        for all_orders in (False, True):
+            for max_occ in (1, 3, 64):
+                assert frozen.occurrences(ctx, max_occ, all_orders=all_orders) == live.occurrences(
+                    ctx, max_occ, all_orders=all_orders
+                )
+
+
+def test_a_frozen_index_refuses_to_change_and_takes_less_memory():
+    text = random.Random(3).choices(range(50), k=20_000)
+    live, frozen = build([text]), frozen_copy([text])
+    assert frozen.memory_bytes() < live.memory_bytes()  # the links and rolling hashes are gone
+    for change in (
+        lambda: frozen.extend([1]),
+        frozen.start_sequence,
+        lambda: frozen.truncate(10),
+        lambda: frozen.rebase([1, 2]),
+        lambda: frozen.evict_before(5),
+    ):
+        with pytest.raises(RuntimeError, match="frozen"):
+            change()
+    assert frozen.tokens == live.tokens
