@@ -47,7 +47,7 @@ class Settings(BaseSettings):
     )
     prior_text_max_mb: float = Field(
         64.0, gt=0,
-        description="largest prior text source accepted, in MB of text (its index takes about 12 bytes per byte)",
+        description="largest prior text source accepted, in MB of text (its index takes about 11 bytes per byte)",
     )
     default_max_tokens: int = Field(256, ge=1, description="completion budget when a request sets none")
     max_tokens_cap: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")

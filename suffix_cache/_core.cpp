@@ -8,7 +8,9 @@
 // node per token and depth. Sequences are separated by a boundary marker so no
 // n-gram and no continuation crosses from one sequence into the next. The tail
 // can be truncated exactly (chains are last-in, first-out), the oldest tokens
-// can be evicted (a floor; the arena is compacted when half of it is dead).
+// can be evicted (a floor; the arena is compacted when half of it is dead), and
+// the positions indexed so far can be frozen: their chains laid out as blocks,
+// read without chasing links (freeze).
 //
 // grow_draft() turns weighted occurrences into a frequency tree of their
 // continuations and expands a draft tree best first by estimated path
@@ -206,28 +208,24 @@ class TokenIndex {
     if (orders_.empty()) throw std::invalid_argument("TokenIndex needs at least one n-gram order");
     std::sort(orders_.begin(), orders_.end());
     if (orders_.front() < 1) throw std::invalid_argument("n-gram orders must be positive");
-    int max_order = orders_.back();
-    pow_.assign(max_order + 1, 1);
-    for (int k = 1; k <= max_order; ++k) pow_[k] = pow_[k - 1] * BASE;
     heads_.resize(orders_.size());
     prev_.resize(orders_.size());
+    blocks_.resize(orders_.size());
     push_keys_.resize(orders_.size());
-    hash_.push_back(0);
   }
 
   int64_t size() const { return static_cast<int64_t>(toks_.size()); }
   int64_t floor() const { return floor_; }
   int64_t live_tokens() const { return size() - floor_; }
+  int64_t frozen_tokens() const { return base_; }
   const std::vector<int32_t>& tokens() const { return toks_; }
 
   void start_sequence() {
-    refuse_if_frozen();
     if (!toks_.empty() && toks_.back() != BOUNDARY) push(BOUNDARY);
     seq_start_ = size();
   }
 
   void extend(const std::vector<int32_t>& tokens) {
-    refuse_if_frozen();
     for (int32_t t : tokens) {
       if (t < 0) throw std::invalid_argument("token ids must be non-negative");
       push(t);
@@ -237,7 +235,6 @@ class TokenIndex {
   // Make the arena equal `tokens` (a single open sequence) by keeping the common
   // prefix and appending the rest; returns the number of tokens kept.
   int64_t rebase(const std::vector<int32_t>& tokens) {
-    refuse_if_frozen();
     int64_t n = std::min<int64_t>(size(), static_cast<int64_t>(tokens.size()));
     int64_t keep = 0;
     while (keep < n && toks_[keep] == tokens[keep]) ++keep;
@@ -250,59 +247,100 @@ class TokenIndex {
   }
 
   void truncate(int64_t length) {
-    refuse_if_frozen();
     if (length < floor_) throw std::invalid_argument("cannot truncate below the eviction floor");
+    if (length < base_) throw std::invalid_argument("cannot truncate into the frozen part of the index");
     while (size() > length) pop();
   }
 
   void evict_before(int64_t floor) {
-    refuse_if_frozen();
     floor_ = std::max(floor_, std::min(floor, size()));
     // Compact when more than half of the arena is dead, so memory follows the bound.
     if (floor_ > 4096 && floor_ * 2 > size()) compact();
   }
 
-  // Make the index read-only and lay each chain out contiguously: a key's positions, most recent
-  // first, in one block ended by -1, the chain head's table entry pointing at the block. A static
-  // text (the prior) is queried far more often than it changes, and a chain walk is a dependent
-  // cache miss per link where a block is a few consecutive lines whose misses overlap. Queries
-  // find exactly what they found before; the links and rolling hashes (only needed to append or
-  // truncate) are freed.
+  // Freeze every position indexed so far: lay each n-gram's chain out as one block of its
+  // positions, most recent first, ended by -1, and point the n-gram's table entry at the block.
+  // A chain walk is a dependent cache miss per link; a block is a few consecutive lines whose
+  // misses overlap. Appends go on as before (their chains end in a link to the frozen block);
+  // a later freeze merges them in. Queries find exactly what they found before. The frozen part
+  // cannot be truncated, and its links (only needed to truncate) are freed.
   void freeze() {
-    if (frozen_) return;
-    blocks_.resize(orders_.size());
     const auto n = static_cast<int32_t>(size());
+    if (n == base_) return;
+    const int32_t first = static_cast<int32_t>(std::max(base_, floor_));  // the first live position kept
+    const int32_t live = n - static_cast<int32_t>(base_);
     // Walking each chain in turn would be a dependent miss per link (about a second for the
-    // standard library's 3.3 M tokens). Three passes over the positions instead, whose accesses
-    // off the sequential path do not depend on one another: each position's depth along its
-    // chain (so a head's depth + 1 is its key's count), the blocks' starts, then each position's
-    // slot handed down its chain from the head (the newest position goes first).
-    std::vector<int32_t> depth(n, 0), slot(n, -1);
+    // standard library's 3.3 M tokens). Three passes over the unfrozen positions instead, whose
+    // accesses off the sequential path do not depend on one another: each position's depth along
+    // its chain and where the chain goes on in the frozen part, the new blocks' starts, then each
+    // position's slot handed down its chain from the head (the newest position goes first).
+    std::vector<int32_t> depth(live, 0), tail(live, kNone), slot(live, -1);
+    struct Copy {
+      int32_t from, to, count;
+    };
+    std::vector<Copy> copies;
     for (size_t oi = 0; oi < orders_.size(); ++oi) {
       const std::vector<int32_t>& prev = prev_[oi];
-      for (int32_t pos = static_cast<int32_t>(floor_); pos < n; ++pos)
-        depth[pos] = prev[pos] >= floor_ ? depth[prev[pos]] + 1 : 0;
-      std::vector<int32_t>& block = blocks_[oi];
-      size_t total = 0;
-      heads_[oi].update_values([&](uint64_t, int32_t head) {
-        auto start = static_cast<int32_t>(total);
-        slot[head] = start;
-        total += static_cast<size_t>(depth[head]) + 2;  // its positions and the closing -1
-        return start;
-      });
-      block.assign(total, -1);
-      for (int32_t pos = n - 1; pos >= floor_; --pos) {
-        if (slot[pos] < 0) continue;  // on no chain of this order (a boundary, a sequence's first tokens)
-        block[slot[pos]] = pos;
-        if (prev[pos] >= floor_) slot[prev[pos]] = slot[pos] + 1;
-        slot[pos] = -1;  // ready for the next order
+      const std::vector<int32_t>& old = blocks_[oi];
+      for (int32_t pos = first; pos < n; ++pos) {
+        int32_t link = prev[pos - base_];
+        if (link >= first) {
+          depth[pos - base_] = depth[link - base_] + 1;
+          tail[pos - base_] = tail[link - base_];
+        } else {  // the frozen part's (a block, a lone position) or none (a link below the floor: evicted)
+          depth[pos - base_] = 0;
+          tail[pos - base_] = is_block(link) || (link >= floor_ && link < base_) ? link : kNone;
+        }
       }
+      copies.clear();
+      std::vector<int32_t> fresh{kNone};  // block 0: the empty block, for n-grams no longer above the floor
+      size_t total = 1;
+      heads_[oi].update_values([&](uint64_t, int32_t head) {
+        int32_t newest = kNone, count = 0, rest = head;
+        if (head >= base_) {  // an unfrozen head: its chain's live positions come first
+          rest = kNone;
+          if (head >= first) {
+            newest = head;
+            count = depth[head - base_] + 1;
+            rest = tail[head - base_];
+          }
+        }
+        int32_t from = 0, kept = 0;  // what is still above the floor of the frozen part's positions
+        if (is_block(rest)) {
+          from = block_start(rest);
+          while (old[from + kept] >= floor_) ++kept;
+        } else if (rest >= floor_) {
+          kept = 1;  // a lone frozen position
+        }
+        if (count + kept == 0) return block_ref(0);
+        // An n-gram seen once (most of the long ones) is its position: no block.
+        if (count + kept == 1) return count == 1 ? newest : is_block(rest) ? old[from] : rest;
+        auto start = static_cast<int32_t>(total);
+        if (count > 0) slot[newest - base_] = start;
+        if (kept > 0) copies.push_back({is_block(rest) ? from : -1 - rest, start + count, kept});
+        total += static_cast<size_t>(count + kept) + 1;  // its positions and the closing -1
+        return block_ref(start);
+      });
+      fresh.resize(total, kNone);
+      for (int32_t pos = n - 1; pos >= first; --pos) {
+        int32_t at = slot[pos - base_];
+        if (at < 0) continue;  // on no block of this order (a boundary, a lone n-gram, a sequence's start)
+        fresh[at] = pos;
+        int32_t link = prev[pos - base_];
+        if (link >= first) slot[link - base_] = at + 1;
+        slot[pos - base_] = -1;  // ready for the next order
+      }
+      for (const Copy& c : copies) {
+        if (c.from >= 0)
+          std::copy_n(old.begin() + c.from, c.count, fresh.begin() + c.to);
+        else
+          fresh[c.to] = -1 - c.from;  // a lone frozen position
+      }
+      blocks_[oi].swap(fresh);
       std::vector<int32_t>().swap(prev_[oi]);
     }
-    std::vector<uint64_t>().swap(hash_);
-    frozen_ = true;
+    base_ = n;
   }
-  bool frozen() const { return frozen_; }
 
   // Most recent occurrences of the longest suffix of `ctx` that has any (only
   // occurrences followed by a token of their sequence count). With all_orders,
@@ -327,12 +365,12 @@ class TokenIndex {
     // found is exactly what walking each chain alone finds.
     const int n_orders = static_cast<int>(orders_.size());
     std::vector<int32_t>& ahead = scratch.ahead;
-    std::vector<int32_t>& cursor = scratch.cursor;
+    std::vector<Cursor>& cursor = scratch.cursor;
     std::vector<int>& ahead_count = scratch.ahead_count;  // links gathered per order
     if (all_orders) {
       ahead.assign(static_cast<size_t>(n_orders) * kAhead, -1);
       ahead_count.assign(n_orders, 0);
-      cursor.assign(n_orders, -1);
+      cursor.assign(n_orders, Cursor{});
       // The chain heads first: one miss per order's table, all asked for before any is read.
       std::vector<uint64_t>& keys = scratch.keys;
       keys.resize(n_orders);
@@ -342,27 +380,16 @@ class TokenIndex {
           heads_[oi].prefetch(keys[oi]);
         }
       for (int oi = 0; oi < n_orders; ++oi)
-        if (orders_[oi] <= limit) cursor[oi] = heads_[oi].find(keys[oi]);
-      if (frozen_) {
-        // Blocks hold no links to chase: ask for every order's first lines, then for the tokens
-        // at the first positions; the walk below reads the blocks themselves.
-        for (int oi = 0; oi < n_orders; ++oi)
-          if (cursor[oi] >= 0) __builtin_prefetch(&blocks_[oi][cursor[oi]]);
-        for (int oi = 0; oi < n_orders; ++oi) {
-          if (cursor[oi] < 0) continue;
-          const int32_t* b = &blocks_[oi][cursor[oi]];
-          for (int step = 0; step < kAhead && b[step] >= floor_; ++step) __builtin_prefetch(&toks_[b[step]]);
-        }
-      }
-      for (int step = 0; step < kAhead && !frozen_; ++step) {
+        if (orders_[oi] <= limit) enter(oi, heads_[oi].find(keys[oi]), cursor[oi]);
+      for (int step = 0; step < kAhead; ++step) {
         bool any = false;
         for (int oi = 0; oi < n_orders; ++oi) {
-          int32_t pos = cursor[oi];
+          int32_t pos = cursor[oi].pos;
           if (pos < floor_) continue;
           __builtin_prefetch(&toks_[pos]);
           ahead[static_cast<size_t>(oi) * kAhead + step] = pos;
           ahead_count[oi] = step + 1;
-          cursor[oi] = prev_[oi][pos];
+          advance(oi, cursor[oi]);
           any = true;
         }
         if (!any) break;
@@ -371,16 +398,19 @@ class TokenIndex {
     for (int oi = n_orders - 1; oi >= 0; --oi) {
       int order = orders_[oi];
       if (order > limit) continue;
-      const int32_t* block = nullptr;  // frozen: this key's positions, most recent first, ended by -1
-      const int32_t* gathered = all_orders && !frozen_ ? &ahead[static_cast<size_t>(oi) * kAhead] : nullptr;
+      // Positions come from the links gathered above while they last, then from the cursor.
+      const int32_t* gathered = nullptr;
+      int gathered_count = 0;
+      Cursor at;
       int32_t pos;
-      if (frozen_) {
-        int32_t start = all_orders ? cursor[oi] : heads_[oi].find(hash_of(ctx + ctx_len - order, order));
-        if (start < 0) continue;
-        block = &blocks_[oi][start];
-        pos = block[0];
+      if (all_orders) {
+        gathered = &ahead[static_cast<size_t>(oi) * kAhead];
+        gathered_count = ahead_count[oi];
+        at = cursor[oi];  // already past the gathered links
+        pos = gathered[0];
       } else {
-        pos = gathered != nullptr ? gathered[0] : heads_[oi].find(hash_of(ctx + ctx_len - order, order));
+        enter(oi, heads_[oi].find(hash_of(ctx + ctx_len - order, order)), at);
+        pos = at.pos;
       }
       if (pos < 0) continue;
       int walked = 0;
@@ -395,9 +425,12 @@ class TokenIndex {
             ++taken;
           }
         }
-        pos = block != nullptr                                  ? block[walked]
-              : gathered != nullptr && walked < ahead_count[oi] ? gathered[walked]
-                                                                : prev_[oi][pos];
+        if (walked < gathered_count) {
+          pos = gathered[walked];
+        } else {
+          if (walked > gathered_count || gathered == nullptr) advance(oi, at);
+          pos = at.pos;
+        }
       }
       if (!found.empty() && !all_orders) return found;
     }
@@ -410,20 +443,15 @@ class TokenIndex {
   // few sharing its hash, or no 1-gram chain).
   int64_t last_position(int32_t tok) const {
     if (orders_.front() != 1) return -1;
-    int32_t pos = heads_[0].find(hash_of(&tok, 1));
-    if (pos < 0) return -1;
-    const int32_t* block = frozen_ ? &blocks_[0][pos] : nullptr;
-    if (block != nullptr) pos = block[0];
-    for (int walked = 0; pos >= floor_ && walked < 16;) {
-      if (toks_[pos] == tok) return pos;  // the 1-gram hash keys two ids on one key
-      ++walked;
-      pos = block != nullptr ? block[walked] : prev_[0][pos];
-    }
+    Cursor c;
+    enter(0, heads_[0].find(hash_of(&tok, 1)), c);
+    for (int walked = 0; c.pos >= floor_ && walked < 16; ++walked, advance(0, c))
+      if (toks_[c.pos] == tok) return c.pos;  // the 1-gram hash keys two ids on one key
     return -1;
   }
 
   size_t memory_bytes() const {
-    size_t total = toks_.capacity() * sizeof(int32_t) + hash_.capacity() * sizeof(uint64_t);
+    size_t total = toks_.capacity() * sizeof(int32_t);
     for (const auto& p : prev_) total += p.capacity() * sizeof(int32_t);
     for (const auto& b : blocks_) total += b.capacity() * sizeof(int32_t);
     for (const auto& h : heads_) total += h.capacity_bytes();
@@ -431,19 +459,46 @@ class TokenIndex {
   }
 
  private:
-  void refuse_if_frozen() const {
-    if (frozen_) throw std::logic_error("this token index is frozen (read-only): it cannot change");
+  // A table value or a chain link is a position, kNone, or a frozen block, encoded below -1. A
+  // frozen position that is not in a block is its n-gram's only one (at freezing time).
+  static constexpr int32_t kNone = -1;
+  static bool is_block(int32_t v) { return v < kNone; }
+  static int32_t block_ref(int32_t start) { return -start - 2; }
+  static int32_t block_start(int32_t ref) { return -ref - 2; }
+
+  // Where a walk down one order's chain is: a position (below the floor: the walk is over), and
+  // inside a frozen block, the entry it came from.
+  struct Cursor {
+    int32_t pos = kNone;
+    const int32_t* in_block = nullptr;
+  };
+  void enter(int oi, int32_t value, Cursor& c) const {
+    if (is_block(value)) {
+      c.in_block = &blocks_[oi][block_start(value)];
+      c.pos = *c.in_block;
+    } else {
+      c.in_block = nullptr;
+      c.pos = value;
+    }
+  }
+  void advance(int oi, Cursor& c) const {
+    if (c.in_block != nullptr)
+      c.pos = *++c.in_block;  // a block ends with -1
+    else if (c.pos < base_)
+      c.pos = kNone;  // a frozen position outside a block: its n-gram's only one
+    else
+      enter(oi, prev_[oi][c.pos - base_], c);
   }
 
+  // Polynomial hash of an n-gram, computed from its tokens (a few multiply-adds: cheaper to
+  // redo than a rolling hash's 8 bytes a token are to keep).
   uint64_t hash_of(const int32_t* gram, int n) const {
     uint64_t h = 0;
     for (int i = 0; i < n; ++i) h = h * BASE + static_cast<uint64_t>(static_cast<int64_t>(gram[i]) + 2);
     return h | 1;  // never the empty key
   }
 
-  uint64_t gram_hash(int64_t end, int order) const {
-    return (hash_[end + 1] - hash_[end + 1 - order] * pow_[order]) | 1;
-  }
+  uint64_t gram_hash(int64_t end, int order) const { return hash_of(&toks_[end + 1 - order], order); }
 
   int match_len(int64_t end, const int32_t* ctx, int64_t ctx_len, int limit) const {
     int n = 0;
@@ -453,10 +508,9 @@ class TokenIndex {
 
   void push(int32_t tok) {
     toks_.push_back(tok);
-    hash_.push_back(hash_.back() * BASE + static_cast<uint64_t>(static_cast<int64_t>(tok) + 2));
     int64_t pos = size() - 1;
     if (tok == BOUNDARY) {
-      for (auto& p : prev_) p.push_back(-1);
+      for (auto& p : prev_) p.push_back(kNone);
       return;
     }
     int64_t avail = pos - seq_start_ + 1;
@@ -468,7 +522,7 @@ class TokenIndex {
     }
     for (size_t oi = 0; oi < orders_.size(); ++oi) {
       if (orders_[oi] > avail) {
-        prev_[oi].push_back(-1);
+        prev_[oi].push_back(kNone);
         continue;
       }
       prev_[oi].push_back(heads_[oi].exchange(push_keys_[oi], static_cast<int32_t>(pos)));
@@ -490,8 +544,8 @@ class TokenIndex {
         if (order > avail) continue;
         uint64_t key = gram_hash(pos, order);
         if (heads_[oi].find(key) == pos) {
-          int32_t before = prev_[oi][pos];
-          if (before >= 0)
+          int32_t before = prev_[oi][pos - base_];
+          if (before != kNone)
             heads_[oi].put(key, before);
           else
             heads_[oi].erase(key);
@@ -500,7 +554,6 @@ class TokenIndex {
     }
     for (auto& p : prev_) p.pop_back();
     toks_.pop_back();
-    hash_.pop_back();
   }
 
   void compact() {
@@ -512,10 +565,11 @@ class TokenIndex {
       if (boundary != keep.end()) keep.erase(keep.begin(), boundary + 1);
     }
     toks_.clear();
-    hash_.assign(1, 0);
     for (auto& p : prev_) p.clear();
+    for (auto& b : blocks_) std::vector<int32_t>().swap(b);
     for (auto& h : heads_) h.clear();
     floor_ = 0;
+    base_ = 0;
     seq_start_ = 0;
     for (int32_t t : keep) {
       push(t);
@@ -526,21 +580,23 @@ class TokenIndex {
   static constexpr int kAhead = 24;  // links of every chain read side by side (occurrences)
   struct Scratch {
     PositionSet seen;
-    std::vector<int32_t> ahead, cursor;
+    std::vector<int32_t> ahead;
+    std::vector<Cursor> cursor;
     std::vector<int> ahead_count;
     std::vector<uint64_t> keys;  // each order's chain-head key
   };
 
   std::vector<int> orders_;
-  std::vector<uint64_t> pow_;
   std::vector<int32_t> toks_;
-  std::vector<uint64_t> hash_;  // hash_[i]: rolling hash of toks_[0, i)
+  // Per order: the table from an n-gram's key to its newest position (or its frozen block), the
+  // link from each unfrozen position to the previous one of its n-gram (prev_[oi][pos - base_]),
+  // and the frozen blocks.
+  std::vector<FlatMap> heads_;
   std::vector<std::vector<int32_t>> prev_;
-  std::vector<std::vector<int32_t>> blocks_;  // frozen: each order's chains laid out (freeze)
-  std::vector<FlatMap> heads_;                // chain head per key; frozen: its block's start
-  bool frozen_ = false;
+  std::vector<std::vector<int32_t>> blocks_;
   std::vector<uint64_t> push_keys_;  // a push's chain-head key per order
   int64_t floor_ = 0;
+  int64_t base_ = 0;  // positions below it are frozen (freeze)
   int64_t seq_start_ = 0;
 };
 
@@ -1505,7 +1561,7 @@ PYBIND11_MODULE(_core, m) {
       .def("extend", &TokenIndex::extend)
       .def(
           "extend_sequences",
-          [](TokenIndex& t, const py::iterable& texts) {
+          [](TokenIndex& t, const py::iterable& texts, bool freeze) {
             // Copied while the GIL is held, indexed without it: a large text (a prior) takes a
             // good part of a second to index, and the proxy's event loop must not stall meanwhile.
             std::vector<std::vector<int32_t>> copies;
@@ -1521,11 +1577,15 @@ PYBIND11_MODULE(_core, m) {
               t.start_sequence();
               t.extend(c);
             }
+            if (freeze) t.freeze();
           },
-          py::arg("texts"), "start_sequence() and extend() for each buffer of token ids, without holding the GIL")
-      .def("freeze", &TokenIndex::freeze, py::call_guard<py::gil_scoped_release>(),
-           "Make the index read-only, its chains laid out contiguously for faster queries")
-      .def_property_readonly("frozen", &TokenIndex::frozen)
+          py::arg("texts"), py::arg("freeze") = false,
+          "start_sequence() and extend() for each buffer of token ids (then freeze(), if asked), without "
+          "holding the GIL: only for an index no other thread reads yet")
+      .def("freeze", &TokenIndex::freeze,
+           "Lay the chains of every position indexed so far out as contiguous blocks (faster queries; "
+           "that part can no longer be truncated)")
+      .def_property_readonly("frozen_tokens", &TokenIndex::frozen_tokens)
       .def("truncate", &TokenIndex::truncate)
       .def("evict_before", &TokenIndex::evict_before)
       .def("memory_bytes", &TokenIndex::memory_bytes)

@@ -44,7 +44,7 @@ def test_every_tenant_drafts_from_the_prior_and_none_writes_into_it():
     d = HybridDrafter()
     d.use_prior(prior(LINE))
     index = d.members[0].prior_index("tok")
-    assert index.frozen  # read-only: no tenant's text can reach it
+    assert index.frozen_tokens == len(index)  # laid out once built: no tenant's text reaches it
     size = len(index)
     # Tenant A's answer goes to A's own index, not to the prior.
     first = SessionKey(A, "one")
