@@ -248,7 +248,7 @@ class TokenIndex {
 
   void truncate(int64_t length) {
     if (length < floor_) throw std::invalid_argument("cannot truncate below the eviction floor");
-    if (length < base_) throw std::invalid_argument("cannot truncate into the frozen part of the index");
+    if (length < base_) return thaw(length);
     while (size() > length) pop();
   }
 
@@ -262,8 +262,8 @@ class TokenIndex {
   // positions, most recent first, ended by -1, and point the n-gram's table entry at the block.
   // A chain walk is a dependent cache miss per link; a block is a few consecutive lines whose
   // misses overlap. Appends go on as before (their chains end in a link to the frozen block);
-  // a later freeze merges them in. Queries find exactly what they found before. The frozen part
-  // cannot be truncated, and its links (only needed to truncate) are freed.
+  // a later freeze merges them in. Queries find exactly what they found before. The frozen part's
+  // links (only needed to truncate) are freed: truncating into it builds the chains again (thaw).
   void freeze() {
     const auto n = static_cast<int32_t>(size());
     if (n == base_) return;
@@ -554,6 +554,25 @@ class TokenIndex {
     }
     for (auto& p : prev_) p.pop_back();
     toks_.pop_back();
+  }
+
+  // Cut into the frozen part (a session whose history was rewritten): frozen positions have no
+  // links to undo, so the chains of what is kept are built again, unfrozen, at the same positions.
+  void thaw(int64_t length) {
+    std::vector<int32_t> keep(toks_.begin(), toks_.begin() + length);
+    int64_t floor = floor_;
+    toks_.clear();
+    for (auto& p : prev_) p.clear();
+    for (auto& b : blocks_) std::vector<int32_t>().swap(b);
+    for (auto& h : heads_) h.clear();
+    floor_ = 0;
+    base_ = 0;
+    seq_start_ = 0;
+    for (int32_t t : keep) {
+      push(t);
+      if (t == BOUNDARY) seq_start_ = size();
+    }
+    floor_ = floor;
   }
 
   void compact() {
