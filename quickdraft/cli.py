@@ -392,6 +392,9 @@ def bench(
              "(oracle-replayed into a Redis log of the run's own; 0: a cold proxy)")] = 0,
     redis_url: Annotated[str, typer.Option(help="e2e with --warm: the Redis to hold that log")] = \
         "redis://127.0.0.1:6379/0",
+    anchor: Annotated[bool, typer.Option(
+        help="drafters: also replay the SuffixDecoding anchor (shared/anchor/build_anchor.sh builds it) at "
+             "the same time, and report each drafter's tokens per step as a multiple of its")] = False,
     json_out: Annotated[pathlib.Path, typer.Option("--json", help="write the figures here")] = None,
 ) -> None:
     """Run a named benchmark."""
@@ -516,13 +519,43 @@ def bench(
 
     paths = paths or [default_traces_dir()]
     prior, prior_max_mb = _prior_text_option(None)
-    rows = {d: replay_oracle(paths, d, prior_text=prior, prior_max_mb=prior_max_mb).to_dict() for d in sorted(DRAFTERS)}
-    table = Table("drafter", "tokens/step", "drafted/step", "µs/step", "ms/call set-up")
+    beside = None
+    if anchor:
+        from quickdraft.bench.anchor_run import AnchorError, AnchorRun
+
+        try:
+            beside = AnchorRun(paths)  # runs meanwhile, on a core of its own
+        except AnchorError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--anchor") from exc
+    try:
+        rows = {d: replay_oracle(paths, d, prior_text=prior, prior_max_mb=prior_max_mb).to_dict()
+                for d in sorted(DRAFTERS)}
+        if beside is not None:
+            console.print("[dim]waiting for the anchor's replay ...[/dim]")
+            try:
+                found = beside.figures()
+            except AnchorError as exc:
+                console.print(f"[red]{exc}[/red]")
+                raise typer.Exit(1) from exc
+    finally:
+        if beside is not None:
+            beside.stop()
+    table = Table("drafter", "tokens/step", "drafted/step", "µs/step", "ms/call set-up",
+                  *(["× anchor"] if beside is not None else []))
+    figures: dict[str, object] = {"benchmark": "drafters", "results": rows}
     for d, r in rows.items():
+        ratio = [f"{r['tokens_per_step'] / found.tokens_per_step:.3f}"] if beside is not None else []
         table.add_row(d, f"{r['tokens_per_step']:.3f}", f"{r['drafted_per_step']:.2f}",
-                      f"{r['draft_us_per_step']:.1f}", f"{r['prepare_ms_per_call']:.2f}")
+                      f"{r['draft_us_per_step']:.1f}", f"{r['prepare_ms_per_call']:.2f}", *ratio)
+    if beside is not None:
+        table.add_row("anchor (SuffixDecoding)", f"{found.tokens_per_step:.3f}",
+                      f"{found.drafted_per_step:.2f}", f"{found.draft_us_per_step:.1f}",
+                      f"{found.prepare_ms_per_call:.2f}", "1.000")
+        figures["anchor"] = found.raw
+        figures["tokens_per_step_vs_anchor"] = {d: round(r["tokens_per_step"] / found.tokens_per_step, 4)
+                                                for d, r in rows.items()}
     console.print(table)
-    _write_json(json_out, {"benchmark": "drafters", "results": rows}, kind="bench-drafters")
+    _write_json(json_out, figures, kind="bench-drafters")
 
 
 @app.command()
