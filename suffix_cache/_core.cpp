@@ -559,19 +559,8 @@ class TokenIndex {
   // Cut into the frozen part (a session whose history was rewritten): frozen positions have no
   // links to undo, so the chains of what is kept are built again, unfrozen, at the same positions.
   void thaw(int64_t length) {
-    std::vector<int32_t> keep(toks_.begin(), toks_.begin() + length);
     int64_t floor = floor_;
-    toks_.clear();
-    for (auto& p : prev_) p.clear();
-    for (auto& b : blocks_) std::vector<int32_t>().swap(b);
-    for (auto& h : heads_) h.clear();
-    floor_ = 0;
-    base_ = 0;
-    seq_start_ = 0;
-    for (int32_t t : keep) {
-      push(t);
-      if (t == BOUNDARY) seq_start_ = size();
-    }
+    reindex(std::vector<int32_t>(toks_.begin(), toks_.begin() + length));
     floor_ = floor;
   }
 
@@ -583,6 +572,11 @@ class TokenIndex {
       auto boundary = std::find(keep.begin(), keep.end(), BOUNDARY);
       if (boundary != keep.end()) keep.erase(keep.begin(), boundary + 1);
     }
+    reindex(keep);
+  }
+
+  // Index `tokens` from scratch, unfrozen, as the arena's whole content.
+  void reindex(const std::vector<int32_t>& tokens) {
     toks_.clear();
     for (auto& p : prev_) p.clear();
     for (auto& b : blocks_) std::vector<int32_t>().swap(b);
@@ -590,7 +584,7 @@ class TokenIndex {
     floor_ = 0;
     base_ = 0;
     seq_start_ = 0;
-    for (int32_t t : keep) {
+    for (int32_t t : tokens) {
       push(t);
       if (t == BOUNDARY) seq_start_ = size();
     }
