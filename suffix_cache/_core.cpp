@@ -428,7 +428,7 @@ class TokenIndex {
         if (walked < gathered_count) {
           pos = gathered[walked];
         } else {
-          if (walked > gathered_count || gathered == nullptr) advance(oi, at);
+          if (walked > gathered_count) advance(oi, at);  // at == gathered_count the cursor is already there
           pos = at.pos;
         }
       }
@@ -1597,7 +1597,7 @@ PYBIND11_MODULE(_core, m) {
           "holding the GIL: only for an index no other thread reads yet")
       .def("freeze", &TokenIndex::freeze,
            "Lay the chains of every position indexed so far out as contiguous blocks (faster queries; "
-           "that part can no longer be truncated)")
+           "truncating into that part rebuilds its chains)")
       .def_property_readonly("frozen_tokens", &TokenIndex::frozen_tokens)
       .def("truncate", &TokenIndex::truncate)
       .def("evict_before", &TokenIndex::evict_before)
