@@ -80,6 +80,10 @@ class DecodeProxyService:
         self.router = Router(pool, settings.default_model)
         self.sessions = SessionTable(settings.max_sessions_per_tenant)
         self.drafters: dict[str, Drafter] = {name: make_drafter(name) for name in DRAFTERS}
+        # Large tenant indexes are compacted and frozen here, not on the event loop (Drafter.maintain_in).
+        self._maintenance = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="drafter-maintenance")
+        for drafter in self.drafters.values():
+            drafter.maintain_in(self._maintenance)
         self.admission = Admission(settings.max_concurrent_requests, settings.max_concurrent_per_tenant)
         self.metrics = ProxyMetrics()
         self.shared_log: ResponseLog | None = None
@@ -103,6 +107,7 @@ class DecodeProxyService:
             await self.shared_log.close()
         if self.request_log is not None:
             await self.request_log.close()
+        self._maintenance.shutdown(wait=False, cancel_futures=True)  # a rebuild under way is simply dropped
 
     def load_prior_texts(self) -> None:
         """Start loading the prior text (``prior_text`` setting) of every model's vocabulary, once each,

@@ -113,6 +113,11 @@ class FlatMap {
   void clear() { reset(64); }
   size_t size() const { return count_; }
 
+  // Room for `expected` keys without growing (growing rehashes every key: tens of ms for millions).
+  void reserve(size_t expected) {
+    while (expected * 4 > slots_.size() * 3) grow();
+  }
+
   // Replace every value by f(key, value), in slot order.
   template <class F>
   void update_values(F&& f) {
@@ -202,6 +207,15 @@ struct Occurrence {
   int32_t match_len;  // context tokens matching up to there
 };
 
+// The live part of a TokenIndex, copied (TokenIndex::snapshot): `tokens` were at positions
+// start .. end() - 1 of the source.
+struct IndexSnapshot {
+  std::vector<int> orders;
+  int64_t start = 0;
+  std::vector<int32_t> tokens;
+  int64_t end() const { return start + static_cast<int64_t>(tokens.size()); }
+};
+
 class TokenIndex {
  public:
   explicit TokenIndex(std::vector<int> orders) : orders_(std::move(orders)) {
@@ -252,10 +266,73 @@ class TokenIndex {
     while (size() > length) pop();
   }
 
+  // Whether evict_before compacts the arena itself (the default) or leaves that to the caller, who
+  // may rebuild the index from a snapshot in another thread rather than stall its own.
+  bool auto_compact = true;
+
   void evict_before(int64_t floor) {
     floor_ = std::max(floor_, std::min(floor, size()));
-    // Compact when more than half of the arena is dead, so memory follows the bound.
-    if (floor_ > 4096 && floor_ * 2 > size()) compact();
+    if (auto_compact && compaction_due()) compact();
+  }
+
+  // More than half of the arena is dead: compacting now keeps memory within twice the bound.
+  bool compaction_due() const { return floor_ > 4096 && floor_ * 2 > size(); }
+
+  // The first position a compaction keeps: the floor, or the start of the next sequence when the
+  // floor cuts one (so no continuation starts mid-way), unless the cut sequence is the last one.
+  int64_t compaction_start() const {
+    if (floor_ == 0 || toks_[floor_ - 1] == BOUNDARY) return floor_;
+    auto boundary = std::find(toks_.begin() + floor_, toks_.end(), BOUNDARY);
+    return boundary == toks_.end() ? floor_ : (boundary - toks_.begin()) + 1;
+  }
+
+  // Drop the evicted part: index what a compaction keeps again, from scratch, at positions from 0.
+  void compact() { reindex(std::vector<int32_t>(toks_.begin() + compaction_start(), toks_.end())); }
+
+  // What a compaction would keep, copied: rebuilt into a new index (IndexSnapshot::build, which
+  // may run in another thread: it reads only the copy) while this index goes on, then brought up
+  // to date (catch_up) and used instead of this one.
+  IndexSnapshot snapshot() const {
+    int64_t start = compaction_start();
+    return IndexSnapshot{orders_, start, std::vector<int32_t>(toks_.begin() + start, toks_.end())};
+  }
+
+  // Index a snapshot's tokens from scratch (compacted, since it holds only the live part), frozen
+  // if asked, with room to grow by `headroom` times its size before any table or array is
+  // reallocated: the rebuild runs in another thread, the growth after it in the caller's.
+  static TokenIndex build(const IndexSnapshot& snap, bool freeze, double headroom) {
+    TokenIndex t(snap.orders);
+    t.reindex(snap.tokens);
+    if (freeze) t.freeze();
+    if (headroom > 0) {
+      const auto n = static_cast<size_t>(t.size()), more = static_cast<size_t>(headroom * n) + 1024;
+      t.toks_.reserve(n + more);
+      for (auto& p : t.prev_) p.reserve(p.size() + more);
+      for (auto& h : t.heads_) h.reserve(h.size() + more);
+    }
+    return t;
+  }
+
+  // This index was built from `snap` of `src`: take what `src` gained since -- the tokens appended
+  // after the snapshot, at most `limit` of them a call (negative: all), then its floor -- at this
+  // index's positions (src's position p is p - snap.start here). True once level with `src`: this
+  // index then holds what a compaction of `src` would now.
+  bool catch_up(const TokenIndex& src, const IndexSnapshot& snap, int64_t limit) {
+    const int64_t from = snap.start + size();  // src's position of the next token to take
+    if (size() < static_cast<int64_t>(snap.tokens.size()) || orders_ != snap.orders || floor_ != 0)
+      throw std::invalid_argument("catch_up: this index is not the snapshot's rebuild, or has changed since");
+    if (src.size() < from ||
+        (size() == static_cast<int64_t>(snap.tokens.size()) &&
+         !std::equal(snap.tokens.begin(), snap.tokens.end(), src.toks_.begin() + snap.start)))
+      throw std::invalid_argument("catch_up: the source index was cut or rewritten after the snapshot");
+    const int64_t stop = limit < 0 ? src.size() : std::min(src.size(), from + limit);
+    for (int64_t p = from; p < stop; ++p) {
+      push(src.toks_[p]);
+      if (src.toks_[p] == BOUNDARY) seq_start_ = size();
+    }
+    if (stop < src.size()) return false;
+    if (src.floor_ > snap.start) evict_before(src.floor_ - snap.start);
+    return true;
   }
 
   // Freeze every position indexed so far: lay each n-gram's chain out as one block of its
@@ -562,17 +639,6 @@ class TokenIndex {
     int64_t floor = floor_;
     reindex(std::vector<int32_t>(toks_.begin(), toks_.begin() + length));
     floor_ = floor;
-  }
-
-  void compact() {
-    std::vector<int32_t> keep(toks_.begin() + floor_, toks_.end());
-    // The floor may cut a sequence; its remainder is dropped, so no continuation starts mid-way.
-    bool at_sequence_start = floor_ == 0 || toks_[floor_ - 1] == BOUNDARY;
-    if (!at_sequence_start) {
-      auto boundary = std::find(keep.begin(), keep.end(), BOUNDARY);
-      if (boundary != keep.end()) keep.erase(keep.begin(), boundary + 1);
-    }
-    reindex(keep);
   }
 
   // Index `tokens` from scratch, unfrozen, as the arena's whole content.
@@ -1553,6 +1619,20 @@ PYBIND11_MODULE(_core, m) {
       .def_readwrite("resync_below", &DraftParams::resync_below)
       .def_readwrite("resync_min", &DraftParams::resync_min);
 
+  py::class_<IndexSnapshot>(m, "IndexSnapshot")
+      .def_readonly("start", &IndexSnapshot::start)
+      .def_property_readonly("end", &IndexSnapshot::end)
+      .def(
+          "build",
+          [](const IndexSnapshot& snap, bool freeze, double headroom) {
+            // Seconds for millions of tokens: the caller's other threads (the proxy's event loop) go on.
+            py::gil_scoped_release unlocked;
+            return TokenIndex::build(snap, freeze, headroom);
+          },
+          py::arg("freeze") = true, py::arg("headroom") = 0.0,
+          "A new index of the snapshot's tokens (frozen, unless asked not to), built without holding the GIL, "
+          "with room to grow by `headroom` times its size before reallocating");
+
   py::class_<TokenIndex>(m, "TokenIndex")
       .def(py::init<std::vector<int>>(), py::arg("orders") = kDefaultOrders)
       .def("__len__", &TokenIndex::size)
@@ -1601,6 +1681,17 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("frozen_tokens", &TokenIndex::frozen_tokens)
       .def("truncate", &TokenIndex::truncate)
       .def("evict_before", &TokenIndex::evict_before)
+      .def_readwrite("auto_compact", &TokenIndex::auto_compact,
+                     "evict_before compacts the arena when half of it is dead (False: the caller rebuilds it "
+                     "from snapshot() instead)")
+      .def_property_readonly("compaction_due", &TokenIndex::compaction_due)
+      .def("compact", &TokenIndex::compact, "Drop the evicted part of the arena now (indexes the rest again)")
+      .def("snapshot", &TokenIndex::snapshot,
+           "A copy of what a compaction would keep, to rebuild elsewhere (IndexSnapshot.build) while this "
+           "index goes on")
+      .def("catch_up", &TokenIndex::catch_up, py::arg("source"), py::arg("snapshot"), py::arg("limit") = -1,
+           "Built from `snapshot` of `source`: take the tokens `source` gained since (at most `limit` a "
+           "call; negative: all), then its floor; True once level with it")
       .def("memory_bytes", &TokenIndex::memory_bytes)
       .def(
           "occurrences",

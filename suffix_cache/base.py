@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -129,6 +130,11 @@ class Drafter(ABC):
     def use_prior(self, prior: PriorText) -> None:  # noqa: B027 (optional hook)
         """Public text every tenant of ``prior.tokenizer`` may draft from (``prior_text``); a drafter
         that cannot use it ignores it."""
+
+    def maintain_in(self, executor: Executor | None) -> None:  # noqa: B027 (optional hook)
+        """Rebuild large learned structures on ``executor`` (a thread) and swap them in when done,
+        rather than in the call that makes them due (None, the default: in that call, so a replay's
+        drafts never depend on timing). The proxy passes one, so its event loop never stalls on them."""
 
     def learn_response(self, scope: Scope, response: Sequence[int]) -> None:  # noqa: B027 (optional hook)
         """Learn a response produced elsewhere (another replica, or a restart's replay)."""

@@ -26,6 +26,7 @@ and drafting stays near the suffix drafter's own cost.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 
 from quickdraft.suffix_cache import _core
@@ -171,6 +172,10 @@ class HybridDrafter(Drafter):
     def use_prior(self, prior: PriorText) -> None:
         for m in self.members:
             m.use_prior(prior)
+
+    def maintain_in(self, executor: Executor | None) -> None:
+        for m in self.members:
+            m.maintain_in(executor)
 
     def learn_response(self, scope: Scope, response: Sequence[int]) -> None:
         for m in self.members:

@@ -25,15 +25,19 @@ differs from the context in its last token only (an edited line) continues past 
 
 from __future__ import annotations
 
+import logging
 import threading
 import zlib
 from collections.abc import Sequence
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 
 from quickdraft.suffix_cache import _core
 from quickdraft.suffix_cache.base import Drafter, PositionStats, Scope, SessionKey
 from quickdraft.suffix_cache.draft import DraftTree
 from quickdraft.suffix_cache.prior_text import PriorText
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -70,6 +74,11 @@ class SuffixParams:
     # (TokenIndex.freeze: the same drafts, read faster at every step; the cost is paid in end_call).
     freeze_every: int = 65_536
     freeze_share: float = 0.125
+    # With a maintenance executor (maintain_in: the proxy's), a tenant index of at least this many live
+    # tokens is compacted and frozen by rebuilding it from a snapshot in that thread, and swapped in when
+    # done: in place, a merge takes 0.2-0.4 s and a compaction 1-2 s at the 4 M-token cap, a stall of
+    # every stream the event loop serves. Smaller ones stay in place (a merge of 256 K tokens: ~15 ms).
+    rebuild_above: int = 262_144
     context_window: int = 16     # ... times exp(context_weight * the share of the context's last
     context_weight: float = 2.0  #     context_window tokens that also precede the occurrence's match)
     calibrate: bool = True       # grow trees by calibrated acceptance chances (learned per scope)
@@ -89,6 +98,9 @@ class SuffixParams:
             setattr(p, name, getattr(self, name))
         return p
 
+
+# Tokens a rebuilt index takes per call from the one it replaces (TokenIndex.catch_up): a few ms.
+CATCH_UP_PER_CALL = 16_384
 
 _PRIOR_INDEXES: dict[tuple[str, str], _core.TokenIndex] = {}  # read-only once built: drafters share them
 # The prior is read after matches under prior_below (4) tokens, so n-grams of up to 4 tokens find its
@@ -119,6 +131,14 @@ def _build_index(prior: PriorText) -> _core.TokenIndex:
 
 
 @dataclass(slots=True)
+class _Rebuild:
+    # A tenant index being rebuilt off the caller's thread, and the snapshot it is built from.
+    snapshot: _core.IndexSnapshot
+    future: Future[_core.TokenIndex]
+    seen: int = -1  # the replaced index's length at the last catch-up step
+
+
+@dataclass(slots=True)
 class _Session:
     # The index, the scope's shared state it drafts with and the pending draft live in the core,
     # so a step crosses into C++ once to propose and once to accept.
@@ -137,13 +157,44 @@ class SuffixDrafter(Drafter):
         self._calibrations: dict[Scope, _core.Calibration] = {}
         self._exported: dict[Scope, int] = {}  # the calibration's observation count at its last export
         self._priors: dict[str, _core.TokenIndex] = {}  # by tokenizer: public text, shared by every tenant
+        self._executor: Executor | None = None
+        self._rebuilds: dict[Scope, _Rebuild] = {}
+
+    def maintain_in(self, executor: Executor | None) -> None:
+        self._executor = executor
+        for index in self._responses.values():
+            index.auto_compact = executor is None
 
     # -- state -------------------------------------------------------------
     def responses(self, scope: Scope) -> _core.TokenIndex:
+        if self._rebuilds:
+            self._swap_rebuilt(scope)
         index = self._responses.get(scope)
         if index is None:  # setdefault: a Redis log thread may create it at the same moment
             index = self._responses.setdefault(scope, _core.TokenIndex())
+            index.auto_compact = self._executor is None
         return index
+
+    def _swap_rebuilt(self, scope: Scope) -> None:
+        job = self._rebuilds.get(scope)
+        if job is None or not job.future.done():
+            return
+        try:
+            rebuilt = job.future.result()
+            rebuilt.auto_compact = False
+            # What was learned while it was built is indexed here, a bounded share per call: what was
+            # learned since the last step plus CATCH_UP_PER_CALL, so it is level within a few calls
+            # (a busy tenant must not trade one long pause for another).
+            source = self._responses[scope]
+            grown, job.seen = (len(source) - job.seen if job.seen >= 0 else 0), len(source)
+            level = rebuilt.catch_up(source, job.snapshot, CATCH_UP_PER_CALL + grown)
+        except Exception as exc:  # noqa: BLE001 (out of memory, a stopped executor): keep the index as it is
+            del self._rebuilds[scope]
+            log.warning("rebuilding tenant %r's response index failed (%s): it stays as it was", scope.tenant, exc)
+            return
+        if level:
+            del self._rebuilds[scope]
+            self._responses[scope] = rebuilt  # sessions bound to the old one keep it until their next call
 
     def calibration(self, scope: Scope) -> _core.Calibration:
         cal = self._calibrations.get(scope)
@@ -176,6 +227,8 @@ class SuffixDrafter(Drafter):
         if session is None:
             return
         response = session.core.index.since(session.response_start)
+        # Unbound between calls, so an idle session does not keep a rebuilt-and-replaced index alive.
+        session.core.bind(None, None, self._core_params, None)
         if response:
             self.learn_response(key.scope, response)
 
@@ -185,10 +238,22 @@ class SuffixDrafter(Drafter):
         index.extend(list(response))
         overflow = index.live_tokens - self.params.global_max_tokens
         if overflow > 0:
-            index.evict_before(index.floor + overflow)
+            index.evict_before(index.floor + overflow)  # compacts by itself without an executor
+        if scope in self._rebuilds:
+            return  # the rebuild under way catches up with this response and takes over
+        in_place = self._executor is None or index.live_tokens < self.params.rebuild_above
+        if in_place and index.compaction_due:
+            index.compact()
         unfrozen = len(index) - max(index.frozen_tokens, index.floor)
-        if unfrozen >= max(self.params.freeze_every, self.params.freeze_share * index.live_tokens):
-            index.freeze()
+        freeze_due = unfrozen >= max(self.params.freeze_every, self.params.freeze_share * index.live_tokens)
+        if in_place:
+            if freeze_due:
+                index.freeze()
+        elif freeze_due or index.compaction_due:
+            snapshot = index.snapshot()
+            # Room for what comes until the next rebuild, so that growth never rehashes on this thread.
+            headroom = 2 * self.params.freeze_share
+            self._rebuilds[scope] = _Rebuild(snapshot, self._executor.submit(snapshot.build, True, headroom))
 
     def drop_session(self, key: SessionKey) -> None:
         self._sessions.pop(key, None)

@@ -85,38 +85,6 @@ def test_session_history_follows_a_diverged_prompt():
     assert d.session_tokens(key) == [1, 2, 3, 4, 5, 8, 9]
 
 
-def test_the_tenant_responses_are_frozen_in_steps_and_draft_the_same():
-    # The tenant's earlier responses are laid out as blocks (TokenIndex.freeze) each time the part
-    # appended since holds freeze_every tokens and freeze_share of the whole: the drafts must be
-    # exactly those of an index never frozen, through evictions too.
-    import random
-
-    rng = random.Random(11)
-    answers = [[rng.randrange(40) for _ in range(rng.randrange(5, 60))] for _ in range(120)]
-    frozen, plain = SuffixDrafter(), SuffixDrafter()
-    frozen.params.freeze_every = 200
-    plain.params.freeze_every = 10**9
-    for d in (frozen, plain):
-        d.params.global_max_tokens = 2_500
-        d._core_params = d.params.core()
-    froze_at, drafted = set(), 0
-    for i, answer in enumerate(answers):
-        key = SessionKey(A, f"run-{i}")
-        trees = []
-        for d in (frozen, plain):
-            d.begin_call(key, answers[i - 1][-6:] if i else [0])
-            trees.append(d.propose(key, 8))
-            d.accept(key, answer)
-            d.end_call(key)
-        assert trees[0].token_ids == trees[1].token_ids and trees[0].parents == trees[1].parents
-        drafted += len(trees[0].token_ids)
-        froze_at.add(frozen.responses(A).frozen_tokens)
-    assert plain.responses(A).frozen_tokens == 0
-    assert len(froze_at) > 3  # frozen several times, after evictions began too
-    assert frozen.responses(A).floor > 0
-    assert drafted > 8 * len(answers) // 2  # the drafts came from the responses
-
-
 def test_global_index_evicts_oldest_responses():
     d = SuffixDrafter()
     d.params.global_max_tokens = 8

@@ -192,3 +192,78 @@ def test_a_frozen_index_takes_less_memory_and_thaws_when_cut_into():
     assert frozen.frozen_tokens == 0 and frozen.tokens == live.tokens
     for ctx in ([7, 7], text[490:500], text[100:103]):
         assert frozen.occurrences(ctx, 32, all_orders=True) == live.occurrences(ctx, 32, all_orders=True)
+
+
+def mirror(tokens):
+    # A plain index holding exactly `tokens` (boundary markers included) from position 0.
+    index, seq = TokenIndex(), []
+    index.auto_compact = False
+    for t in tokens + [-1]:
+        if t == -1:
+            index.start_sequence()
+            index.extend(seq)
+            seq = []
+        else:
+            seq.append(t)
+    return index
+
+
+@settings(max_examples=120, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["seq", "evict", "snapshot", "swap"]),
+                          st.lists(st.integers(0, 4), max_size=30)), min_size=1, max_size=10), st.data())
+def test_a_rebuilt_snapshot_caught_up_finds_what_the_source_would(script, data):
+    # A large tenant index is rebuilt from snapshot() in another thread while responses are still
+    # appended and evicted; catch_up then brings the rebuild level with its source. It must hold and
+    # find exactly what the source's live part held at the snapshot plus everything since, at
+    # positions shifted by the snapshot's start (a plain index mirrors that).
+    source = TokenIndex()
+    source.auto_compact = False
+    pending = None  # (snapshot, its plain mirror)
+    for action, tokens in script:
+        if action == "evict":
+            source.evict_before(data.draw(st.integers(0, len(source))))
+            if pending:
+                pending[1].evict_before(source.floor - pending[0].start)
+        elif action == "snapshot" and pending is None:
+            snap = source.snapshot()
+            assert snap.end == len(source) and source.floor <= snap.start <= len(source)
+            pending = (snap, mirror(source.tokens[snap.start:]))
+        elif action == "swap" and pending is not None:
+            snap, plain = pending
+            rebuilt = snap.build()
+            assert rebuilt.frozen_tokens == len(rebuilt) == snap.end - snap.start
+            rebuilt.auto_compact = False
+            limit = data.draw(st.sampled_from([-1, 1, 7]))  # all at once, or a few tokens a call
+            while not rebuilt.catch_up(source, snap, limit):
+                assert 0 < len(rebuilt) - (snap.end - snap.start) < len(source) - snap.end and rebuilt.floor == 0
+            assert rebuilt.tokens == plain.tokens == source.tokens[snap.start:]
+            assert rebuilt.floor == plain.floor == min(max(source.floor - snap.start, 0), len(rebuilt))
+            for ctx in contexts():
+                for all_orders in (False, True):
+                    assert rebuilt.occurrences(ctx, 64, all_orders=all_orders) == plain.occurrences(
+                        ctx, 64, all_orders=all_orders)
+                    # Once the source's floor has passed the cut, and the cut is at a sequence's start
+                    # (a compaction drops the rest of a sequence the floor cuts), the source finds the
+                    # same, at positions shifted by the cut.
+                    if source.floor >= snap.start and (snap.start == 0 or source.tokens[snap.start - 1] == -1):
+                        shifted = [(p - snap.start, m)
+                                   for p, m in source.occurrences(ctx, 64, all_orders=all_orders)]
+                        assert rebuilt.occurrences(ctx, 64, all_orders=all_orders) == shifted
+            pending = None
+        for index in (source, *(pending[1:] if pending else ())):
+            index.start_sequence()
+            index.extend(tokens)
+
+
+def test_catch_up_refuses_an_index_that_is_not_the_snapshots_rebuild():
+    source = build([[1, 2, 3], [4, 5]])
+    snap = source.snapshot()
+    with pytest.raises(ValueError, match="not the snapshot's rebuild"):
+        TokenIndex([1, 2]).catch_up(source, snap)  # another index altogether
+    evicted = snap.build()
+    evicted.evict_before(2)
+    with pytest.raises(ValueError, match="not the snapshot's rebuild"):
+        evicted.catch_up(source, snap)  # changed since it was built
+    source.truncate(2)  # the source rewritten after the snapshot
+    with pytest.raises(ValueError, match="cut or rewritten"):
+        snap.build().catch_up(source, snap)
