@@ -28,7 +28,7 @@ from quickdraft.settings import Settings
 from quickdraft.suffix_cache.base import Drafter, Scope, SessionKey, export_states, import_states
 from quickdraft.suffix_cache.prior_text import batch_encoder, is_off, load_prior_text
 from quickdraft.suffix_cache.redis_log import LogSettings, ResponseLog
-from quickdraft.suffix_cache.registry import DRAFTERS, make_drafter
+from quickdraft.suffix_cache.registry import learners, make_drafters
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,8 @@ class DecodeProxyService:
         self.pool = pool
         self.router = Router(pool, settings.default_model)
         self.sessions = SessionTable(settings.max_sessions_per_tenant)
-        self.drafters: dict[str, Drafter] = {name: make_drafter(name) for name in DRAFTERS}
+        self.drafters: dict[str, Drafter] = make_drafters()
+        self._learners = learners(self.drafters)  # the hybrid's members are the single drafters
         # Large tenant indexes are compacted and frozen here, not on the event loop (Drafter.maintain_in).
         self._maintenance = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="drafter-maintenance")
         for drafter in self.drafters.values():
@@ -148,11 +149,13 @@ class DecodeProxyService:
             done.set_result(None)
 
     def _learn_remote(self, scope: Scope, tokens: list[int]) -> None:
-        for drafter in self.drafters.values():
+        for drafter in self._learners:
             drafter.learn_response(scope, tokens)
 
     def _export_state(self, scope: Scope) -> dict[str, bytes]:
-        return export_states(self.drafters, scope)
+        # The single drafters' states only: the hybrid's would be its leader's, the suffix drafter's,
+        # again. Its stored state (a replay's) still loads into that leader.
+        return export_states({name: d for name, d in self.drafters.items() if d.parts() == (d,)}, scope)
 
     def _import_state(self, scope: Scope, blobs: dict[str, bytes]) -> None:
         for name in import_states(self.drafters, scope, blobs):
@@ -341,11 +344,13 @@ class DecodeProxyService:
             )
 
     def _share(self, used: Drafter, key: SessionKey, response: list[int]) -> None:
-        """Every drafter learns the response (the one that drafted has already); other replicas too."""
+        """Every drafter learns the response (the one that drafted, and its parts, have already); other
+        replicas too."""
         if not response:
             return
-        for drafter in self.drafters.values():
-            if drafter is not used:
+        taught = used.parts()
+        for drafter in self._learners:
+            if drafter not in taught:
                 drafter.learn_response(key.scope, response)
         if self.shared_log is not None:
             self.shared_log.publish(key.scope, response)

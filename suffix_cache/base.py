@@ -107,6 +107,11 @@ class Drafter(ABC):
     def drop_session(self, key: SessionKey) -> None:
         """Forget the session's own state (scope-wide learning stays)."""
 
+    def parts(self) -> tuple[Drafter, ...]:
+        """The drafters whose learned state this one is made of: itself, or a composite's members (a
+        proxy that holds both teaches each part once)."""
+        return (self,)
+
     def offered(self, key: SessionKey) -> DraftTree | None:
         """The whole tree the last ``propose`` grew for the session, nodes it left out under
         ``min_chance`` included, or None: nothing proposed since the call began or since the last

@@ -173,6 +173,9 @@ class HybridDrafter(Drafter):
         for m in self.members:
             m.use_prior(prior)
 
+    def parts(self) -> tuple[Drafter, ...]:
+        return tuple(self.members)
+
     def maintain_in(self, executor: Executor | None) -> None:
         for m in self.members:
             m.maintain_in(executor)

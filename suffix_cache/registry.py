@@ -29,3 +29,22 @@ def make_drafter(name: str) -> Drafter:
     if factory is None:
         raise UnknownDrafterError(f"unknown drafter {name!r}: use one of {sorted(DRAFTERS)}")
     return factory()
+
+
+def make_drafters() -> dict[str, Drafter]:
+    """One of each drafter, as a proxy holds them. The hybrid's members are the suffix, STAND and
+    ADED drafters registered beside it, not copies: each tenant's learned state (a response index
+    of up to millions of tokens, n-gram tables) is then held, and taught each response, once."""
+    singles = {name: factory() for name, factory in DRAFTERS.items() if factory is not HybridDrafter}
+    drafters = dict(singles)
+    drafters["hybrid"] = HybridDrafter([singles["suffix"], singles["stand"], singles["aded"]])
+    return drafters
+
+
+def learners(drafters: dict[str, Drafter]) -> list[Drafter]:
+    """Every drafter whose state learns from responses, once each, however many composites hold it."""
+    unique: dict[int, Drafter] = {}
+    for drafter in drafters.values():
+        for part in drafter.parts():
+            unique.setdefault(id(part), part)
+    return list(unique.values())

@@ -526,3 +526,26 @@ def test_oracle_replay_still_calls_a_drafter_written_for_the_two_argument_propos
     from quickdraft.suffix_cache.hybrid import HybridDrafter
 
     assert replay_oracle([file], "hybrid", drafter=HybridDrafter([OldStyle()]), progress=False).steps == old.steps
+
+
+def test_a_proxy_holds_and_teaches_each_tenant_state_once():
+    # The hybrid's members are the proxy's suffix, STAND and ADED drafters themselves: a response is
+    # indexed once per tenant, not once for each drafter and again inside the hybrid.
+    from test_prior_text import _service
+
+    service, vocabulary = _service("none")
+    d = service.drafters
+    assert d["hybrid"].members == [d["suffix"], d["stand"], d["aded"]]
+    scope = Scope("default", vocabulary)
+    service._learn_remote(scope, [1, 2, 3, 4])  # another replica's response
+    assert d["suffix"].responses(scope).tokens == [1, 2, 3, 4]
+    key = SessionKey(scope, "s")
+    d["hybrid"].begin_call(key, [1, 2])
+    d["hybrid"].accept(key, [5, 6])
+    d["hybrid"].end_call(key)  # the hybrid's parts learn the call here ...
+    service._share(d["hybrid"], key, [5, 6])  # ... so sharing it teaches only the others
+    assert d["suffix"].responses(scope).tokens == [1, 2, 3, 4, -1, 5, 6]
+    d["suffix"].begin_call(key, [5])
+    assert d["suffix"].propose(key, 8).token_ids[:1] == [6]
+    # Stored state: the suffix drafter's calibration once, under its own name.
+    assert "hybrid" not in service._export_state(scope)
