@@ -60,6 +60,9 @@ class ProxyMetrics:
                                ["worker"], registry=r)
         self.worker_sessions = Gauge("quickdraft_worker_sessions", "Sessions whose KV cache the worker holds",
                                      ["worker"], registry=r)
+        self.drafting_state = Gauge("quickdraft_drafting_state_bytes", "Memory of what each drafter has learned "
+                                    "(tenant indexes and tables, session indexes), read at each scrape",
+                                    ["drafter"], registry=r)
         self.worker_in_flight = Gauge("quickdraft_worker_in_flight", "Steps this proxy has sent to the worker and "
                                       "awaits", ["worker"], registry=r)
 

@@ -87,6 +87,9 @@ class DecodeProxyService:
             drafter.maintain_in(self._maintenance)
         self.admission = Admission(settings.max_concurrent_requests, settings.max_concurrent_per_tenant)
         self.metrics = ProxyMetrics()
+        for drafter in self._learners:
+            if drafter.memory_bytes() is not None:
+                self.metrics.drafting_state.labels(drafter.name).set_function(drafter.memory_bytes)
         self.shared_log: ResponseLog | None = None
         if settings.redis_url:
             self.shared_log = ResponseLog(

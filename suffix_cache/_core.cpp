@@ -1725,6 +1725,7 @@ PYBIND11_MODULE(_core, m) {
       .def(py::init<int, int, int64_t>(), py::arg("max_order") = 4, py::arg("width") = 8,
            py::arg("max_entries") = 2'000'000)
       .def_property_readonly("entries", &qd::NgramTable::entries)
+      .def("memory_bytes", &qd::NgramTable::memory_bytes)
       .def_property_readonly("max_order", &qd::NgramTable::max_order)
       .def("observe_run", &qd::NgramTable::observe_run, py::arg("context"), py::arg("run"), py::arg("top_ids"),
            py::arg("mass"), py::arg("k"), py::arg("forget") = 1.0f,

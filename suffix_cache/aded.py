@@ -104,5 +104,8 @@ class AdedDrafter(Drafter):
         self.state.sessions.pop(key, None)
         self._last.pop(key, None)
 
+    def memory_bytes(self) -> int:
+        return self.state.memory_bytes()
+
     def learn_response(self, scope: Scope, response: Sequence[int]) -> None:
         self.state.table(scope).observe_run([], list(response), [], [], 0, self.params.forget)

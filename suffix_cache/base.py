@@ -107,6 +107,11 @@ class Drafter(ABC):
     def drop_session(self, key: SessionKey) -> None:
         """Forget the session's own state (scope-wide learning stays)."""
 
+    def memory_bytes(self) -> int | None:
+        """Bytes of the tenants' and sessions' learned state this drafter holds (shared prior text not
+        counted); None: not measured."""
+        return None
+
     def parts(self) -> tuple[Drafter, ...]:
         """The drafters whose learned state this one is made of: itself, or a composite's members (a
         proxy that holds both teaches each part once)."""

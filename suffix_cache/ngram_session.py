@@ -29,6 +29,9 @@ class NgramState:
         self.sessions: dict[SessionKey, TailSession] = {}
         self.keep = max(32, 2 * max_order)
 
+    def memory_bytes(self) -> int:
+        return sum(table.memory_bytes() for table in self.tables.values())
+
     def table(self, scope: Scope) -> _core.NgramTable:
         table = self.tables.get(scope)
         if table is None:

@@ -90,5 +90,8 @@ class StandDrafter(Drafter):
         self.state.sessions.pop(key, None)
         self._temperature.pop(key, None)
 
+    def memory_bytes(self) -> int:
+        return self.state.memory_bytes()
+
     def learn_response(self, scope: Scope, response: Sequence[int]) -> None:
         self.state.table(scope).observe_run([], list(response), [], [], 0, 1.0)

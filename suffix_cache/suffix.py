@@ -258,6 +258,12 @@ class SuffixDrafter(Drafter):
     def drop_session(self, key: SessionKey) -> None:
         self._sessions.pop(key, None)
 
+    def memory_bytes(self) -> int:
+        # The indexes (the calibrations are a few MB per tenant at most); an index being rebuilt
+        # counts once, though both copies live until the swap.
+        return (sum(index.memory_bytes() for index in self._responses.values())
+                + sum(s.core.index.memory_bytes() for s in self._sessions.values()))
+
     def use_prior(self, prior: PriorText) -> None:
         # Built whole before it is published: a session bound meanwhile drafts without it.
         self._priors[prior.tokenizer] = shared_prior_index(prior)

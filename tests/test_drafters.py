@@ -549,3 +549,25 @@ def test_a_proxy_holds_and_teaches_each_tenant_state_once():
     assert d["suffix"].propose(key, 8).token_ids[:1] == [6]
     # Stored state: the suffix drafter's calibration once, under its own name.
     assert "hybrid" not in service._export_state(scope)
+
+
+def test_the_proxy_reports_each_drafters_learned_memory_once():
+    import re
+
+    from test_prior_text import _service
+
+    service, vocabulary = _service("none")
+    scope = Scope("default", vocabulary)
+
+    def reported() -> dict[str, float]:
+        text = service.metrics.render().decode()
+        series = re.finditer(r'quickdraft_drafting_state_bytes\{drafter="(\w+)"\} (\S+)', text)
+        return {m[1]: float(m[2]) for m in series}
+
+    before = reported()
+    assert set(before) == {"suffix", "stand", "aded"}  # the hybrid's are these; prompt lookup is not measured
+    for i in range(50):
+        service._learn_remote(scope, list(range(i, i + 200)))
+    after = reported()
+    assert all(after[name] > before[name] for name in after)
+    assert after["suffix"] == service.drafters["suffix"].memory_bytes() > 200 * 50 * 4

@@ -52,6 +52,12 @@ class NgramTable {
   int max_order() const { return max_order_; }
   int64_t entries() const { return static_cast<int64_t>(entries_.size()); }
 
+  size_t memory_bytes() const {
+    size_t total = entries_.capacity() * sizeof(NgramEntry) + index_.slots.capacity() * sizeof(index_.slots[0]);
+    for (const auto& e : entries_) total += e.next.capacity() * sizeof(NextToken);
+    return total;
+  }
+
   // Add `mass[i]` to `tokens[i]` after every context order; `forget` < 1 first
   // scales the entry's old masses (adaptive tables).
   void observe(const int32_t* ctx, int64_t ctx_len, const int32_t* tokens, const float* mass, int k,
