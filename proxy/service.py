@@ -111,7 +111,8 @@ class DecodeProxyService:
             await self.shared_log.close()
         if self.request_log is not None:
             await self.request_log.close()
-        self._maintenance.shutdown(wait=False, cancel_futures=True)  # a rebuild under way is simply dropped
+        # Rebuilds not begun are dropped; one under way finishes (seconds) and is never swapped in.
+        self._maintenance.shutdown(wait=False, cancel_futures=True)
 
     def load_prior_texts(self) -> None:
         """Start loading the prior text (``prior_text`` setting) of every model's vocabulary, once each,
@@ -161,6 +162,13 @@ class DecodeProxyService:
         return export_states({name: d for name, d in self.drafters.items() if d.parts() == (d,)}, scope)
 
     def _import_state(self, scope: Scope, blobs: dict[str, bytes]) -> None:
+        # A composite's stored state is its leader's (a replay's, or an older proxy's): loaded first, so
+        # that the single drafter's own, which is what proxies store now, has the last word.
+        def single(name: str) -> bool:
+            drafter = self.drafters.get(name)
+            return drafter is not None and drafter.parts() == (drafter,)
+
+        blobs = dict(sorted(blobs.items(), key=lambda item: single(item[0])))
         for name in import_states(self.drafters, scope, blobs):
             log.warning("ignored drafter %r's stored state for tenant %r: not of this version", name, scope.tenant)
 

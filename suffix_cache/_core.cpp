@@ -298,17 +298,19 @@ class TokenIndex {
   }
 
   // Index a snapshot's tokens from scratch (compacted, since it holds only the live part), frozen
-  // if asked, with room to grow by `headroom` times its size before any table or array is
-  // reallocated: the rebuild runs in another thread, the growth after it in the caller's.
+  // if asked, with room to grow by `headroom` times its size (its tokens, and each order's distinct
+  // n-grams in proportion) before an array is reallocated or a table rehashed: the rebuild runs in
+  // another thread, the growth after it in the caller's. A table only grows here if it would have
+  // within that growth anyway.
   static TokenIndex build(const IndexSnapshot& snap, bool freeze, double headroom) {
     TokenIndex t(snap.orders);
     t.reindex(snap.tokens);
     if (freeze) t.freeze();
     if (headroom > 0) {
-      const auto n = static_cast<size_t>(t.size()), more = static_cast<size_t>(headroom * n) + 1024;
-      t.toks_.reserve(n + more);
+      const auto more = static_cast<size_t>(headroom * static_cast<double>(t.size())) + 1024;
+      t.toks_.reserve(t.toks_.size() + more);
       for (auto& p : t.prev_) p.reserve(p.size() + more);
-      for (auto& h : t.heads_) h.reserve(h.size() + more);
+      for (auto& h : t.heads_) h.reserve(h.size() + static_cast<size_t>(headroom * static_cast<double>(h.size())));
     }
     return t;
   }
@@ -316,7 +318,9 @@ class TokenIndex {
   // This index was built from `snap` of `src`: take what `src` gained since -- the tokens appended
   // after the snapshot, at most `limit` of them a call (negative: all), then its floor -- at this
   // index's positions (src's position p is p - snap.start here). True once level with `src`: this
-  // index then holds what a compaction of `src` would now.
+  // index then holds what `src` holds from the snapshot's start on (the rest of a sequence src's
+  // floor had cut by then is gone, as a compaction drops it), and what src has evicted since lies
+  // below this index's floor, not yet compacted away.
   bool catch_up(const TokenIndex& src, const IndexSnapshot& snap, int64_t limit) {
     const int64_t from = snap.start + size();  // src's position of the next token to take
     if (size() < static_cast<int64_t>(snap.tokens.size()) || orders_ != snap.orders || floor_ != 0)

@@ -179,18 +179,20 @@ class SuffixDrafter(Drafter):
         job = self._rebuilds.get(scope)
         if job is None or not job.future.done():
             return
+        source = self._responses[scope]
         try:
             rebuilt = job.future.result()
             rebuilt.auto_compact = False
             # What was learned while it was built is indexed here, a bounded share per call: what was
             # learned since the last step plus CATCH_UP_PER_CALL, so it is level within a few calls
             # (a busy tenant must not trade one long pause for another).
-            source = self._responses[scope]
             grown, job.seen = (len(source) - job.seen if job.seen >= 0 else 0), len(source)
             level = rebuilt.catch_up(source, job.snapshot, CATCH_UP_PER_CALL + grown)
-        except Exception as exc:  # noqa: BLE001 (out of memory, a stopped executor): keep the index as it is
+        except Exception as exc:  # noqa: BLE001 (out of memory, a cancelled job): maintained here instead
             del self._rebuilds[scope]
-            log.warning("rebuilding tenant %r's response index failed (%s): it stays as it was", scope.tenant, exc)
+            log.warning("rebuilding tenant %r's response index failed (%s): maintained in the call instead",
+                        scope.tenant, exc)
+            self._maintain_in_place(source)
             return
         if level:
             del self._rebuilds[scope]
@@ -207,6 +209,9 @@ class SuffixDrafter(Drafter):
         return session.core.index.tokens if session else []
 
     def begin_call(self, key: SessionKey, prompt: Sequence[int]) -> None:
+        if self._rebuilds:  # every tenant's, so a finished rebuild of one gone quiet does not linger
+            for scope in [s for s, job in self._rebuilds.items() if job.future.done()]:
+                self._swap_rebuilt(scope)
         session = self._sessions.get(key)
         if session is None:
             session = self._sessions[key] = _Session()
@@ -250,17 +255,31 @@ class SuffixDrafter(Drafter):
             if freeze_due:
                 index.freeze()
         elif freeze_due or index.compaction_due:
-            snapshot = index.snapshot()
-            # Room for what comes until the next rebuild, so that growth never rehashes on this thread.
-            headroom = 2 * self.params.freeze_share
-            self._rebuilds[scope] = _Rebuild(snapshot, self._executor.submit(snapshot.build, True, headroom))
+            self._rebuild(scope, index)
+
+    def _rebuild(self, scope: Scope, index: _core.TokenIndex) -> None:
+        snapshot = index.snapshot()
+        # Room for what comes until the next rebuild, so that growth does not rehash on this thread.
+        headroom = 2 * self.params.freeze_share
+        try:
+            future = self._executor.submit(snapshot.build, True, headroom)
+        except RuntimeError:  # the executor was shut down (the proxy is stopping): as without one
+            self._maintain_in_place(index)
+            return
+        self._rebuilds[scope] = _Rebuild(snapshot, future)
+
+    @staticmethod
+    def _maintain_in_place(index: _core.TokenIndex) -> None:
+        if index.compaction_due:
+            index.compact()
+        index.freeze()
 
     def drop_session(self, key: SessionKey) -> None:
         self._sessions.pop(key, None)
 
     def memory_bytes(self) -> int:
-        # The indexes (the calibrations are a few MB per tenant at most); an index being rebuilt
-        # counts once, though both copies live until the swap.
+        # The indexes (the calibrations are a few MB per tenant at most). An index being rebuilt is
+        # counted once: its rebuilt copy, until it is swapped in, is not counted.
         return (sum(index.memory_bytes() for index in self._responses.values())
                 + sum(s.core.index.memory_bytes() for s in self._sessions.values()))
 

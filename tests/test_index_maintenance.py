@@ -173,3 +173,57 @@ def test_the_stall_benchmark_times_both_ways_on_the_same_responses(tmp_path):
     assert figures[0]["calls"] == figures[1]["calls"] > 100
     for f in figures:
         assert 0 < f["median_us"] <= f["worst_ms"][0] * 1e3 and len(f["worst_ms"]) == 5
+
+
+def test_a_finished_rebuild_is_swapped_in_even_after_its_tenant_goes_quiet():
+    executor = _HeldExecutor()
+    d = _tenant_drafter(freeze_every=100, rebuild_above=0)
+    d.maintain_in(executor)
+    quiet, busy = Scope("quiet", "tok"), Scope("busy", "tok")
+    d.learn_response(quiet, list(range(150)))  # due: a rebuild is submitted
+    old = d._responses[quiet]
+    assert executor.run_held() == 1
+    d.begin_call(SessionKey(busy, "s"), [1, 2, 3])  # another tenant's call
+    assert d._responses[quiet] is not old and d._responses[quiet].frozen_tokens == 150
+
+
+class _FailingExecutor(Executor):
+    def submit(self, fn, /, *args, **kwargs):
+        future = Future()
+        future.set_exception(MemoryError("no room for the copy"))
+        return future
+
+
+def test_a_rebuild_that_fails_or_cannot_start_is_done_in_the_call_instead():
+    for executor in (_FailingExecutor(), ThreadPoolExecutor(1)):
+        d = _tenant_drafter(freeze_every=100, rebuild_above=0)
+        d.maintain_in(executor)
+        if isinstance(executor, ThreadPoolExecutor):
+            executor.shutdown()  # a stopping proxy: submit refuses
+        d.learn_response(A, list(range(150)))
+        d.learn_response(A, list(range(10)))  # the failed rebuild is noticed here
+        index = d.responses(A)
+        assert index.frozen_tokens >= 150 and not d._rebuilds
+        assert index.tokens == [*range(150), -1, *range(10)]  # nothing learned was lost
+
+
+def test_a_single_drafters_stored_state_wins_over_its_composites(tmp_path):
+    # Older proxies stored the hybrid's calibration apart; the hybrid's leader is now the suffix
+    # drafter itself, and its own stored state must win whatever order Redis returns them in.
+    from test_prior_text import _service
+
+    service, vocabulary = _service("none")
+    scope = Scope("default", vocabulary)
+    older, newer = SuffixDrafter(), SuffixDrafter()
+    for d, steps in ((older, 1), (newer, 3)):
+        for i in range(steps):
+            key = SessionKey(scope, f"s{i}")
+            d.begin_call(key, [1, 2, 3, 1, 2])
+            d.propose(key, 8)
+            d.accept(key, [3, 1])
+            d.end_call(key)
+    assert older.calibration(scope).observed < newer.calibration(scope).observed
+    blobs = {"suffix": newer.export_state(scope), "hybrid": older.export_state(scope)}
+    for order in (blobs, dict(reversed(blobs.items()))):
+        service._import_state(scope, order)
+        assert service.drafters["suffix"].calibration(scope).observed == newer.calibration(scope).observed

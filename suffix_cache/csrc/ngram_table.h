@@ -52,10 +52,16 @@ class NgramTable {
   int max_order() const { return max_order_; }
   int64_t entries() const { return static_cast<int64_t>(entries_.size()); }
 
+  // The entries' candidate lists are estimated from at most 4096 of them, spread over the table:
+  // walking millions would hold up the caller (a metrics scrape on the proxy's event loop).
   size_t memory_bytes() const {
     size_t total = entries_.capacity() * sizeof(NgramEntry) + index_.slots.capacity() * sizeof(index_.slots[0]);
-    for (const auto& e : entries_) total += e.next.capacity() * sizeof(NextToken);
-    return total;
+    const size_t n = entries_.size();
+    if (n == 0) return total;
+    const size_t stride = std::max<size_t>(1, n / 4096);
+    size_t sampled = 0, lists = 0;
+    for (size_t i = 0; i < n; i += stride, ++sampled) lists += entries_[i].next.capacity() * sizeof(NextToken);
+    return total + lists * n / sampled;
   }
 
   // Add `mass[i]` to `tokens[i]` after every context order; `forget` < 1 first
