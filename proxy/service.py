@@ -28,7 +28,7 @@ from quickdraft.settings import Settings
 from quickdraft.suffix_cache.base import Drafter, Scope, SessionKey, export_states, import_states
 from quickdraft.suffix_cache.prior_text import batch_encoder, is_off, load_prior_text
 from quickdraft.suffix_cache.redis_log import LogSettings, ResponseLog
-from quickdraft.suffix_cache.registry import learners, make_drafters
+from quickdraft.suffix_cache.registry import learners, make_drafters, singles
 
 log = logging.getLogger(__name__)
 
@@ -159,16 +159,13 @@ class DecodeProxyService:
     def _export_state(self, scope: Scope) -> dict[str, bytes]:
         # The single drafters' states only: the hybrid's would be its leader's, the suffix drafter's,
         # again. Its stored state (a replay's) still loads into that leader.
-        return export_states({name: d for name, d in self.drafters.items() if d.parts() == (d,)}, scope)
+        return export_states(singles(self.drafters), scope)
 
     def _import_state(self, scope: Scope, blobs: dict[str, bytes]) -> None:
         # A composite's stored state is its leader's (a replay's, or an older proxy's): loaded first, so
         # that the single drafter's own, which is what proxies store now, has the last word.
-        def single(name: str) -> bool:
-            drafter = self.drafters.get(name)
-            return drafter is not None and drafter.parts() == (drafter,)
-
-        blobs = dict(sorted(blobs.items(), key=lambda item: single(item[0])))
+        single = singles(self.drafters)
+        blobs = dict(sorted(blobs.items(), key=lambda item: item[0] in single))
         for name in import_states(self.drafters, scope, blobs):
             log.warning("ignored drafter %r's stored state for tenant %r: not of this version", name, scope.tenant)
 

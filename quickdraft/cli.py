@@ -543,17 +543,19 @@ def bench(
     table = Table("drafter", "tokens/step", "drafted/step", "µs/step", "ms/call set-up",
                   *(["× anchor"] if beside is not None else []))
     figures: dict[str, object] = {"benchmark": "drafters", "results": rows}
+    vs_anchor = {}
+    if beside is not None:
+        vs_anchor = {d: r["tokens_per_step"] / found.tokens_per_step for d, r in rows.items()}
+        figures["anchor"] = found.raw
+        figures["tokens_per_step_vs_anchor"] = {d: round(x, 4) for d, x in vs_anchor.items()}
     for d, r in rows.items():
-        ratio = [f"{r['tokens_per_step'] / found.tokens_per_step:.3f}"] if beside is not None else []
         table.add_row(d, f"{r['tokens_per_step']:.3f}", f"{r['drafted_per_step']:.2f}",
-                      f"{r['draft_us_per_step']:.1f}", f"{r['prepare_ms_per_call']:.2f}", *ratio)
+                      f"{r['draft_us_per_step']:.1f}", f"{r['prepare_ms_per_call']:.2f}",
+                      *([f"{vs_anchor[d]:.3f}"] if vs_anchor else []))
     if beside is not None:
         table.add_row("anchor (SuffixDecoding)", f"{found.tokens_per_step:.3f}",
                       f"{found.drafted_per_step:.2f}", f"{found.draft_us_per_step:.1f}",
                       f"{found.prepare_ms_per_call:.2f}", "1.000")
-        figures["anchor"] = found.raw
-        figures["tokens_per_step_vs_anchor"] = {d: round(r["tokens_per_step"] / found.tokens_per_step, 4)
-                                                for d, r in rows.items()}
     console.print(table)
     _write_json(json_out, figures, kind="bench-drafters")
 

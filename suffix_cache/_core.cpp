@@ -330,10 +330,7 @@ class TokenIndex {
          !std::equal(snap.tokens.begin(), snap.tokens.end(), src.toks_.begin() + snap.start)))
       throw std::invalid_argument("catch_up: the source index was cut or rewritten after the snapshot");
     const int64_t stop = limit < 0 ? src.size() : std::min(src.size(), from + limit);
-    for (int64_t p = from; p < stop; ++p) {
-      push(src.toks_[p]);
-      if (src.toks_[p] == BOUNDARY) seq_start_ = size();
-    }
+    for (int64_t p = from; p < stop; ++p) append(src.toks_[p]);
     if (stop < src.size()) return false;
     if (src.floor_ > snap.start) evict_before(src.floor_ - snap.start);
     return true;
@@ -654,10 +651,13 @@ class TokenIndex {
     floor_ = 0;
     base_ = 0;
     seq_start_ = 0;
-    for (int32_t t : tokens) {
-      push(t);
-      if (t == BOUNDARY) seq_start_ = size();
-    }
+    for (int32_t t : tokens) append(t);
+  }
+
+  // Push a token of another arena's content as it stands, boundary markers included.
+  void append(int32_t t) {
+    push(t);
+    if (t == BOUNDARY) seq_start_ = size();
   }
 
   static constexpr int kAhead = 24;  // links of every chain read side by side (occurrences)

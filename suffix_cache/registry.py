@@ -41,6 +41,11 @@ def make_drafters() -> dict[str, Drafter]:
     return drafters
 
 
+def singles(drafters: dict[str, Drafter]) -> dict[str, Drafter]:
+    """The drafters that are made of themselves alone (not composites of others), by name."""
+    return {name: d for name, d in drafters.items() if d.parts() == (d,)}
+
+
 def learners(drafters: dict[str, Drafter]) -> list[Drafter]:
     """Every drafter whose state learns from responses, once each, however many composites hold it."""
     unique: dict[int, Drafter] = {}

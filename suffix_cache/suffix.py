@@ -209,9 +209,9 @@ class SuffixDrafter(Drafter):
         return session.core.index.tokens if session else []
 
     def begin_call(self, key: SessionKey, prompt: Sequence[int]) -> None:
-        if self._rebuilds:  # every tenant's, so a finished rebuild of one gone quiet does not linger
-            for scope in [s for s, job in self._rebuilds.items() if job.future.done()]:
-                self._swap_rebuilt(scope)
+        if self._rebuilds:  # other tenants' too, so a finished rebuild of one gone quiet does not linger
+            for scope in [s for s, job in self._rebuilds.items() if s != key.scope and job.future.done()]:
+                self._swap_rebuilt(scope)  # (this tenant's takes its step in responses(), below)
         session = self._sessions.get(key)
         if session is None:
             session = self._sessions[key] = _Session()

@@ -33,18 +33,22 @@ def answer_alike(answers, i, *drafters):
     return trees[0]
 
 
+def _tenant_drafter(**params):
+    d = SuffixDrafter()
+    for name, value in params.items():
+        setattr(d.params, name, value)
+    d._core_params = d.params.core()
+    return d
+
+
 def test_the_tenant_responses_are_frozen_in_steps_and_draft_the_same():
     # The tenant's earlier responses are laid out as blocks (TokenIndex.freeze) each time the part
     # appended since holds freeze_every tokens and freeze_share of the whole: the drafts must be
     # exactly those of an index never frozen, through evictions too.
     rng = random.Random(11)
     answers = [[rng.randrange(40) for _ in range(rng.randrange(5, 60))] for _ in range(120)]
-    frozen, plain = SuffixDrafter(), SuffixDrafter()
-    frozen.params.freeze_every = 200
-    plain.params.freeze_every = 10**9
-    for d in (frozen, plain):
-        d.params.global_max_tokens = 2_500
-        d._core_params = d.params.core()
+    frozen = _tenant_drafter(freeze_every=200, global_max_tokens=2_500)
+    plain = _tenant_drafter(freeze_every=10**9, global_max_tokens=2_500)
     froze_at, drafted = set(), 0
     for i in range(len(answers)):
         drafted += len(answer_alike(answers, i, frozen, plain).token_ids)
@@ -71,14 +75,6 @@ class _HeldExecutor(Executor):
         for future, job in held:
             future.set_result(job())
         return len(held)
-
-
-def _tenant_drafter(**params):
-    d = SuffixDrafter()
-    for name, value in params.items():
-        setattr(d.params, name, value)
-    d._core_params = d.params.core()
-    return d
 
 
 @pytest.mark.parametrize("catch_up_per_call", [16_384, 7])
