@@ -41,6 +41,10 @@ class ProxyMetrics:
         self.redis_up = Gauge("quickdraft_shared_state_up", "1 when Redis (shared drafting state) is reachable; "
                               "1 too without Redis", registry=r)
         self.redis_up.set(1)
+        self.shared_dropped = Gauge("quickdraft_shared_responses_dropped", "Learned responses never written to "
+                                    "Redis (its queue overflowed while Redis was unreachable)", registry=r)
+        self.shared_skipped = Gauge("quickdraft_shared_entries_skipped", "Entries of the shared response log "
+                                    "that were not a replica's response, skipped", registry=r)
         self.records_up = Gauge("quickdraft_records_up", "1 when the SQL request records are being written "
                                 "(1 too when they are off)", registry=r)
         self.records_queued = Gauge("quickdraft_records_queued", "Request records waiting for the database",

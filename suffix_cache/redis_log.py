@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 import uuid
@@ -134,12 +135,15 @@ class ResponseLog:
         self._connecting = asyncio.Lock()
         self._scopes: dict[Scope, _ScopeLog] = {}
         self._queue: deque[tuple[Scope, _Held]] = deque()
+        self._writing = 0  # the queue's first entries, being written now
         self._seq = 0
         self._tasks: list[asyncio.Task] = []
         self._wake = asyncio.Event()
         self.healthy = False
         self._server_run_id: str | None = None
+        self._exporting: asyncio.Future | None = None  # the drafters' state export running in a thread
         self.dropped = 0           # responses lost from the queue (limit reached while Redis was down)
+        self.malformed = 0         # stream entries skipped: not a response any replica writes
         self.reseeds = 0
         self.applied_remote = 0
         self.states_restored = 0
@@ -185,6 +189,9 @@ class ResponseLog:
         if self._tasks:
             # A blocking XREAD being cancelled can take a while to unwind inside the client; don't wait on it.
             await asyncio.wait(self._tasks, timeout=2)
+        if self._exporting is not None and not self._exporting.done():
+            # The drafters count a snapshot as exported once they hand it over: it must reach Redis.
+            await asyncio.wait({self._exporting}, timeout=5)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self._flush(), timeout=5)
         with contextlib.suppress(Exception):
@@ -210,8 +217,8 @@ class ResponseLog:
         state = self._scope(scope)
         state.applied.add((held.origin, held.seq))
         self._hold(state, held)
-        if len(self._queue) >= self.settings.queue_limit:
-            self._queue.popleft()
+        if len(self._queue) - self._writing >= self.settings.queue_limit:
+            del self._queue[self._writing]  # the oldest that is not being written
             self.dropped += 1
         self._queue.append((scope, held))
         self._wake.set()
@@ -231,12 +238,14 @@ class ResponseLog:
         # Exporting copies and compresses the drafters' tables (about a megabyte each): off the
         # event loop, so a snapshot never stalls the requests it serves.
         scopes = list(self._scopes)
-        exported = await asyncio.to_thread(lambda: [(scope, self.export_state(scope)) for scope in scopes])
-        for scope, blobs in exported:
-            if blobs:
-                held = self._scopes[scope]
-                held.state.update(blobs)
-                held.state_saved = False
+        exporting = asyncio.ensure_future(
+            asyncio.to_thread(lambda: [(scope, self.export_state(scope)) for scope in scopes]))
+        # Kept by a callback, not by this coroutine: cancelled meanwhile (a stopping proxy), the
+        # snapshot still lands in `state` for close() to write.
+        exporting.add_done_callback(self._take_exported)
+        self._exporting = exporting
+        await asyncio.shield(exporting)
+        await asyncio.sleep(0)  # (the callback runs first; this only makes the order plain)
         pending = [(scope, held) for scope, held in self._scopes.items() if held.state and not held.state_saved]
         if not pending:
             return
@@ -252,6 +261,15 @@ class ResponseLog:
             # A snapshot taken while this one was being written (a save after a reconnect runs
             # beside the periodic one) is newer than what Redis now holds: it stays unsaved.
             held.state_saved = held.state == blobs
+
+    def _take_exported(self, exporting: asyncio.Future) -> None:
+        if exporting.cancelled() or exporting.exception() is not None:
+            return  # (the exception reaches the awaiting coroutine, if it still waits)
+        for scope, blobs in exporting.result():
+            if blobs:
+                held = self._scopes[scope]
+                held.state.update(blobs)
+                held.state_saved = False
 
     async def _load_states(self) -> None:
         if self.import_state is None:
@@ -278,6 +296,9 @@ class ResponseLog:
                     await self._save_states()
             except (*UNREACHABLE, RedisError, RedisClusterException) as exc:
                 log.warning("Redis state snapshot failed (%s); next try in %.0f s", exc, self.settings.state_every_s)
+            except Exception:  # a drafter's export failed: keep snapshotting the others
+                log.exception("snapshotting the drafters' learned state failed; next try in %.0f s",
+                              self.settings.state_every_s)
 
     # -- background tasks --------------------------------------------------------
     async def _writer(self) -> None:
@@ -300,13 +321,21 @@ class ResponseLog:
 
     async def _flush(self) -> None:
         while self._queue:
-            batch = list(self._queue)[:256]
+            batch = list(itertools.islice(self._queue, 256))
             pipe = self.redis.pipeline(transaction=False)
             for scope, held in batch:
                 pipe.xadd(self.key_for(scope), {"o": held.origin, "s": held.seq, "t": held.tokens})
-            ids = await pipe.execute()
+            # While the batch is written, a full queue drops the oldest response behind it (publish),
+            # never one of the batch; what leaves the queue afterwards is exactly what was written.
+            self._writing = len(batch)
+            try:
+                ids = await pipe.execute()
+            finally:
+                self._writing = 0
             for (_, held), stream_id in zip(batch, ids, strict=True):
                 held.stream_id = stream_id
+            written = {id(held) for _, held in batch}
+            while self._queue and id(self._queue[0][1]) in written:
                 self._queue.popleft()
             await self._trim({scope for scope, _ in batch})
 
@@ -341,6 +370,9 @@ class ResponseLog:
                 await asyncio.sleep(0.5)
             except (RedisError, RedisClusterException) as exc:  # a server-side error: report and keep going
                 log.warning("Redis tail error: %s", exc)
+                await asyncio.sleep(0.5)
+            except Exception:  # anything else must not end the tail: replicas would stop sharing for good
+                log.exception("Redis tail error")
                 await asyncio.sleep(0.5)
 
     async def _discover(self) -> None:
@@ -381,17 +413,20 @@ class ResponseLog:
         if self.cluster is None:
             await self._connect()
         run_id = await self._server_id()
-        restarted = self._server_run_id is not None and run_id != self._server_run_id
-        self._server_run_id = run_id
-        if restarted:
-            for scope, state in self._scopes.items():
+        if self._server_run_id is not None and run_id != self._server_run_id:
+            # (A copy: a request that ends meanwhile may add a scope, which publish has queued anyway.)
+            for scope, state in list(self._scopes.items()):
                 await self._reseed(scope, state)
                 state.state_saved = False
             await self._save_states()
+        # Only now: if the server fails again half-way, the next check re-seeds what it missed.
+        self._server_run_id = run_id
 
     async def _reseed(self, scope: Scope, state: _ScopeLog) -> None:
         """Re-append the responses this replica holds that the stream lost (one replica at a time)."""
-        if not await self.redis.set(f"{state.key}:reseed", self.replica_id, nx=True, ex=30):
+        lock = f"{state.key}:reseed"
+        if not await self.redis.set(lock, self.replica_id, nx=True, ex=30) and \
+                await self.redis.get(lock) != self.replica_id.encode():
             state.last_id = b"0-0"  # another replica is re-seeding: read the stream again from its start
             return
         present = set()
@@ -450,16 +485,31 @@ class ResponseLog:
                 seen += 1
                 state.last_id = stream_id
                 streams[key] = stream_id
-                origin = fields[b"o"].decode()
-                seq = int(fields[b"s"])
+                try:
+                    origin, seq, tokens = fields[b"o"].decode(), int(fields[b"s"]), unpack(fields[b"t"])
+                    if tokens and min(tokens) < 0:
+                        raise ValueError("negative token id")
+                except (KeyError, ValueError, UnicodeDecodeError) as exc:
+                    self._skip(key, stream_id, exc)
+                    continue
                 if (origin, seq) in state.applied:
                     for held in state.held:  # our own entry (or a re-seeded copy): note where it is
                         if held.origin == origin and held.seq == seq and held.stream_id is None:
                             held.stream_id = stream_id
                     continue
-                held = _Held(origin, seq, fields[b"t"], stream_id)
+                try:
+                    self.apply(scope, tokens)
+                except Exception as exc:  # noqa: BLE001 (e.g. an id beyond the drafters' limits)
+                    self._skip(key, stream_id, exc)
+                    continue
                 state.applied.add((origin, seq))
-                self._hold(state, held)
-                self.apply(scope, unpack(held.tokens))
+                self._hold(state, _Held(origin, seq, fields[b"t"], stream_id))
                 self.applied_remote += 1
         return seen
+
+    def _skip(self, key: str, stream_id: bytes, reason: Exception) -> None:
+        # Written by something else than a replica (or a newer version): skipped, not fatal, so one
+        # bad entry can neither stop the tail nor keep a proxy from starting.
+        self.malformed += 1
+        if self.malformed <= 10 or self.malformed % 1000 == 0:
+            log.warning("skipping entry %s of %s (%d skipped so far): %s", stream_id, key, self.malformed, reason)

@@ -3,11 +3,12 @@
 import asyncio
 import time
 import uuid
+from array import array
 
 import redis
 
 from quickdraft.suffix_cache.base import Scope, SessionKey
-from quickdraft.suffix_cache.redis_log import LogSettings, ResponseLog
+from quickdraft.suffix_cache.redis_log import LogSettings, ResponseLog, unpack
 from quickdraft.suffix_cache.suffix import SuffixDrafter
 
 SHARED_REDIS = "redis://127.0.0.1:6379/0"
@@ -233,3 +234,102 @@ async def test_redis_restarted_empty_gets_an_idle_tenants_learned_state_back(own
         assert newcomer.drafter.calibration(A).dump() == learned
     finally:
         await newcomer.log.close()
+
+
+async def test_entries_no_replica_wrote_are_skipped_not_fatal(prefix):
+    """A foreign or damaged entry in a tenant's log neither keeps a proxy from starting nor stops
+    the tail: it is counted and skipped, and what follows it is learned."""
+    first = Replica(SHARED_REDIS, prefix)
+    client = redis.Redis.from_url(SHARED_REDIS)
+    key = first.log.key_for(A)
+    client.xadd(key, {"o": "x", "s": 1})                                          # no tokens
+    client.xadd(key, {"o": "x", "s": 2, "t": b"\x01\x02\x03"})                     # not whole ids
+    client.xadd(key, {"o": "x", "s": 3, "t": array("i", [5, -7, 9]).tobytes()})     # a negative id
+    client.xadd(key, {"o": "x", "s": "four", "t": array("i", [5]).tobytes()})       # not a sequence number
+    client.xadd(key, {"o": "x", "s": 5, "t": array("i", [300, 301, 302, 303]).tobytes()})
+    await first.log.start()
+    try:
+        assert first.log.healthy and first.log.malformed == 4
+        assert first.drafts(A, [1, 300, 301])[:2] == [302, 303]
+        client.xadd(key, {"t": b"??"})                                                # while it tails
+        client.xadd(key, {"o": "x", "s": 6, "t": array("i", [400, 401, 402, 403]).tobytes()})
+        assert await eventually(lambda: first.drafts(A, [1, 400, 401])[:2] == [402, 403], timeout=3)
+        assert first.log.malformed == 5 and all(not t.done() for t in first.log._tasks)
+    finally:
+        await first.log.close()
+
+
+async def test_a_full_queue_drops_only_responses_that_were_not_written(prefix):
+    """Responses queued past the limit drop the oldest; a write under way must not take newer,
+    unwritten ones out of the queue in their place."""
+    replica = Replica(SHARED_REDIS, prefix, queue_limit=4)  # not started: the writes are driven here
+    try:
+        for i in range(4):
+            replica.log.publish(A, [10 + i])
+        writing = asyncio.create_task(replica.log._flush())
+        await asyncio.sleep(0)  # the batch of four is taken, its write awaits the server
+        assert replica.log._writing == 4
+        for i in range(6):
+            replica.log.publish(A, [20 + i])  # the 5th and 6th find the queue full behind the batch
+        await writing  # (it goes on to write what is queued behind its batch)
+        assert replica.log.dropped == 2 and not replica.log._queue
+        client = redis.Redis.from_url(SHARED_REDIS)
+        written = [unpack(f[b"t"]) for _, f in client.xrange(replica.log.key_for(A))]
+        assert written == [[10], [11], [12], [13], [22], [23], [24], [25]]
+    finally:
+        await replica.log.close()
+
+
+async def test_a_reseed_that_fails_half_way_is_done_again(own_redis, monkeypatch):
+    url, stop, restart = own_redis
+    replica = Replica(url, "qd")
+    await replica.log.start()
+    try:
+        replica.learn(A, [100, 101, 102, 103])
+        replica.learn(B, [200, 201, 202, 203])
+        assert await replica.log.flush()
+        original, calls = ResponseLog._reseed, []
+
+        async def fails_once(self, scope, state):
+            calls.append(scope)
+            if len(calls) == 1:
+                raise redis.ConnectionError("lost again while re-seeding")
+            await original(self, scope, state)
+
+        monkeypatch.setattr(ResponseLog, "_reseed", fails_once)
+        stop()
+        assert await eventually(lambda: not replica.log.healthy)
+        restart()  # empty; the first re-seed attempt fails
+        assert await eventually(lambda: replica.log.healthy and replica.log.reseeds == 2, timeout=10)
+        client = redis.Redis.from_url(url)
+        assert client.xlen(replica.log.key_for(A)) == 1 and client.xlen(replica.log.key_for(B)) == 1
+    finally:
+        await replica.log.close()
+
+
+async def test_a_snapshot_under_way_when_the_proxy_stops_still_reaches_redis(prefix):
+    replica = Replica(SHARED_REDIS, prefix, state_every_s=0.1)
+    exporting = asyncio.Event()
+    export = replica.export
+
+    def slow_export(scope):
+        exporting.set()
+        time.sleep(0.5)  # a large table being compressed when the proxy is told to stop
+        return export(scope)
+
+    replica.log.export_state = slow_export
+    for i in range(10):
+        replica.decode(A, [7, 8, 9], [500 + i % 5, 600, 601, 602, 603, 700 + i])
+    learned = replica.drafter.calibration(A).dump()
+    await replica.log.start()
+    try:
+        await asyncio.wait_for(exporting.wait(), 3)
+    finally:
+        await replica.log.close()
+    restarted = Replica(SHARED_REDIS, prefix)
+    await restarted.log.start()
+    try:
+        assert restarted.restored == [(A, True)]
+        assert restarted.drafter.calibration(A).dump() == learned
+    finally:
+        await restarted.log.close()
