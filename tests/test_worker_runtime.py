@@ -188,3 +188,29 @@ def test_forward_cost_growing_series_extends_the_session(runtime):
     # Each pass keeps at least the token it fed: after 3 + 3 passes the session is 6 or more longer.
     assert points[0]["end_context"] >= 64 + 3 and points[1]["end_context"] >= points[0]["end_context"] + 3
     assert all(p["median_ms"] > 0 for p in points)
+
+
+def test_a_pass_that_fails_part_way_leaves_no_stale_cache(runtime):
+    """The layers write a step's keys and values before the logits exist; a pass that fails after
+    them (out of memory in the head, say) must not leave them for the retry to attend to."""
+    prompt = prompts(runtime)[0]
+    ref = plain_greedy(runtime, "fail-ref", prompt, 12)
+    first = runtime.verify(VerifyInput("fail", 0, [], prompt))
+    known, hist = first.cached_len, prompt + first.tokens
+    failed = []
+
+    def out_of_memory(module, args, output):
+        if not failed:
+            failed.append(True)
+            raise RuntimeError("out of memory (injected)")
+
+    hook = runtime.model.lm_head.register_forward_hook(out_of_memory)
+    try:
+        with pytest.raises(RuntimeError, match="injected"):
+            runtime.verify(VerifyInput("fail", known, hist[known - 16:known], hist[known:], [ref[1]], [-1]))
+    finally:
+        hook.remove()
+    assert failed
+    # The proxy retries the step as it stood: the worker asks for the history instead of reusing it.
+    assert runtime.verify(VerifyInput("fail", known, hist[known - 16:known], hist[known:])).resync_required
+    assert plain_greedy(runtime, "fail", prompt, 12) == ref

@@ -242,29 +242,41 @@ class ModelRuntime:
             started = time.perf_counter()
             staged: list[_Staged] = []
             keys: set[str] = set()
-            for i, req in enumerate(reqs):
-                try:
-                    if req.session_key in keys:
-                        raise VerifyError("one batch holds two steps of the same session")
-                    keys.add(req.session_key)
-                    self._check(req)
-                    step = self._prepare(req)
-                except VerifyError as exc:
-                    results[i] = exc
-                    continue
-                if step is None:
-                    results[i] = VerifyOutput(resync_required=True)
-                elif self.pass_cost_ms is not None:
-                    results[i] = self._fixed_cost_pass(step.session, step.feed, step.draft_tokens, step.draft_parents)
-                else:
-                    step.index = i
-                    step.feed = self._prefill_head(step.session, step.feed)
-                    staged.append(step)
-            if len(staged) == 1:
-                results[staged[0].index] = self._single_pass(staged[0])
-            elif staged:
-                for step, out in zip(staged, self._packed_pass(staged), strict=True):
-                    results[step.index] = out
+            touched: list[str] = []  # sessions whose cache a pass may have written
+            try:
+                for i, req in enumerate(reqs):
+                    try:
+                        if req.session_key in keys:
+                            raise VerifyError("one batch holds two steps of the same session")
+                        keys.add(req.session_key)
+                        self._check(req)
+                        step = self._prepare(req)
+                    except VerifyError as exc:
+                        results[i] = exc
+                        continue
+                    if step is None:
+                        results[i] = VerifyOutput(resync_required=True)
+                        continue
+                    touched.append(req.session_key)
+                    if self.pass_cost_ms is not None:
+                        results[i] = self._fixed_cost_pass(step.session, step.feed, step.draft_tokens,
+                                                           step.draft_parents)
+                    else:
+                        step.index = i
+                        step.feed = self._prefill_head(step.session, step.feed)
+                        staged.append(step)
+                if len(staged) == 1:
+                    results[staged[0].index] = self._single_pass(staged[0])
+                elif staged:
+                    for step, out in zip(staged, self._packed_pass(staged), strict=True):
+                        results[step.index] = out
+            except BaseException:
+                # A pass that failed part-way (out of memory, say) has written keys and values, in some
+                # layers or all, that the sessions' token lists do not account for. Kept, a retry would
+                # attend to them: the sessions are dropped, and their next step resends the history.
+                for key in touched:
+                    self.sessions.release(key)
+                raise
             self.sessions.enforce_budget(keep=keys)
             elapsed = (time.perf_counter() - started) * 1e3
             scored = sum(step.computed for step in staged)
