@@ -7,6 +7,7 @@ The longest suffix n-gram of the session history (n from ``max_n`` down to
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -81,3 +82,16 @@ class PromptLookupDrafter(Drafter):
 
     def drop_session(self, key: SessionKey) -> None:
         self._sessions.pop(key, None)
+
+    def memory_bytes(self) -> int:
+        # Python objects, sized without walking them: every token an int object (ids above 256 are
+        # not interned) referenced by the list and by the n-gram tuples, whose sizes depend on n only.
+        total = 0
+        for hist in list(self._sessions.values()):
+            total += sys.getsizeof(hist.tokens) + _INT_BYTES * len(hist.tokens)
+            for n, first in list(hist.first.items()):
+                total += sys.getsizeof(first) + len(first) * sys.getsizeof(tuple(range(n)))
+        return total
+
+
+_INT_BYTES = sys.getsizeof(2**20)

@@ -170,7 +170,7 @@ class SuffixDrafter(Drafter):
         if self._rebuilds:
             self._swap_rebuilt(scope)
         index = self._responses.get(scope)
-        if index is None:  # setdefault: a Redis log thread may create it at the same moment
+        if index is None:
             index = self._responses.setdefault(scope, _core.TokenIndex())
             index.auto_compact = self._executor is None
         return index
@@ -246,16 +246,14 @@ class SuffixDrafter(Drafter):
             index.evict_before(index.floor + overflow)  # compacts by itself without an executor
         if scope in self._rebuilds:
             return  # the rebuild under way catches up with this response and takes over
-        in_place = self._executor is None or index.live_tokens < self.params.rebuild_above
-        if in_place and index.compaction_due:
-            index.compact()
-        unfrozen = len(index) - max(index.frozen_tokens, index.floor)
-        freeze_due = unfrozen >= max(self.params.freeze_every, self.params.freeze_share * index.live_tokens)
-        if in_place:
-            if freeze_due:
-                index.freeze()
-        elif freeze_due or index.compaction_due:
+        if self._executor is None or index.live_tokens < self.params.rebuild_above:
+            self._maintain_in_place(index, always_freeze=False)
+        elif index.compaction_due or self._freeze_due(index):
             self._rebuild(scope, index)
+
+    def _freeze_due(self, index: _core.TokenIndex) -> bool:
+        unfrozen = len(index) - max(index.frozen_tokens, index.floor)
+        return unfrozen >= max(self.params.freeze_every, self.params.freeze_share * index.live_tokens)
 
     def _rebuild(self, scope: Scope, index: _core.TokenIndex) -> None:
         snapshot = index.snapshot()
@@ -268,11 +266,13 @@ class SuffixDrafter(Drafter):
             return
         self._rebuilds[scope] = _Rebuild(snapshot, future)
 
-    @staticmethod
-    def _maintain_in_place(index: _core.TokenIndex) -> None:
+    def _maintain_in_place(self, index: _core.TokenIndex, always_freeze: bool = True) -> None:
+        # A rebuild that was refused or failed was due, so that path always freezes; otherwise only
+        # when due, judged after the compaction (which leaves what it keeps unfrozen).
         if index.compaction_due:
             index.compact()
-        index.freeze()
+        if always_freeze or self._freeze_due(index):
+            index.freeze()
 
     def drop_session(self, key: SessionKey) -> None:
         self._sessions.pop(key, None)

@@ -565,9 +565,31 @@ def test_the_proxy_reports_each_drafters_learned_memory_once():
         return {m[1]: float(m[2]) for m in series}
 
     before = reported()
-    assert set(before) == {"suffix", "stand", "aded"}  # the hybrid's are these; prompt lookup is not measured
+    assert set(before) == {"suffix", "stand", "aded", "pld"}  # the hybrid's are these
     for i in range(50):
         service._learn_remote(scope, list(range(i, i + 200)))
     after = reported()
-    assert all(after[name] > before[name] for name in after)
+    assert all(after[name] > before[name] for name in ("suffix", "stand", "aded"))
     assert after["suffix"] == service.drafters["suffix"].memory_bytes() > 200 * 50 * 4
+    # Prompt lookup learns nothing per tenant: only its sessions' histories, 5-gram tables included.
+    assert after["pld"] == before["pld"]
+    service.drafters["pld"].begin_call(SessionKey(scope, "s"), list(range(1000, 11000)))
+    assert reported()["pld"] - after["pld"] > 10000 * (28 + 8 + 80)
+
+
+def test_an_evicted_session_is_forgotten_under_every_vocabulary_it_drafted_in():
+    """Even one whose model no worker serves any more (a worker redeployed with another model):
+    its drafter state would otherwise stay for the life of the proxy."""
+    from test_prior_text import _service
+
+    from quickdraft.proxy.sessions import Session
+
+    service, vocabulary = _service("none")
+    session = Session("default", "old", "k")
+    session.tokenizers = {vocabulary, "tok-of-a-model-gone"}
+    keys = [SessionKey(Scope("default", tokenizer), "old") for tokenizer in session.tokenizers]
+    for key in keys:
+        service.drafters["suffix"].begin_call(key, [1, 2, 3])
+    assert all(service.drafters["suffix"].session_tokens(key) == [1, 2, 3] for key in keys)
+    service._forget(session)
+    assert all(service.drafters["suffix"].session_tokens(key) == [] for key in keys)

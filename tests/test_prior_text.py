@@ -1,5 +1,6 @@
 """The prior text: public text every tenant's suffix drafts may copy from (suffix_cache/prior_text.py)."""
 
+import asyncio
 import json
 from array import array
 
@@ -215,6 +216,10 @@ def _service(prior_text: str):
     from quickdraft.settings import Settings
 
     hf = load_tokenizer("smollm2-135m")
+    try:  # a grpc.aio channel wants an event loop; an async test before this one may have left none set
+        asyncio.get_event_loop_policy().get_event_loop()
+    except RuntimeError:
+        asyncio.set_event_loop(asyncio.new_event_loop())
     worker = WorkerClient.connect("127.0.0.1:1")  # never called: the service only reads its model's vocabulary
     worker.meta = ModelMeta("smollm2-135m", 8192, 49152, frozenset(), tokenizer_id(hf),
                             Tokenizer.from_str(hf.backend_tokenizer.to_str()))
