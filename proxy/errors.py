@@ -31,3 +31,16 @@ class Overloaded(ProxyError):
 
 class NoWorker(ProxyError):
     code = grpc.StatusCode.UNAVAILABLE
+
+
+class WorkerFailed(ProxyError):
+    """A worker refused or failed a request in a way that moving to another worker cannot mend (its
+    own status is passed on, an unexplained one as INTERNAL)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = grpc.StatusCode.INTERNAL if code == grpc.StatusCode.UNKNOWN else code
+
+    @classmethod
+    def of(cls, exc: grpc.aio.AioRpcError, model: str) -> WorkerFailed:
+        return cls(exc.code(), f"the worker serving {model!r} answered {exc.code().name}: {exc.details()}")

@@ -11,6 +11,7 @@ whose history the prompt extends (OpenAI clients send no session id).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
@@ -24,6 +25,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
 
 from quickdraft.proto import quickdraft_pb2 as pb
 from quickdraft.proxy.errors import InvalidRequest, Overloaded, ProxyError
@@ -83,15 +85,36 @@ class ChatCompletionRequest(BaseModel):
     max_draft_tokens: int | None = Field(None, ge=0, le=UINT32_MAX)
 
 
+# OpenAI's newer name for the system role (the openai client sends it for reasoning models).
+ROLE_ALIASES = {"developer": "system"}
+
+
+def _refuse_what_would_be_ignored(body: ChatCompletionRequest) -> None:
+    """Options that would change the answer if honoured: a 400 that says so, rather than an answer
+    that silently differs from what the client asked for."""
+    extra = body.model_extra or {}
+    if (extra.get("tools") or extra.get("functions")) and extra.get("tool_choice") != "none":
+        raise InvalidRequest("tools are not supported yet: the answer is text only. Describe the tools in a "
+                             "message and parse the calls from the text, or send tool_choice='none'")
+    if extra.get("logprobs"):
+        raise InvalidRequest("logprobs are not supported yet; leave logprobs unset or false")
+    if extra.get("logit_bias"):
+        raise InvalidRequest("logit_bias is not supported yet")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if extra.get(name):
+            raise InvalidRequest(f"{name} is not supported yet; send 0 or leave it out")
+
+
 def to_grpc(body: ChatCompletionRequest, session_id: str) -> pb.GenerateRequest:
     if body.n != 1:
         raise InvalidRequest(f"n is {body.n}; only n=1 is supported")
+    _refuse_what_would_be_ignored(body)
     if body.response_format and body.response_format.get("type", "text") != "text":
         raise InvalidRequest(f"response_format type {body.response_format.get('type')!r} is not supported yet; "
                              "use 'text'")
     req = pb.GenerateRequest(
         model=body.model,
-        messages=[pb.ChatMessage(role=m.role, content=m.text()) for m in body.messages],
+        messages=[pb.ChatMessage(role=ROLE_ALIASES.get(m.role, m.role), content=m.text()) for m in body.messages],
         sampling=pb.SamplingParams(temperature=body.temperature or 0.0, top_p=body.top_p or 0.0,
                                    top_k=body.top_k or 0, seed=body.seed or 0),
         session_id=session_id,
@@ -124,8 +147,8 @@ def usage_json(u: pb.Usage) -> dict[str, Any]:
 
 
 def error_response(status: int, kind: str, message: str, code: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": code}},
+                   headers: dict[str, str] | None = None, param: str | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}},
                         status_code=status, headers=headers)
 
 
@@ -143,7 +166,14 @@ def build_app(service: DecodeProxyService) -> FastAPI:
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         return error_response(400, "invalid_request_error", f"{where or 'body'}: {first.get('msg', 'invalid')}",
-                              "invalid_argument")
+                              "invalid_argument", param=where or None)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        # Unknown paths and wrong methods: the same error shape as everything else.
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        return error_response(exc.status_code, kind, message, str(exc.status_code), dict(exc.headers or {}) or None)
 
     @app.exception_handler(ProxyError)
     async def proxy_error(request: Request, exc: ProxyError) -> JSONResponse:
@@ -153,13 +183,24 @@ def build_app(service: DecodeProxyService) -> FastAPI:
     async def metrics() -> Response:
         return Response(service.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
+    def model_card(name: str, created: int) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": created, "owned_by": "quickdraft"}
+
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:
         service.tenant_of(_metadata(request))
         created = int(time.time())
-        names = ["auto", *sorted(service.pool.models())]
         return {"object": "list",
-                "data": [{"id": n, "object": "model", "created": created, "owned_by": "quickdraft"} for n in names]}
+                "data": [model_card(n, created) for n in ["auto", *sorted(service.pool.models())]]}
+
+    @app.get("/v1/models/{name}")
+    async def model(name: str, request: Request) -> JSONResponse:
+        service.tenant_of(_metadata(request))
+        names = ["auto", *sorted(service.pool.models())]
+        if name not in names:
+            return error_response(404, "not_found_error", f"model {name!r} does not exist; models: {', '.join(names)}",
+                                  "model_not_found", param="model")
+        return JSONResponse(model_card(name, int(time.time())))
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> JSONResponse | StreamingResponse:
@@ -176,13 +217,24 @@ def build_app(service: DecodeProxyService) -> FastAPI:
                 return proxy_error_response(exc)
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(_sse(first, chunks, completion_id, created, include_usage),
-                                     media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+                                     media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Session-Id": first.session_id})
         text: list[str] = []
-        last = None
-        async for chunk in chunks:
-            text.append(chunk.text)
-            last = chunk
-        assert last is not None
+        whole = asyncio.ensure_future(_collect(chunks, text))
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            # A client that gives up (its timeout) must not leave the generation running: it holds the
+            # session and an admission slot, and the client's retry would queue behind it.
+            await asyncio.wait({whole, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+            if not whole.done():
+                whole.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await whole
+        if not whole.done() or whole.cancelled():
+            return Response(status_code=499)  # (nobody reads it: the client is gone)
+        last = whole.result()
         return JSONResponse({
             "id": completion_id, "object": "chat.completion", "created": created, "model": last.model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
@@ -192,6 +244,22 @@ def build_app(service: DecodeProxyService) -> FastAPI:
         }, headers={"X-Session-Id": last.session_id})
 
     return app
+
+
+async def _collect(chunks: AsyncIterator[pb.GenerateChunk], text: list[str]) -> pb.GenerateChunk:
+    last = None
+    async for chunk in chunks:
+        text.append(chunk.text)
+        last = chunk
+    assert last is not None
+    return last
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has closed the connection (the body was read already, so the next
+    ASGI message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _metadata(request: Request) -> tuple[tuple[str, str], ...]:

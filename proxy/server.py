@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection
 from quickdraft.proto import quickdraft_pb2 as pb
 from quickdraft.proto import quickdraft_pb2_grpc as pb_grpc
 from quickdraft.proxy.service import DecodeProxyService, add_to_server
-from quickdraft.proxy.worker_pool import WorkerPool
+from quickdraft.proxy.worker_pool import UNSPECIFIED_HOSTS, WorkerPool
 from quickdraft.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,9 @@ async def _health_round(service: DecodeProxyService, pool: WorkerPool, health: h
     log_ = service.shared_log
     now_shared = log_ is None or log_.healthy
     service.metrics.redis_up.set(1 if now_shared else 0)
+    if log_ is not None:
+        service.metrics.shared_dropped.set(log_.dropped)
+        service.metrics.shared_skipped.set(log_.malformed)
     if service.request_log is not None:
         service.metrics.records_up.set(1 if service.request_log.healthy else 0)
         service.metrics.records_queued.set(len(service.request_log.queue))
@@ -89,7 +92,11 @@ class WorkerRegistryService(pb_grpc.WorkerRegistryServicer):
         host, _, port = address.rpartition(":")
         if not host or not port.isdigit():
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"address must be HOST:PORT, got {address!r}")
-        return pb.RegisterWorkerResponse(added=await self.pool.add(address))
+        if host.strip("[]") in UNSPECIFIED_HOSTS:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"{address!r} is where a worker listens, not where the proxy can reach it; start "
+                                "the worker with --advertise HOST:PORT")
+        return pb.RegisterWorkerResponse(added=await self.pool.add(address, registered=True))
 
 
 async def serve_proxy(settings: Settings, ready: asyncio.Event | None = None) -> None:

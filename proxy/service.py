@@ -16,7 +16,7 @@ import grpc
 
 from quickdraft.proto import quickdraft_pb2 as pb
 from quickdraft.proxy.detokenize import TextStream
-from quickdraft.proxy.errors import InvalidRequest, Overloaded, ProxyError, Unauthenticated
+from quickdraft.proxy.errors import InvalidRequest, Overloaded, ProxyError, Unauthenticated, WorkerFailed
 from quickdraft.proxy.metrics import ProxyMetrics
 from quickdraft.proxy.request_log import RequestLog, finished_record
 from quickdraft.proxy.sessions import Session, SessionTable
@@ -253,7 +253,9 @@ class DecodeProxyService:
             prepared = self.prepare(request, tenant)
             self.admission.enter(tenant)
         except ProxyError as exc:
-            self.metrics.failed(request.model, exc.code.name.lower())
+            # Labelled by model only when it names one: a label per string a client sent would grow forever.
+            known = request.model in self.pool.models() or request.model == "auto"
+            self.metrics.failed(request.model if known else "unknown", exc.code.name.lower())
             self._record_failure(tenant, request.session_id, request.model, request.speculation.drafter,
                                  exc.code.name, started)
             raise
@@ -273,9 +275,18 @@ class DecodeProxyService:
             outcome = exc.code.name
             self.metrics.failed(prepared.params.model, exc.code.name.lower())
             raise
-        except Exception:
+        except grpc.aio.AioRpcError as exc:  # a worker's error no other worker can mend (e.g. a deadline)
+            failed = WorkerFailed.of(exc, prepared.params.model)
+            outcome = failed.code.name
+            self.metrics.failed(prepared.params.model, outcome.lower())
+            raise failed from exc
+        except Exception as exc:
+            # A defect: the client gets INTERNAL with a message to quote, not gRPC's bare UNKNOWN.
             outcome = "INTERNAL"
-            raise
+            self.metrics.failed(prepared.params.model, "internal")
+            log.exception("a request of tenant %r failed", tenant)
+            raise ProxyError(f"internal error in the proxy ({type(exc).__name__}: {exc}); "
+                             "its log has the traceback") from exc
         finally:
             self.metrics.in_flight.dec()
             self.admission.leave(tenant)
@@ -302,19 +313,21 @@ class DecodeProxyService:
                 "shorten the messages or lower max_tokens"
             )
         session, evicted = self.sessions.get_or_create(prepared.tenant, prepared.session_id, prompt)
-        for old in evicted:
-            self._forget(old)
-        async with session.lock:
+        async with session.serving():
+            for old in evicted:
+                self._forget(old)
             session.start_call(prompt)
             await self._prior_text_of(meta)
             drafter = self.drafters[prepared.drafter_name]
             key = SessionKey(Scope(prepared.tenant, meta.tokenizer_id), session.session_id)
+            session.tokenizers.add(meta.tokenizer_id)
             drafter.begin_call(key, prompt)
             drafter.set_temperature(key, params.temperature)
             loop = SpeculationLoop(self.pool, drafter, key, session, params, meta.eos_token_ids)
             text = TextStream(meta.tokenizer, prepared.stop)
             produced = 0
             finish = ""
+            named = False  # the first chunk names the model and the session
             try:
                 async for event in loop.run():
                     delta = text.push(event.tokens)
@@ -323,7 +336,10 @@ class DecodeProxyService:
                     if text.stopped:
                         finish = "stop"
                     if event.tokens or delta:
-                        yield pb.GenerateChunk(text=delta, token_ids=event.tokens)
+                        chunk = pb.GenerateChunk(text=delta, token_ids=event.tokens)
+                        if not named:
+                            chunk.model, chunk.session_id, named = params.model, session.session_id, True
+                        yield chunk
                     if text.stopped or event.finished:
                         break
             finally:
@@ -364,9 +380,11 @@ class DecodeProxyService:
             self.shared_log.publish(key.scope, response)
 
     def _forget(self, session: Session) -> None:
+        self.pool.forget(session.worker_key)
+        # Under every vocabulary it drafted in, whether or not a worker still serves that model.
         for drafter in self.drafters.values():
-            for meta in self.pool.models().values():
-                drafter.drop_session(SessionKey(Scope(session.tenant, meta.tokenizer_id), session.session_id))
+            for tokenizer in session.tokenizers:
+                drafter.drop_session(SessionKey(Scope(session.tenant, tokenizer), session.session_id))
 
     # -- gRPC methods ------------------------------------------------------------
     async def Generate(self, request, context):

@@ -10,8 +10,10 @@ last prompt plus the answer), or start a new one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections import OrderedDict
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from quickdraft.proxy.goodput import Acceptance
@@ -26,11 +28,26 @@ class Session:
     history: list[int] = field(default_factory=list)
     prompt_len: int = 0          # length of the last call's prompt
     worker_len: int = 0          # history tokens the placed worker holds
+    worker_address: str = ""     # the worker worker_len speaks of
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # How this session's drafts fare, for sizing them under load (proxy/goodput.py).
     acceptance: Acceptance = field(default_factory=Acceptance)
     tokens_per_step: float = 1.0  # moving average
     last_scored: int = 1          # positions its last step scored on the worker
+    # Calls holding or waiting for the session (from get_or_create to the end of ``serving``): such a
+    # session is neither evicted nor joined by a call without an id. The lock alone cannot say so:
+    # it reads free between one call's release and the next waiter's wake-up.
+    users: int = 0
+    tokenizers: set[str] = field(default_factory=set)  # the vocabularies its drafter state is under
+
+    @contextlib.asynccontextmanager
+    async def serving(self) -> AsyncIterator[None]:
+        """One call's turn on the session, ending the hold that ``get_or_create`` took for it."""
+        try:
+            async with self.lock:
+                yield
+        finally:
+            self.users -= 1
 
     def start_call(self, prompt: list[int]) -> int:
         """Adopt a new prompt as history; returns how many tokens were kept from before."""
@@ -55,7 +72,8 @@ class SessionTable:
         return self._by_tenant.setdefault(tenant, OrderedDict())
 
     def get_or_create(self, tenant: str, session_id: str, prompt: list[int]) -> tuple[Session, list[Session]]:
-        """The session for this call, and any sessions evicted to make room."""
+        """The session for this call, held for it (run the call in ``session.serving()``), and any
+        sessions evicted to make room."""
         sessions = self._tenant(tenant)
         if not session_id:
             found = self._continued_by(sessions, prompt)
@@ -65,12 +83,13 @@ class SessionTable:
             session = Session(tenant, session_id, worker_session_key(tenant, session_id))
             sessions[session_id] = session
         sessions.move_to_end(session_id)
+        session.users += 1
         evicted = []
         while len(sessions) > self.max_per_tenant:
             # Least recently used first, but never a session with a request in progress (its drafter
             # state and history are in use): when every other session is busy, run over the cap until
             # one finishes.
-            victim = next((sid for sid, s in sessions.items() if s is not session and not s.lock.locked()), None)
+            victim = next((sid for sid, s in sessions.items() if not s.users), None)
             if victim is None:
                 break
             evicted.append(sessions.pop(victim))
@@ -81,7 +100,7 @@ class SessionTable:
         best, best_len = None, 0
         for session in reversed(sessions.values()):
             n = session.prompt_len
-            if best_len < n <= len(prompt) and not session.lock.locked() and prompt[:n] == session.history[:n]:
+            if best_len < n <= len(prompt) and not session.users and prompt[:n] == session.history[:n]:
                 best, best_len = session, n
         return best
 

@@ -94,6 +94,10 @@ class SpeculationLoop:
     async def _verify(self, worker: WorkerClient, tree: DraftTree) -> pb.VerifyResponse:
         s = self.session
         p = self.params
+        if s.worker_address != worker.address:
+            # worker_len counts what another worker holds. This one may hold an older copy of the
+            # session that its anchor cannot tell apart (an edit that kept the length): send it all.
+            s.worker_len, s.worker_address = 0, worker.address
         for _ in range(2):
             known = s.worker_len
             request = pb.VerifyRequest(

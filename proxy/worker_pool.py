@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import time
 from dataclasses import dataclass, field
 
 import grpc
@@ -15,6 +17,11 @@ from quickdraft.proxy.errors import InvalidRequest, NoWorker
 from quickdraft.proxy.goodput import Load, PassCost
 
 log = logging.getLogger(__name__)
+
+UNSPECIFIED_HOSTS = {"0.0.0.0", "::", ""}
+# A worker that registered itself and then stops answering for this long is dropped (it registers
+# again every few seconds while it runs): an address that never answers must not hold health down.
+REGISTERED_TTL_S = 60.0
 
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 256 << 20),
@@ -50,6 +57,8 @@ class WorkerClient:
     cost: PassCost = field(default_factory=PassCost)   # its pass time by positions scored
     load: Load = field(default_factory=Load)           # what its last pass looked like
     memory: WorkerMemory | None = None                 # as of its last health check
+    registered: bool = False       # joined by registering (not given to the proxy at start)
+    answered_at: float = field(default_factory=time.monotonic)  # its last answer (or when it joined)
 
     @classmethod
     def connect(cls, address: str) -> WorkerClient:
@@ -62,11 +71,19 @@ class WorkerClient:
         except grpc.aio.AioRpcError:
             self.healthy = False
             return False
+        self.answered_at = time.monotonic()
         if self.meta is not None and self.meta.tokenizer_id != info.tokenizer_id:
             # The worker restarted with another model: ask again with its tokenizer.
             self.meta = None
             return await self.refresh(timeout)
         self.memory = WorkerMemory(info.resident_memory_bytes, info.kv_cache_bytes, info.sessions)
+        if self.meta is not None and (self.meta.name, self.meta.context_length, self.meta.eos_token_ids,
+                                      self.meta.vocab_size) != (info.model, info.context_length,
+                                                                frozenset(info.eos_token_ids), info.vocab_size):
+            # Restarted with another model of the same vocabulary: the same tokenizer, new everything else.
+            log.info("worker %s now serves %s (was %s)", self.address, info.model, self.meta.name)
+            self.meta = dataclasses.replace(self.meta, name=info.model, context_length=info.context_length,
+                                            vocab_size=info.vocab_size, eos_token_ids=frozenset(info.eos_token_ids))
         if self.meta is None:
             self.meta = ModelMeta(
                 name=info.model,
@@ -92,12 +109,20 @@ class WorkerPool:
 
     async def refresh(self) -> None:
         await asyncio.gather(*(w.refresh() for w in self.workers))
+        now = time.monotonic()
+        for gone in [w for w in self.workers if w.registered and now - w.answered_at > REGISTERED_TTL_S]:
+            log.warning("worker %s registered but has not answered for %.0f s: dropped until it registers again",
+                        gone.address, now - gone.answered_at)
+            self.workers.remove(gone)
+            self.mark_down(gone)
+            await gone.channel.close()
 
-    async def add(self, address: str) -> bool:
+    async def add(self, address: str, registered: bool = False) -> bool:
         """A worker that registered itself; False if it was already known. It serves once it answers Info."""
         if any(w.address == address for w in self.workers):
             return False
         worker = WorkerClient.connect(address)
+        worker.registered = registered
         self.workers.append(worker)
         if await worker.refresh():
             log.info("worker %s registered (%s)", address, worker.meta.name if worker.meta else "?")
@@ -127,6 +152,10 @@ class WorkerPool:
     def model_meta(self, model: str) -> ModelMeta:
         metas = self.models()
         if model not in metas:
+            loading = sum(1 for w in self.workers if w.meta is None)
+            if loading:  # it may be theirs: not the caller's mistake yet
+                raise NoWorker(f"model {model!r} is not being served yet: {loading} worker(s) are still loading "
+                               "their model; try again shortly")
             valid = ", ".join(["auto", *sorted(metas)])
             raise InvalidRequest(f"unknown model {model!r}; valid models: {valid}")
         return metas[model]
@@ -145,8 +174,13 @@ class WorkerPool:
             if w.address == placed:
                 return w
         worker = min(candidates, key=lambda w: w.in_flight)
-        self.placement[session_key] = worker.address
+        if session_key:  # (no key: a request that holds no cache, such as tokenizing, is not pinned)
+            self.placement[session_key] = worker.address
         return worker
+
+    def forget(self, session_key: str) -> None:
+        """The session is gone from the proxy: its placement goes too."""
+        self.placement.pop(session_key, None)
 
     def mark_down(self, worker: WorkerClient) -> None:
         worker.healthy = False

@@ -127,6 +127,9 @@ def worker(
     _logging(s)
     if s.pass_cost_ms is not None and not s.oracle_traces:
         raise typer.BadParameter("--pass-cost-ms needs --oracle-traces (it replaces the model's choices)")
+    if s.register_with and not s.advertise and s.host.strip("[]") in ("0.0.0.0", "::", ""):
+        raise typer.BadParameter(f"--register with --host {s.host} needs --advertise HOST:PORT: the address the "
+                                 "proxy reaches this worker on")
     import torch
 
     from quickdraft.verifiers.model_loader import load_model
@@ -151,6 +154,7 @@ def worker(
         "loaded %s on %s (%s%s) in %.1f s", loaded.name, loaded.device, runtime.info().dtype, prefill,
         time.perf_counter() - started,
     )
+    _terminate_on_sigterm()  # (a container's stop): the server stops as on Ctrl-C
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve_worker(runtime, s.host, s.worker_port, register_with=s.register_with,
                                  advertise=s.advertise, max_batch=s.max_batch, max_batch_tokens=s.max_batch_tokens,
@@ -167,8 +171,9 @@ def serve(
     redis_url: Annotated[str, typer.Option(help="Redis URL for shared drafting state")] = None,
     config: ConfigOpt = None,
 ) -> None:
-    """Start only the proxy (gRPC), in front of running workers (given with --worker, or registering
-    themselves with `quickdraft worker --register`)."""
+    """Start only the proxy (gRPC, and the OpenAI-compatible HTTP endpoint), in front of running workers
+    (given with --worker, or registering themselves with `quickdraft worker --register`)."""
+    _terminate_on_sigterm()  # a container's stop flushes records and shared state as Ctrl-C does
     s = load_settings(config, workers=worker_addr or None, grpc_port=grpc_port, http_port=http_port, host=host,
                       redis_url=redis_url)
     _logging(s)

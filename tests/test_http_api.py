@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import time
+
 import grpc
 import httpx
 import openai
@@ -68,6 +71,12 @@ def test_openai_client_lists_models(oa):
     ({"model": "auto", "messages": HELLO, "max_tokens": 2**31}, 400, "max_tokens"),
     ({"model": "auto", "messages": HELLO, "max_draft_tokens": 2**32}, 400, "max_draft_tokens"),
     ({"model": "auto", "messages": HELLO, "temperature": 1e39}, 400, "temperature must be a finite number"),
+    # Options that would change the answer: refused with the reason, never silently ignored.
+    ({"model": "auto", "messages": HELLO, "tools": [{"type": "function", "function": {"name": "ls"}}]}, 400,
+     "tools are not supported yet"),
+    ({"model": "auto", "messages": HELLO, "logprobs": True}, 400, "logprobs"),
+    ({"model": "auto", "messages": HELLO, "presence_penalty": 0.5}, 400, "presence_penalty"),
+    ({"model": "auto", "messages": HELLO, "logit_bias": {"42": 5}}, 400, "logit_bias"),
 ])
 def test_bad_requests_get_openai_style_errors(http_base, body, status, needle):
     r = httpx.post(f"{http_base}/chat/completions", json=body, timeout=60)
@@ -94,7 +103,9 @@ def test_metrics_endpoint_counts_what_was_served(http_base, client):
         return sum(v for n, lab, v in samples if n == name and all(lab.get(k) == x for k, x in labels.items()))
 
     assert total("quickdraft_requests_total", model="smollm2-135m", outcome="ok") >= 1
-    assert total("quickdraft_requests_total", model="gpt-17", outcome="invalid_argument") >= 1
+    # A model name no worker serves is counted, but not as a label of its own: a client could mint them.
+    assert total("quickdraft_requests_total", model="unknown", outcome="invalid_argument") >= 1
+    assert not any(lab.get("model") == "gpt-17" for _, lab, _ in samples)
     assert total("quickdraft_completion_tokens_total") >= 8
     assert total("quickdraft_verification_steps_total") >= 1
     assert total("quickdraft_time_to_first_token_seconds_count") >= 1
@@ -109,3 +120,55 @@ def test_metrics_endpoint_counts_what_was_served(http_base, client):
     assert total("process_resident_memory_bytes") > 10 * 2**20
     assert total("quickdraft_worker_resident_memory_bytes") > 100 * 2**20
     assert total("quickdraft_worker_kv_cache_bytes") > 0 and total("quickdraft_worker_sessions") >= 1
+
+
+def test_what_openai_clients_also_send_is_understood(oa):
+    """The developer role (the system role's newer name), tools the client says not to use, and the
+    single-model lookup."""
+    reply = oa.chat.completions.create(
+        model="auto", max_tokens=8, temperature=0,
+        messages=[{"role": "developer", "content": "Answer briefly."}, *HELLO],
+        tools=[{"type": "function", "function": {"name": "ls", "parameters": {"type": "object"}}}],
+        tool_choice="none")
+    assert reply.choices[0].message.content and reply.usage.prompt_tokens > 0
+    assert oa.models.retrieve("smollm2-135m").id == "smollm2-135m"
+    with pytest.raises(openai.NotFoundError):
+        oa.models.retrieve("gpt-17")
+
+
+def test_unknown_paths_get_the_same_error_shape(http_base):
+    r = httpx.get(f"{http_base}/completions", timeout=30)
+    assert r.status_code in (404, 405)
+    assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+    r = httpx.post(f"{http_base}/chat/completions", json={"messages": "hi"}, timeout=30)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+
+
+def test_every_streamed_chunk_names_the_model_and_the_session_comes_first(http_base):
+    body = {"model": "auto", "messages": HELLO, "max_tokens": 12, "stream": True}
+    with httpx.stream("POST", f"{http_base}/chat/completions", json=body, timeout=60,
+                      headers={"X-Session-Id": "http-stream-named"}) as r:
+        assert r.headers["x-session-id"] == "http-stream-named"
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert len(events) > 2 and {e["model"] for e in events} == {"smollm2-135m"}
+
+
+def test_a_client_that_gives_up_stops_its_generation(http_base):
+    """A non-streaming request whose client times out is cancelled in the proxy, so the session and
+    the admission slot are free for the client's retry."""
+    count = {"role": "user", "content": "Count from 1 to 5000, one number per line, with no other text."}
+    body = {"model": "auto", "messages": [count], "max_tokens": 3000, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{http_base}/chat/completions", json=body, timeout=httpx.Timeout(60, read=3),
+                   headers={"X-Session-Id": "http-gives-up"})
+    metrics = http_base.removesuffix("/v1") + "/metrics"
+
+    def in_flight() -> float:
+        text = httpx.get(metrics, timeout=30).text
+        return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+                   if s.name == "quickdraft_requests_in_flight")
+
+    deadline = time.monotonic() + 10
+    while in_flight() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert in_flight() == 0  # 3,000 counted tokens would take the 2-core CPU minutes

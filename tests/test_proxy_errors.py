@@ -1,0 +1,67 @@
+"""Failures inside a request reach the client as a gRPC status with a message, are counted, and leave
+the session usable: a worker's error that no other worker can mend keeps its own status, and a
+defect in the proxy is INTERNAL with the reason, never gRPC's bare UNKNOWN."""
+
+from __future__ import annotations
+
+import re
+
+import grpc
+import pytest
+from test_prior_text import _service
+
+from quickdraft.proto import quickdraft_pb2 as pb
+from quickdraft.proxy.errors import ProxyError, WorkerFailed
+from quickdraft.proxy.speculation import SpeculationLoop
+
+
+async def _run(service, request: pb.GenerateRequest) -> list[pb.GenerateChunk]:
+    try:
+        return [chunk async for chunk in service.generate(request, ())]
+    finally:
+        await service.close()
+
+
+def _failures(service) -> dict[str, float]:
+    text = service.metrics.render().decode()
+    pattern = r'quickdraft_requests_total\{drafter="",model="smollm2-135m",outcome="(\w+)"\} (\S+)'
+    return {m[1]: float(m[2]) for m in re.finditer(pattern, text)}
+
+
+def _failing_step(make_error):
+    async def verify(self, tree):
+        raise make_error()  # (made here: grpc's metadata wants the running event loop)
+    return verify
+
+
+REQUEST = pb.GenerateRequest(model="smollm2-135m", session_id="s1", max_tokens=8,
+                             messages=[pb.ChatMessage(role="user", content="hi")])
+
+
+def _rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+
+
+@pytest.mark.parametrize(("raised", "code", "words"), [
+    (lambda: _rpc_error(grpc.StatusCode.DEADLINE_EXCEEDED, "the step took too long"),
+     grpc.StatusCode.DEADLINE_EXCEEDED, "answered DEADLINE_EXCEEDED: the step took too long"),
+    (lambda: _rpc_error(grpc.StatusCode.UNKNOWN, "boom"), grpc.StatusCode.INTERNAL, "answered UNKNOWN: boom"),
+    (lambda: RuntimeError("worker asked for a resync twice in a row"),
+     grpc.StatusCode.INTERNAL, "internal error in the proxy (RuntimeError: worker asked for a resync twice"),
+], ids=["worker-deadline", "worker-unknown", "proxy-defect"])
+async def test_a_failed_step_becomes_a_status_with_its_reason(monkeypatch, raised, code, words):
+    service, _ = _service("none")
+    service.pool.workers[0].healthy = True  # (it is never called: the step fails before it would be)
+
+    async def prompt_ids(prepared):
+        return [1, 2, 3, 4]
+
+    monkeypatch.setattr(service, "_prompt_ids", prompt_ids)
+    monkeypatch.setattr(SpeculationLoop, "_verify_anywhere", _failing_step(raised))
+    with pytest.raises(ProxyError) as caught:
+        await _run(service, REQUEST)
+    assert caught.value.code == code and words in caught.value.message
+    assert isinstance(caught.value, WorkerFailed) == words.startswith("answered")
+    assert _failures(service) == {code.name.lower(): 1.0}
+    session = service.sessions.get_or_create("default", "s1", [1, 2, 3, 4])[0]
+    assert session.users == 1  # only the hold just taken: the failed call gave its own back

@@ -1,0 +1,117 @@
+"""The proxy's view of its workers: what each serves, where sessions live, and which status a
+request gets while workers are still loading."""
+
+from __future__ import annotations
+
+import pytest
+from tokenizers import Tokenizer
+
+from quickdraft.catalog import load_tokenizer, tokenizer_id
+from quickdraft.proto import quickdraft_pb2 as pb
+from quickdraft.proxy.errors import InvalidRequest, NoWorker
+from quickdraft.proxy.worker_pool import WorkerClient, WorkerPool
+
+
+class _Answers:
+    """A worker's Info answers, one model after another: what a worker at one address says when it
+    is restarted with another model (the pool's bookkeeping is what is tested here)."""
+
+    def __init__(self, *infos: pb.WorkerInfoResponse) -> None:
+        self.infos = list(infos)
+
+    async def Info(self, request, timeout=None):  # noqa: N802 (the gRPC method's name)
+        info = pb.WorkerInfoResponse()
+        info.CopyFrom(self.infos[0])
+        if len(self.infos) > 1:
+            self.infos.pop(0)
+        if request.skip_tokenizer:
+            info.ClearField("tokenizer_json")
+        return info
+
+
+def _info(model: str, context: int, eos: list[int]) -> pb.WorkerInfoResponse:
+    hf = load_tokenizer("smollm2-135m")
+    return pb.WorkerInfoResponse(model=model, context_length=context, vocab_size=49152, eos_token_ids=eos,
+                                 tokenizer_id=tokenizer_id(hf),
+                                 tokenizer_json=hf.backend_tokenizer.to_str().encode())
+
+
+def _worker(address: str, *infos: pb.WorkerInfoResponse) -> WorkerClient:
+    worker = WorkerClient.connect(address)
+    worker.stub = _Answers(*infos)
+    return worker
+
+
+async def test_a_worker_restarted_with_another_model_of_the_same_vocabulary_is_seen_as_it():
+    worker = _worker("127.0.0.1:1", _info("small-v1", 8192, [2]), _info("small-v2", 32768, [2, 7]))
+    pool = WorkerPool([worker])
+    await (pool.refresh())
+    tokenizer = worker.meta.tokenizer
+    assert isinstance(tokenizer, Tokenizer) and pool.model_meta("small-v1").context_length == 8192
+    await (pool.refresh())
+    meta = pool.model_meta("small-v2")
+    assert (meta.context_length, meta.eos_token_ids) == (32768, frozenset({2, 7}))
+    assert meta.tokenizer is tokenizer  # the same vocabulary: not fetched again
+    with pytest.raises(InvalidRequest, match="valid models: auto, small-v2"):
+        pool.model_meta("small-v1")  # nothing serves it any more
+
+
+async def test_a_model_is_unavailable_not_unknown_while_workers_are_loading():
+    loading = WorkerClient.connect("127.0.0.1:1")  # has not answered yet
+    pool = WorkerPool([loading])
+    with pytest.raises(NoWorker, match="1 worker.* still loading"):
+        pool.model_meta("smollm2-135m")
+    ready = _worker("127.0.0.1:2", _info("smollm2-135m", 8192, [2]))
+    await (ready.refresh())
+    pool = WorkerPool([ready])
+    with pytest.raises(InvalidRequest, match="unknown model 'nope'; valid models: auto, smollm2-135m"):
+        pool.model_meta("nope")
+
+
+async def test_sessions_stay_on_their_worker_and_are_forgotten_with_the_session():
+    workers = [_worker(f"127.0.0.1:{port}", _info("m", 8192, [2])) for port in (1, 2)]
+    pool = WorkerPool(workers)
+    await (pool.refresh())
+    first = pool.pick("m", "tenant\x1fs1")
+    first.in_flight += 1  # busy: a new session goes to the other worker ...
+    assert pool.pick("m", "tenant\x1fs2") is not first
+    assert pool.pick("m", "tenant\x1fs1") is first  # ... while s1 stays where its cache is
+    pool.pick("m", "")  # tokenizing holds no cache: nothing is pinned for it
+    assert set(pool.placement) == {"tenant\x1fs1", "tenant\x1fs2"}
+    pool.forget("tenant\x1fs1")
+    assert set(pool.placement) == {"tenant\x1fs2"}
+
+
+async def test_a_registered_worker_that_stops_answering_is_dropped(monkeypatch):
+    """An address that registered and then never answers (a mistyped --advertise, a worker gone for
+    good) must not keep the proxy's health down; one given at start stays, as configured."""
+    import quickdraft.proxy.worker_pool as worker_pool
+
+    configured = WorkerClient.connect("127.0.0.1:1")
+    pool = WorkerPool([configured])
+    assert await pool.add("127.0.0.1:2", registered=True)
+    monkeypatch.setattr(worker_pool, "REGISTERED_TTL_S", 0.0)
+    await pool.refresh()
+    assert [w.address for w in pool.workers] == ["127.0.0.1:1"]
+    assert await pool.add("127.0.0.1:2", registered=True)  # it may come back by registering again
+
+
+def test_a_worker_listening_everywhere_must_say_where_the_proxy_reaches_it():
+    from typer.testing import CliRunner
+
+    from quickdraft.cli import app
+
+    result = CliRunner().invoke(app, ["worker", "--host", "0.0.0.0", "--register", "proxy:50051"])
+    assert result.exit_code == 2 and "--advertise" in result.output
+
+
+@pytest.mark.parametrize("address", ["0.0.0.0:50061", "[::]:50061", "worker", "worker:port"])
+def test_the_proxy_refuses_a_registration_it_could_not_reach(proxy_address, address):
+    import grpc
+
+    from quickdraft.proto import quickdraft_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(proxy_address) as channel, pytest.raises(grpc.RpcError) as refused:
+        pb_grpc.WorkerRegistryStub(channel).Register(pb.RegisterWorkerRequest(address=address), timeout=30)
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "--advertise" in refused.value.details() or "HOST:PORT" in refused.value.details()
