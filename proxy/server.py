@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import hmac
 import logging
 
 import grpc
@@ -19,6 +20,8 @@ from quickdraft.proxy.worker_pool import UNSPECIFIED_HOSTS, WorkerPool
 from quickdraft.settings import Settings
 
 log = logging.getLogger(__name__)
+
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 PROXY_SERVICE = "quickdraft.v1.DecodeProxy"
 # Reports whether the shared drafting state (Redis) is reachable; the proxy serves either way.
@@ -82,12 +85,28 @@ async def _health_round(service: DecodeProxyService, pool: WorkerPool, health: h
 
 
 class WorkerRegistryService(pb_grpc.WorkerRegistryServicer):
-    """Lets workers join a running proxy."""
+    """Lets workers join a running proxy.
 
-    def __init__(self, pool: WorkerPool) -> None:
+    A registered worker receives tenants' prompts, so with a ``token`` only a worker that presents it
+    (``authorization: Bearer TOKEN``) may join."""
+
+    def __init__(self, pool: WorkerPool, token: str | None = None) -> None:
         self.pool = pool
+        self.token = token
+
+    def _authorized(self, context) -> bool:
+        if not self.token:
+            return True
+        for name, value in context.invocation_metadata() or ():
+            if name.lower() == "authorization" and value[:7].lower() == "bearer ":
+                return hmac.compare_digest(value[7:].strip().encode(), self.token.encode())
+        return False
 
     async def Register(self, request, context):
+        if not self._authorized(context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                "this proxy admits only workers that present its registration token: give the "
+                                "worker the proxy's registration_token (QUICKDRAFT_REGISTRATION_TOKEN)")
         address = request.address.strip()
         host, _, port = address.rpartition(":")
         if not host or not port.isdigit():
@@ -107,7 +126,7 @@ async def serve_proxy(settings: Settings, ready: asyncio.Event | None = None) ->
         options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
     )
     add_to_server(service, server)
-    pb_grpc.add_WorkerRegistryServicer_to_server(WorkerRegistryService(pool), server)
+    pb_grpc.add_WorkerRegistryServicer_to_server(WorkerRegistryService(pool, settings.registration_token), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     for svc in ("", PROXY_SERVICE):
@@ -124,6 +143,9 @@ async def serve_proxy(settings: Settings, ready: asyncio.Event | None = None) ->
     await server.start()
     log.info("proxy listening on %s (workers: %s)", address,
              ", ".join(settings.workers) or "none yet; waiting for `quickdraft worker --register`")
+    if not settings.registration_token and settings.host not in LOOPBACK_HOSTS:
+        log.warning("worker registration is open to any host that reaches %s: a registered worker sees "
+                    "tenants' prompts; set registration_token on the proxy and its workers", address)
     await service.start()
     # Everything loaded so far (tokenizers, the replayed drafting state's Python side, the gRPC
     # stack) lives as long as the process: keep it out of the cyclic collector's scans, so the

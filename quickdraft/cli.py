@@ -158,7 +158,7 @@ def worker(
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve_worker(runtime, s.host, s.worker_port, register_with=s.register_with,
                                  advertise=s.advertise, max_batch=s.max_batch, max_batch_tokens=s.max_batch_tokens,
-                                 max_queue=s.max_queue))
+                                 max_queue=s.max_queue, registration_token=s.registration_token))
 
 
 # -- proxy -----------------------------------------------------------------------

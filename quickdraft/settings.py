@@ -90,6 +90,12 @@ class Settings(BaseSettings):
         default_factory=list, description="proxies (HOST:PORT) a worker announces itself to"
     )
     advertise: str | None = Field(None, description="HOST:PORT proxies reach this worker on; default: host:port")
+    registration_token: str | None = Field(
+        None,
+        description="shared secret for worker registration: a proxy with one refuses any worker that does not "
+                    "present it, and a worker sends it when it registers (set it on both, e.g. as "
+                    "QUICKDRAFT_REGISTRATION_TOKEN); none: any host that reaches the proxy may register a worker",
+    )
     oracle_traces: list[str] = Field(
         default_factory=list,
         description="trajectories whose recorded responses the worker emits instead of the model's choice",

@@ -115,3 +115,68 @@ def test_the_proxy_refuses_a_registration_it_could_not_reach(proxy_address, addr
         pb_grpc.WorkerRegistryStub(channel).Register(pb.RegisterWorkerRequest(address=address), timeout=30)
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "--advertise" in refused.value.details() or "HOST:PORT" in refused.value.details()
+
+
+async def test_a_proxy_with_a_registration_token_admits_only_workers_that_present_it():
+    """A registered worker is sent tenants' prompts: with a token set, a stranger cannot join, and a
+    worker given the same token registers through its usual announce loop."""
+    import asyncio
+
+    import grpc
+
+    from quickdraft.proto import quickdraft_pb2_grpc as pb_grpc
+    from quickdraft.proxy.server import WorkerRegistryService
+    from quickdraft.verifiers.server import _register
+
+    pool = WorkerPool([])
+    server = grpc.aio.server()
+    pb_grpc.add_WorkerRegistryServicer_to_server(WorkerRegistryService(pool, token="s3cret"), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    proxy = f"127.0.0.1:{port}"
+    tasks: list[asyncio.Task] = []
+    try:
+        async with grpc.aio.insecure_channel(proxy) as channel:
+            stub = pb_grpc.WorkerRegistryStub(channel)
+            for metadata in (None, (("authorization", "Bearer guess"),), (("authorization", "s3cret"),)):
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await stub.Register(pb.RegisterWorkerRequest(address="127.0.0.1:7"), metadata=metadata,
+                                        timeout=10)
+                assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                assert "registration_token" in refused.value.details()
+        assert pool.workers == []
+
+        tasks = [asyncio.create_task(_register([proxy], "127.0.0.1:8", token="wrong")),
+                 asyncio.create_task(_register([proxy], "127.0.0.1:9", token="s3cret"))]
+        for _ in range(100):
+            if pool.workers:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)  # the stranger's attempt has been answered by now too
+        assert [w.address for w in pool.workers] == ["127.0.0.1:9"]
+    finally:
+        for task in tasks:
+            task.cancel()
+        await server.stop(None)
+        await pool.close()
+
+
+async def test_without_a_token_registration_stays_open_as_before():
+    import grpc
+
+    from quickdraft.proto import quickdraft_pb2_grpc as pb_grpc
+    from quickdraft.proxy.server import WorkerRegistryService
+
+    pool = WorkerPool([])
+    server = grpc.aio.server()
+    pb_grpc.add_WorkerRegistryServicer_to_server(WorkerRegistryService(pool), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            reply = await pb_grpc.WorkerRegistryStub(channel).Register(
+                pb.RegisterWorkerRequest(address="127.0.0.1:7"), timeout=10)
+        assert reply.added and [w.address for w in pool.workers] == ["127.0.0.1:7"]
+    finally:
+        await server.stop(None)
+        await pool.close()

@@ -203,15 +203,16 @@ def server_options() -> list[tuple[str, int]]:
 REGISTER_EVERY_S = 5.0
 
 
-async def _register(proxies: list[str], address: str) -> None:
+async def _register(proxies: list[str], address: str, token: str | None = None) -> None:
     """Announce this worker to each proxy, again and again: a restarted proxy finds it within seconds."""
     told: set[str] = set()
+    metadata = (("authorization", f"Bearer {token}"),) if token else None
     while True:
         for proxy in proxies:
             try:
                 async with grpc.aio.insecure_channel(proxy) as channel:
                     await pb_grpc.WorkerRegistryStub(channel).Register(
-                        pb.RegisterWorkerRequest(address=address), timeout=5)
+                        pb.RegisterWorkerRequest(address=address), timeout=5, metadata=metadata)
                 if proxy not in told:
                     log.info("registered with the proxy at %s as %s", proxy, address)
                     told.add(proxy)
@@ -224,11 +225,12 @@ async def _register(proxies: list[str], address: str) -> None:
 
 async def serve_worker(runtime: ModelRuntime, host: str, port: int, ready: asyncio.Event | None = None,
                        register_with: list[str] | None = None, advertise: str | None = None,
-                       max_batch: int = 16, max_batch_tokens: int = 2048, max_queue: int = 256) -> None:
+                       max_batch: int = 16, max_batch_tokens: int = 2048, max_queue: int = 256,
+                       registration_token: str | None = None) -> None:
     """Serve until cancelled. Health turns SERVING once the model is loaded (it is, by now).
 
     With ``register_with``, the worker announces itself to those proxies as ``advertise``
-    (default: the host and port it listens on)."""
+    (default: the host and port it listens on), presenting ``registration_token`` if given."""
     server = grpc.aio.server(options=server_options())
     pb_grpc.add_WorkerServicer_to_server(WorkerService(runtime, max_batch, max_batch_tokens, max_queue), server)
     health = health_aio.HealthServicer()
@@ -248,7 +250,8 @@ async def serve_worker(runtime: ModelRuntime, host: str, port: int, ready: async
         ready.set()
     registering = None
     if register_with:
-        registering = asyncio.create_task(_register(register_with, advertise or f"{host}:{bound}"))
+        registering = asyncio.create_task(_register(register_with, advertise or f"{host}:{bound}",
+                                                     registration_token))
     try:
         await server.wait_for_termination()
     finally:
