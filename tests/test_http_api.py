@@ -172,3 +172,29 @@ def test_a_client_that_gives_up_stops_its_generation(http_base):
     while in_flight() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert in_flight() == 0  # 3,000 counted tokens would take the 2-core CPU minutes
+
+
+def test_earlier_tool_calls_in_the_history_reach_the_model_as_text():
+    """An agent's history holds assistant turns that only called a tool (content null) and the tool's
+    results; the model must see the call, not an empty turn before a result from nowhere."""
+    from quickdraft.proxy.errors import InvalidRequest
+    from quickdraft.proxy.http_api import ChatCompletionRequest, to_grpc
+
+    call = {"id": "call_1", "type": "function",
+            "function": {"name": "bash", "arguments": json.dumps({"command": "ls é"})}}
+    body = ChatCompletionRequest(model="auto", tool_choice="none", messages=[
+        {"role": "user", "content": "List the files."},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "a.py\nb.py"},
+        {"role": "assistant", "content": "Reading it now.", "tool_calls": [
+            {**call, "function": {"name": "read", "arguments": "not json"}}]},
+    ])
+    messages = to_grpc(body, "s").messages
+    assert [m.role for m in messages] == ["user", "assistant", "tool", "assistant"]
+    assert messages[1].content == '<tool_call>\n{"name": "bash", "arguments": {"command": "ls é"}}\n</tool_call>'
+    assert messages[2].content == "a.py\nb.py"
+    assert messages[3].content == ('Reading it now.\n<tool_call>\n{"name": "read", "arguments": "not json"}\n'
+                                   "</tool_call>")
+    broken = ChatCompletionRequest(model="auto", messages=[{"role": "assistant", "tool_calls": [{"id": "x"}]}])
+    with pytest.raises(InvalidRequest, match="function.name"):
+        to_grpc(broken, "s")
