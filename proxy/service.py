@@ -16,7 +16,7 @@ import grpc
 
 from quickdraft.proto import quickdraft_pb2 as pb
 from quickdraft.proxy.detokenize import TextStream
-from quickdraft.proxy.errors import InvalidRequest, Overloaded, ProxyError, Unauthenticated, WorkerFailed
+from quickdraft.proxy.errors import InvalidRequest, NoWorker, Overloaded, ProxyError, Unauthenticated, WorkerFailed
 from quickdraft.proxy.metrics import ProxyMetrics
 from quickdraft.proxy.request_log import RequestLog, finished_record
 from quickdraft.proxy.sessions import Session, SessionTable
@@ -233,16 +233,31 @@ class DecodeProxyService:
         )
 
     async def _prompt_ids(self, prepared: Prepared) -> list[int]:
-        worker = self.pool.pick(prepared.params.model, "")
-        try:
-            reply = await worker.stub.Tokenize(pb.TokenizeRequest(messages=[
-                pb.ChatMessage(role=m["role"], content=m["content"]) for m in prepared.messages
-            ], add_generation_prompt=True))
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                raise InvalidRequest(exc.details() or "cannot render the messages") from exc
-            raise
-        return list(reply.token_ids)
+        """The prompt rendered by the model's own chat template, on any worker of the model: one
+        that dies meanwhile is marked down and the next one asked, as a verification step would."""
+        request = pb.TokenizeRequest(messages=[
+            pb.ChatMessage(role=m["role"], content=m["content"]) for m in prepared.messages
+        ], add_generation_prompt=True)
+        model = prepared.params.model
+        tried: set[str] = set()
+        while True:
+            try:
+                worker = self.pool.pick(model, "", exclude=tried)
+            except NoWorker:
+                if not tried:
+                    raise
+                raise NoWorker(f"the worker serving {model!r} failed and no other worker is available") from None
+            try:
+                reply = await worker.stub.Tokenize(request)
+                return list(reply.token_ids)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                    raise InvalidRequest(exc.details() or "cannot render the messages") from exc
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                log.warning("worker %s failed to tokenize (%s); asking another", worker.address, exc.code())
+                self.pool.mark_down(worker)
+                tried.add(worker.address)
 
     # -- generation --------------------------------------------------------------
     async def generate(self, request: pb.GenerateRequest, metadata) -> AsyncIterator[pb.GenerateChunk]:

@@ -65,3 +65,39 @@ async def test_a_failed_step_becomes_a_status_with_its_reason(monkeypatch, raise
     assert _failures(service) == {code.name.lower(): 1.0}
     session = service.sessions.get_or_create("default", "s1", [1, 2, 3, 4])[0]
     assert session.users == 1  # only the hold just taken: the failed call gave its own back
+
+
+class _Tokenizer:
+    """A worker's Tokenize: answers, or fails as a worker that died does."""
+
+    def __init__(self, ids: list[int] | None) -> None:
+        self.ids, self.calls = ids, 0
+
+    async def Tokenize(self, request, timeout=None):  # noqa: N802 (the gRPC method's name)
+        self.calls += 1
+        if self.ids is None:
+            raise _rpc_error(grpc.StatusCode.UNAVAILABLE, "connection refused")
+        return pb.TokenizeResponse(token_ids=self.ids)
+
+
+async def test_a_worker_that_dies_before_tokenizing_hands_the_prompt_to_another():
+    from quickdraft.proxy.errors import NoWorker
+    from quickdraft.proxy.worker_pool import WorkerClient
+
+    service, _ = _service("none")
+    first = service.pool.workers[0]
+    second = WorkerClient.connect("127.0.0.1:2")
+    second.meta = first.meta
+    service.pool.workers.append(second)
+    for worker, ids in ((first, None), (second, [5, 6, 7])):
+        worker.healthy = True
+        worker.stub = _Tokenizer(ids)
+    prepared = service.prepare(REQUEST, "default")
+    try:
+        assert await service._prompt_ids(prepared) == [5, 6, 7]
+        assert first.stub.calls == 1 and not first.healthy and second.healthy
+        second.stub.ids = None  # now the last one fails too: UNAVAILABLE, saying why
+        with pytest.raises(NoWorker, match="failed and no other worker is available"):
+            await service._prompt_ids(prepared)
+    finally:
+        await service.close()
