@@ -180,3 +180,38 @@ async def test_without_a_token_registration_stays_open_as_before():
     finally:
         await server.stop(None)
         await pool.close()
+
+
+class _Verifier:
+    """A worker's Verify that records what it was sent and holds whatever it was sent."""
+
+    def __init__(self) -> None:
+        self.requests: list[pb.VerifyRequest] = []
+
+    async def Verify(self, request, timeout=None):  # noqa: N802 (the gRPC method's name)
+        self.requests.append(request)
+        held = request.known_len + len(request.new_tokens)
+        return pb.VerifyResponse(tokens=[9], cached_len=held + 1)
+
+
+async def test_a_session_that_moves_worker_sends_its_whole_history_again():
+    """worker_len speaks of the worker that last verified the session: on another worker (a failover,
+    or a worker that came back) the whole history goes, never only the tail the old worker lacked."""
+    from quickdraft.proxy.sessions import Session
+    from quickdraft.proxy.speculation import GenerationParams, SpeculationLoop
+    from quickdraft.suffix_cache.draft import DraftTree
+
+    a, b = WorkerClient.connect("127.0.0.1:1"), WorkerClient.connect("127.0.0.1:2")
+    a.stub, b.stub = _Verifier(), _Verifier()
+    session = Session("t", "s", "t/s", history=list(range(10)), worker_len=8, worker_address=a.address)
+    loop = SpeculationLoop(WorkerPool([a, b]), None, None, session, GenerationParams("m", 8), frozenset())
+    try:
+        await loop._verify(a, DraftTree())
+        assert (a.stub.requests[-1].known_len, list(a.stub.requests[-1].new_tokens)) == (8, [8, 9])
+        session.history.append(9)
+        session.worker_len = 10
+        await loop._verify(b, DraftTree())  # same length held, but by the other worker
+        assert (b.stub.requests[-1].known_len, len(b.stub.requests[-1].new_tokens)) == (0, 11)
+        assert session.worker_address == b.address
+    finally:
+        await WorkerPool([a, b]).close()
