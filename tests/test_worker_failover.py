@@ -68,9 +68,11 @@ def worker_with_proxy(tmp_path, *worker_args: str, proxy_env: dict[str, str] | N
 
 
 def test_registered_worker_takes_over_when_the_first_dies_mid_request(tmp_path, client):
-    with worker_with_proxy(tmp_path) as (first, proxy_addr, procs):
+    # The proxy admits registered workers by a shared token (settings from the environment on both).
+    token = {"QUICKDRAFT_REGISTRATION_TOKEN": "failover-secret"}
+    with worker_with_proxy(tmp_path, proxy_env=token) as (first, proxy_addr, procs):
         # A second worker joins the running proxy by itself.
-        second, second_addr, second_log = launch_worker(tmp_path, "second", "--register", proxy_addr)
+        second, second_addr, second_log = launch_worker(tmp_path, "second", "--register", proxy_addr, env=token)
         procs.append(second)
         ready(second, second_addr, second_log)
         with QuickDraftClient(proxy_addr) as qd:
