@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from quickdraft.catalog import cache_root, chat_prompt_ids
+from quickdraft.proto.messages import tool_call_text
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,9 +64,13 @@ def trajectory_files(paths: Sequence[str | pathlib.Path]) -> list[pathlib.Path]:
     return sorted(set(files), key=lambda p: (p.name, str(p)))
 
 
+# Bumped whenever ``message_text`` writes a message differently: cached tokens are keyed by it.
+RENDERING = 2
+
+
 def message_text(message: dict[str, Any]) -> str:
     """What a message says, as text: its content (a string, or OpenAI-style parts whose text parts
-    are joined), followed by the tool calls an assistant made, as the JSON its model wrote."""
+    are joined), followed by the tool calls an assistant made, written as the proxy's HTTP endpoint writes them."""
     content = message.get("content")
     if isinstance(content, list):
         text = "".join(part.get("text", "") if isinstance(part, dict) else str(part) for part in content)
@@ -74,8 +79,7 @@ def message_text(message: dict[str, Any]) -> str:
     calls = []
     for call in message.get("tool_calls") or ():
         function = call.get("function", call) if isinstance(call, dict) else {}
-        calls.append(json.dumps({"name": function.get("name"), "arguments": function.get("arguments")},
-                                ensure_ascii=False))
+        calls.append(tool_call_text(function.get("name"), function.get("arguments")))
     return "\n".join(part for part in (text, *calls) if part)
 
 
@@ -121,7 +125,7 @@ def tokenized_calls(file: pathlib.Path, tok, tok_id: str) -> list[tuple[str, lis
     the previous prompt, new tail) since each call's prompt extends the last.
     """
     digest = hashlib.sha256(file.read_bytes()).hexdigest()[:24]
-    cached = cache_root() / "replay" / tok_id / f"{digest}.npz"
+    cached = cache_root() / "replay" / tok_id / f"{digest}-r{RENDERING}.npz"
     if cached.exists():
         data = np.load(cached)
         keeps, tails, t_off = data["keeps"], data["tails"], data["tail_offsets"]

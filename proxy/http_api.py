@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
 from quickdraft.proto import quickdraft_pb2 as pb
+from quickdraft.proto.messages import tool_call_text
 from quickdraft.proxy.errors import InvalidRequest, Overloaded, ProxyError
 from quickdraft.proxy.service import DecodeProxyService
 
@@ -45,7 +46,9 @@ class ChatMessageIn(BaseModel):
     content: str | list[dict[str, Any]] | None = None
 
     def text(self) -> str:
-        return self._content_text() + self._tool_calls_text()
+        content = self._content_text()
+        calls = self._tool_calls_text()
+        return f"{content}\n{calls}" if content and calls else content or calls
 
     def _content_text(self) -> str:
         if isinstance(self.content, list):  # content parts: only text is understood
@@ -59,25 +62,20 @@ class ChatMessageIn(BaseModel):
         return self.content or ""
 
     def _tool_calls_text(self) -> str:
-        """An assistant turn's earlier tool calls, written into its text (the chat templates here have
-        no slot for them): dropping them would show the model a turn that said nothing before the
-        tool results that follow it. Hermes-style tags, the shape most open models are tuned on."""
-        calls = (self.model_extra or {}).get("tool_calls") or []
-        if self.role != "assistant" or not isinstance(calls, list):
+        """An assistant turn's earlier tool calls, written into its text: dropping them would show
+        the model a turn that said nothing before the tool results that follow it."""
+        calls = (self.model_extra or {}).get("tool_calls")
+        if self.role != "assistant" or not calls:
             return ""
+        if not isinstance(calls, list):
+            raise InvalidRequest("an assistant message's tool_calls must be a list")
         out = []
         for call in calls:
             function = call.get("function") if isinstance(call, dict) else None
             if not isinstance(function, dict) or not function.get("name"):
                 raise InvalidRequest("an assistant message's tool_calls must each carry function.name")
-            arguments = function.get("arguments", "{}")
-            try:  # OpenAI sends the arguments as a JSON string; write them as the object they hold
-                arguments = json.loads(arguments) if isinstance(arguments, str) else arguments
-            except json.JSONDecodeError:
-                pass
-            call_json = json.dumps({"name": function["name"], "arguments": arguments}, ensure_ascii=False)
-            out.append(f"<tool_call>\n{call_json}\n</tool_call>")
-        return ("\n" if self.content and out else "") + "\n".join(out)
+            out.append(tool_call_text(function["name"], function.get("arguments", "{}")))
+        return "\n".join(out)
 
 
 class StreamOptions(BaseModel):

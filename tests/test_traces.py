@@ -37,7 +37,8 @@ def test_content_parts_and_tool_calls_become_text():
     call = {"id": "c1", "type": "function", "function": {"name": "bash", "arguments": "{\"command\": \"ls\"}"}}
     text = message_text({"role": "assistant", "content": "Listing.", "tool_calls": [call]})
     assert text.splitlines()[0] == "Listing."
-    assert json.loads(text.splitlines()[1]) == {"name": "bash", "arguments": "{\"command\": \"ls\"}"}
+    # Written as the HTTP endpoint writes an earlier call, so replayed prompts are the ones it would send.
+    assert text.split("\n", 1)[1] == '<tool_call>\n{"name": "bash", "arguments": {"command": "ls"}}\n</tool_call>'
 
 
 def test_a_tool_calling_trajectory_replays_its_calls(tmp_path):
