@@ -99,7 +99,7 @@ class WorkerRegistryService(pb_grpc.WorkerRegistryServicer):
             return True
         for name, value in context.invocation_metadata() or ():
             if name.lower() == "authorization" and value[:7].lower() == "bearer ":
-                return hmac.compare_digest(value[7:].strip().encode(), self.token.encode())
+                return hmac.compare_digest(value[7:].strip().encode(), self.token.strip().encode())
         return False
 
     async def Register(self, request, context):

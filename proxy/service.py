@@ -233,31 +233,34 @@ class DecodeProxyService:
         )
 
     async def _prompt_ids(self, prepared: Prepared) -> list[int]:
-        """The prompt rendered by the model's own chat template, on any worker of the model: one
-        that dies meanwhile is marked down and the next one asked, as a verification step would."""
+        """The prompt rendered by the model's own chat template, on any worker of the model: if one
+        cannot be reached the next is asked. Tokenizing holds no session, so a failure here moves no
+        session off that worker: the health round, or the session's own next step, decides that."""
         request = pb.TokenizeRequest(messages=[
             pb.ChatMessage(role=m["role"], content=m["content"]) for m in prepared.messages
         ], add_generation_prompt=True)
         model = prepared.params.model
         tried: set[str] = set()
+        failure: grpc.aio.AioRpcError | None = None
         while True:
             try:
                 worker = self.pool.pick(model, "", exclude=tried)
             except NoWorker:
-                if not tried:
+                if failure is None:
                     raise
-                raise NoWorker(f"the worker serving {model!r} failed and no other worker is available") from None
+                raise NoWorker(f"the worker serving {model!r} failed ({failure.code().name}: {failure.details()}) "
+                               "and no other worker is available") from failure
             try:
                 reply = await worker.stub.Tokenize(request)
                 return list(reply.token_ids)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
                     raise InvalidRequest(exc.details() or "cannot render the messages") from exc
-                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
                     raise
                 log.warning("worker %s failed to tokenize (%s); asking another", worker.address, exc.code())
-                self.pool.mark_down(worker)
                 tried.add(worker.address)
+                failure = exc
 
     # -- generation --------------------------------------------------------------
     async def generate(self, request: pb.GenerateRequest, metadata) -> AsyncIterator[pb.GenerateChunk]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 
@@ -105,6 +105,17 @@ class Settings(BaseSettings):
     )
 
     config_file: str | None = Field(None, exclude=True)
+
+    @field_validator("registration_token")
+    @classmethod
+    def _printable_token(cls, token: str | None) -> str | None:
+        # It travels as gRPC metadata, which takes printable ASCII only; a secret read from a file
+        # often ends in a newline. Checked here so a bad one stops the command at start, not a
+        # registration loop later.
+        token = (token or "").strip()
+        if token and not all("!" <= ch <= "~" for ch in token):
+            raise ValueError("registration_token must be printable ASCII without spaces")
+        return token or None
 
     @classmethod
     def settings_customise_sources(

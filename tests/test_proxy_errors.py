@@ -72,16 +72,19 @@ class _Tokenizer:
 
     def __init__(self, ids: list[int] | None) -> None:
         self.ids, self.calls = ids, 0
+        self.error: grpc.StatusCode | None = None
 
     async def Tokenize(self, request, timeout=None):  # noqa: N802 (the gRPC method's name)
         self.calls += 1
+        if self.error is not None:
+            raise _rpc_error(self.error, "cannot render the messages: a role the template rejects")
         if self.ids is None:
             raise _rpc_error(grpc.StatusCode.UNAVAILABLE, "connection refused")
         return pb.TokenizeResponse(token_ids=self.ids)
 
 
 async def test_a_worker_that_dies_before_tokenizing_hands_the_prompt_to_another():
-    from quickdraft.proxy.errors import NoWorker
+    from quickdraft.proxy.errors import InvalidRequest, NoWorker
     from quickdraft.proxy.worker_pool import WorkerClient
 
     service, _ = _service("none")
@@ -94,10 +97,19 @@ async def test_a_worker_that_dies_before_tokenizing_hands_the_prompt_to_another(
         worker.stub = _Tokenizer(ids)
     prepared = service.prepare(REQUEST, "default")
     try:
+        service.pool.placement["t/s"] = first.address  # a session whose KV cache the first one holds
         assert await service._prompt_ids(prepared) == [5, 6, 7]
-        assert first.stub.calls == 1 and not first.healthy and second.healthy
-        second.stub.ids = None  # now the last one fails too: UNAVAILABLE, saying why
-        with pytest.raises(NoWorker, match="failed and no other worker is available"):
+        assert (first.stub.calls, second.stub.calls) == (1, 1)
+        # Tokenizing holds no session: one failed call does not move sessions off the worker.
+        assert first.healthy and service.pool.placement["t/s"] == first.address
+        second.stub.ids = None  # now both fail: UNAVAILABLE, with the worker's reason
+        with pytest.raises(NoWorker, match="failed .UNAVAILABLE: connection refused. and no other worker"):
             await service._prompt_ids(prepared)
+        first.stub.ids = [8]  # a worker's own refusal of the input is the client's error, not a failover
+        first.stub.error = grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(InvalidRequest, match="cannot render"):
+            await service._prompt_ids(prepared)
+        assert second.stub.calls == 2
     finally:
         await service.close()
+        await second.channel.close()

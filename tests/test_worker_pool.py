@@ -128,9 +128,18 @@ async def test_a_proxy_with_a_registration_token_admits_only_workers_that_presen
     from quickdraft.proxy.server import WorkerRegistryService
     from quickdraft.verifiers.server import _register
 
+    class Registry(WorkerRegistryService):
+        answered = 0
+
+        async def Register(self, request, context):  # noqa: N802 (the gRPC method's name)
+            try:
+                return await super().Register(request, context)
+            finally:
+                Registry.answered += 1
+
     pool = WorkerPool([])
     server = grpc.aio.server()
-    pb_grpc.add_WorkerRegistryServicer_to_server(WorkerRegistryService(pool, token="s3cret"), server)
+    pb_grpc.add_WorkerRegistryServicer_to_server(Registry(pool, token="s3cret"), server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     proxy = f"127.0.0.1:{port}"
@@ -148,11 +157,11 @@ async def test_a_proxy_with_a_registration_token_admits_only_workers_that_presen
 
         tasks = [asyncio.create_task(_register([proxy], "127.0.0.1:8", token="wrong")),
                  asyncio.create_task(_register([proxy], "127.0.0.1:9", token="s3cret"))]
-        for _ in range(100):
-            if pool.workers:
+        for _ in range(200):  # both announcements answered (the three direct calls above: 3)
+            if Registry.answered >= 5:
                 break
             await asyncio.sleep(0.05)
-        await asyncio.sleep(0.2)  # the stranger's attempt has been answered by now too
+        assert Registry.answered >= 5
         assert [w.address for w in pool.workers] == ["127.0.0.1:9"]
     finally:
         for task in tasks:
@@ -215,3 +224,15 @@ async def test_a_session_that_moves_worker_sends_its_whole_history_again():
         assert session.worker_address == b.address
     finally:
         await WorkerPool([a, b]).close()
+
+
+def test_a_registration_token_is_trimmed_and_must_travel_as_grpc_metadata():
+    from pydantic import ValidationError
+
+    from quickdraft.settings import Settings
+
+    assert Settings(registration_token="s3cret\n").registration_token == "s3cret"  # (read from a file)
+    assert Settings(registration_token="  ").registration_token is None
+    for bad in ("two words", "clé"):
+        with pytest.raises(ValidationError, match="printable ASCII"):
+            Settings(registration_token=bad)

@@ -220,6 +220,9 @@ async def _register(proxies: list[str], address: str, token: str | None = None) 
                 if proxy in told or exc.code() != grpc.StatusCode.UNAVAILABLE:
                     log.warning("cannot register with the proxy at %s: %s", proxy, exc.details())
                 told.discard(proxy)
+            except Exception:  # (a bad address, say): keep announcing to the other proxies
+                log.exception("cannot register with the proxy at %s", proxy)
+                told.discard(proxy)
         await asyncio.sleep(REGISTER_EVERY_S)
 
 
