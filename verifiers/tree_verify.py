@@ -9,11 +9,13 @@ depth.
 Acceptance walks from the root. At each node the target's next token is chosen
 exactly as plain decoding would choose it (argmax when greedy; a sample from the
 processed distribution otherwise); if a child carries that token the walk
-descends, otherwise that token is the bonus and the walk stops. Because the
-drafters here are deterministic (a draft is a point proposal), this is
-speculative sampling with recursive rejection over siblings: every emitted token
-is distributed exactly as the target's, and greedy output is token-for-token the
-plain greedy output.
+descends, otherwise that token is the bonus and the walk stops. The emitted
+token at every position is therefore the target's own choice, whatever the draft
+held: its distribution is exactly the target's, and greedy output is token for
+token the plain greedy output. For drafts that are point proposals (each node one
+token, as every drafter here sends) this is what speculative sampling's rejection
+rule, applied to the siblings one after another, reduces to, and it accepts as
+often.
 """
 
 from __future__ import annotations
