@@ -136,6 +136,7 @@ class ResponseLog:
         self._scopes: dict[Scope, _ScopeLog] = {}
         self._queue: deque[tuple[Scope, _Held]] = deque()
         self._writing = 0  # the queue's first entries, being written now
+        self._flushing = False  # a write, or the trim after it, is under way
         self._seq = 0
         self._tasks: list[asyncio.Task] = []
         self._wake = asyncio.Event()
@@ -202,10 +203,12 @@ class ResponseLog:
     async def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every queued response is in Redis (for tests and orderly shutdown)."""
         deadline = time.monotonic() + timeout
-        while self._queue and time.monotonic() < deadline:
+        # Until the trim after the last write is done too: a caller that then reads the streams
+        # must find them within their bounds.
+        while (self._queue or self._flushing) and time.monotonic() < deadline:
             self._wake.set()
             await asyncio.sleep(0.02)
-        return not self._queue
+        return not self._queue and not self._flushing
 
     # -- learning ----------------------------------------------------------------
     def publish(self, scope: Scope, tokens: Sequence[int]) -> None:
@@ -320,6 +323,13 @@ class ResponseLog:
                 self._wake.set()
 
     async def _flush(self) -> None:
+        self._flushing = True
+        try:
+            await self._write_queue()
+        finally:
+            self._flushing = False
+
+    async def _write_queue(self) -> None:
         while self._queue:
             batch = list(itertools.islice(self._queue, 256))
             pipe = self.redis.pipeline(transaction=False)
