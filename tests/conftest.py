@@ -60,10 +60,10 @@ def trimmed_trace(directory: pathlib.Path, chars: int = 600) -> pathlib.Path:
 
 
 def start(args: list[str], log: pathlib.Path, env: dict[str, str] | None = None) -> subprocess.Popen:
-    handle = log.open("a")
-    return subprocess.Popen([sys.executable, "-m", "quickdraft", *args], stdout=handle, stderr=subprocess.STDOUT,
-                            start_new_session=True, preexec_fn=_die_with_parent,
-                            env={**os.environ, **(env or {})})
+    with log.open("a") as handle:  # (the child has its own copy of the descriptor)
+        return subprocess.Popen([sys.executable, "-m", "quickdraft", *args], stdout=handle, stderr=subprocess.STDOUT,
+                                start_new_session=True, preexec_fn=_die_with_parent,
+                                env={**os.environ, **(env or {})})
 
 
 def stop(proc: subprocess.Popen) -> None:
