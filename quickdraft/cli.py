@@ -49,8 +49,10 @@ def _logging(s: Settings) -> None:
         handler = RichHandler(console=console, show_path=False)
         handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
     logging.basicConfig(level=s.log_level.upper(), handlers=[handler], force=True)
-    for noisy in ("httpx", "urllib3", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Libraries that narrate every start at INFO (alembic: a line per plugin and per migration check).
+    if s.log_level != "debug":
+        for noisy in ("httpx", "urllib3", "filelock", "alembic"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _quiet_transformers() -> None:
