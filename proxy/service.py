@@ -33,6 +33,9 @@ from quickdraft.suffix_cache.registry import learners, make_drafters, singles
 log = logging.getLogger(__name__)
 
 VALID_ROLES = {"system", "user", "assistant", "tool"}
+# Rendering a prompt takes a worker milliseconds, even behind a long pass: a worker that has not
+# answered in this long is hung, and another worker is asked.
+TOKENIZE_TIMEOUT_S = 60.0
 
 
 @dataclass(slots=True)
@@ -234,8 +237,9 @@ class DecodeProxyService:
 
     async def _prompt_ids(self, prepared: Prepared) -> list[int]:
         """The prompt rendered by the model's own chat template, on any worker of the model: if one
-        cannot be reached the next is asked. Tokenizing holds no session, so a failure here moves no
-        session off that worker: the health round, or the session's own next step, decides that."""
+        cannot be reached, or does not answer within TOKENIZE_TIMEOUT_S, the next is asked.
+        Tokenizing holds no session, so a failure here moves no session off that worker: the health
+        round, or the session's own next step, decides that."""
         request = pb.TokenizeRequest(messages=[
             pb.ChatMessage(role=m["role"], content=m["content"]) for m in prepared.messages
         ], add_generation_prompt=True)
@@ -251,12 +255,13 @@ class DecodeProxyService:
                 raise NoWorker(f"the worker serving {model!r} failed ({failure.code().name}: {failure.details()}) "
                                "and no other worker is available") from failure
             try:
-                reply = await worker.stub.Tokenize(request)
+                reply = await worker.stub.Tokenize(request, timeout=TOKENIZE_TIMEOUT_S)
                 return list(reply.token_ids)
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
                     raise InvalidRequest(exc.details() or "cannot render the messages") from exc
-                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
+                                      grpc.StatusCode.DEADLINE_EXCEEDED):
                     raise
                 log.warning("worker %s failed to tokenize (%s); asking another", worker.address, exc.code())
                 tried.add(worker.address)

@@ -76,6 +76,7 @@ class _Tokenizer:
 
     async def Tokenize(self, request, timeout=None):  # noqa: N802 (the gRPC method's name)
         self.calls += 1
+        self.timeout = timeout
         if self.error is not None:
             raise _rpc_error(self.error, "cannot render the messages: a role the template rejects")
         if self.ids is None:
@@ -85,6 +86,7 @@ class _Tokenizer:
 
 async def test_a_worker_that_dies_before_tokenizing_hands_the_prompt_to_another():
     from quickdraft.proxy.errors import InvalidRequest, NoWorker
+    from quickdraft.proxy.service import TOKENIZE_TIMEOUT_S
     from quickdraft.proxy.worker_pool import WorkerClient
 
     service, _ = _service("none")
@@ -100,6 +102,7 @@ async def test_a_worker_that_dies_before_tokenizing_hands_the_prompt_to_another(
         service.pool.placement["t/s"] = first.address  # a session whose KV cache the first one holds
         assert await service._prompt_ids(prepared) == [5, 6, 7]
         assert (first.stub.calls, second.stub.calls) == (1, 1)
+        assert first.stub.timeout == second.stub.timeout == TOKENIZE_TIMEOUT_S  # a hung worker is passed over
         # Tokenizing holds no session: one failed call does not move sessions off the worker.
         assert first.healthy and service.pool.placement["t/s"] == first.address
         second.stub.ids = None  # now both fail: UNAVAILABLE, with the worker's reason
