@@ -213,12 +213,12 @@ def build_app(service: DecodeProxyService) -> FastAPI:
         service.tenant_of(_metadata(request))
         created = int(time.time())
         return {"object": "list",
-                "data": [model_card(n, created) for n in ["auto", *sorted(service.pool.models())]]}
+                "data": [model_card(n, created) for n in service.pool.model_names()]}
 
     @app.get("/v1/models/{name}")
     async def model(name: str, request: Request) -> JSONResponse:
         service.tenant_of(_metadata(request))
-        names = ["auto", *sorted(service.pool.models())]
+        names = service.pool.model_names()
         if name not in names:
             return error_response(404, "not_found_error", f"model {name!r} does not exist; models: {', '.join(names)}",
                                   "model_not_found", param="model")

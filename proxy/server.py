@@ -15,8 +15,8 @@ from grpc_reflection.v1alpha import reflection
 
 from quickdraft.proto import quickdraft_pb2 as pb
 from quickdraft.proto import quickdraft_pb2_grpc as pb_grpc
-from quickdraft.proxy.service import DecodeProxyService, add_to_server
-from quickdraft.proxy.worker_pool import UNSPECIFIED_HOSTS, WorkerPool
+from quickdraft.proxy.service import DecodeProxyService, add_to_server, bearer_token
+from quickdraft.proxy.worker_pool import WorkerPool, is_unspecified
 from quickdraft.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -97,10 +97,8 @@ class WorkerRegistryService(pb_grpc.WorkerRegistryServicer):
     def _authorized(self, context) -> bool:
         if not self.token:
             return True
-        for name, value in context.invocation_metadata() or ():
-            if name.lower() == "authorization" and value[:7].lower() == "bearer ":
-                return hmac.compare_digest(value[7:].strip().encode(), self.token.strip().encode())
-        return False
+        presented = bearer_token(context.invocation_metadata())
+        return bool(presented) and hmac.compare_digest(presented.encode(), self.token.strip().encode())
 
     async def Register(self, request, context):
         if not self._authorized(context):
@@ -111,7 +109,7 @@ class WorkerRegistryService(pb_grpc.WorkerRegistryServicer):
         host, _, port = address.rpartition(":")
         if not host or not port.isdigit():
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"address must be HOST:PORT, got {address!r}")
-        if host.strip("[]") in UNSPECIFIED_HOSTS:
+        if is_unspecified(host):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                                 f"{address!r} is where a worker listens, not where the proxy can reach it; start "
                                 "the worker with --advertise HOST:PORT")

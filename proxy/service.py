@@ -9,7 +9,7 @@ import math
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import asdict, dataclass
 
 import grpc
@@ -33,6 +33,15 @@ from quickdraft.suffix_cache.registry import learners, make_drafters, singles
 log = logging.getLogger(__name__)
 
 VALID_ROLES = {"system", "user", "assistant", "tool"}
+def bearer_token(metadata: Iterable[tuple[str, str]] | None) -> str:
+    """The token of an ``authorization: Bearer TOKEN`` header (gRPC metadata); "" when there is none."""
+    token = ""
+    for name, value in metadata or ():
+        if name.lower() == "authorization" and value[:7].lower() == "bearer ":
+            token = value[7:].strip()
+    return token
+
+
 # Rendering a prompt takes a worker milliseconds, even behind a long pass: a worker that has not
 # answered in this long is hung, and another worker is asked.
 TOKENIZE_TIMEOUT_S = 60.0
@@ -175,10 +184,7 @@ class DecodeProxyService:
     # -- request checks --------------------------------------------------------
     def tenant_of(self, metadata: tuple[tuple[str, str], ...] | None) -> str:
         keys = self.settings.api_keys
-        token = ""
-        for name, value in metadata or ():
-            if name.lower() == "authorization" and value.lower().startswith("bearer "):
-                token = value[7:].strip()
+        token = bearer_token(metadata)
         if not keys:
             return "default"
         if token not in keys:

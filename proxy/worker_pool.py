@@ -19,6 +19,7 @@ from quickdraft.proxy.goodput import Load, PassCost
 log = logging.getLogger(__name__)
 
 UNSPECIFIED_HOSTS = {"0.0.0.0", "::", ""}
+
 # A worker that registered itself and then stops answering for this long is dropped (it registers
 # again every few seconds while it runs): an address that never answers must not hold health down.
 REGISTERED_TTL_S = 60.0
@@ -27,6 +28,11 @@ CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 256 << 20),
     ("grpc.max_receive_message_length", 256 << 20),
 ]
+
+
+def is_unspecified(host: str) -> bool:
+    """A host that names where a server listens (every interface), not where it can be reached."""
+    return host.strip("[]") in UNSPECIFIED_HOSTS
 
 
 @dataclass(slots=True)
@@ -149,6 +155,10 @@ class WorkerPool:
     def models(self) -> dict[str, ModelMeta]:
         return {w.meta.name: w.meta for w in self.workers if w.meta is not None}
 
+    def model_names(self) -> list[str]:
+        """What a request may name: ``auto`` and each model a worker serves."""
+        return ["auto", *sorted(self.models())]
+
     def model_meta(self, model: str) -> ModelMeta:
         metas = self.models()
         if model not in metas:
@@ -156,7 +166,7 @@ class WorkerPool:
             if loading:  # it may be theirs: not the caller's mistake yet
                 raise NoWorker(f"model {model!r} is not being served yet: {loading} worker(s) are still loading "
                                "their model; try again shortly")
-            valid = ", ".join(["auto", *sorted(metas)])
+            valid = ", ".join(self.model_names())
             raise InvalidRequest(f"unknown model {model!r}; valid models: {valid}")
         return metas[model]
 

@@ -129,7 +129,9 @@ def worker(
     _logging(s)
     if s.pass_cost_ms is not None and not s.oracle_traces:
         raise typer.BadParameter("--pass-cost-ms needs --oracle-traces (it replaces the model's choices)")
-    if s.register_with and not s.advertise and s.host.strip("[]") in ("0.0.0.0", "::", ""):
+    from quickdraft.proxy.worker_pool import is_unspecified
+
+    if s.register_with and not s.advertise and is_unspecified(s.host):
         raise typer.BadParameter(f"--register with --host {s.host} needs --advertise HOST:PORT: the address the "
                                  "proxy reaches this worker on")
     import torch
