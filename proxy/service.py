@@ -352,7 +352,8 @@ class DecodeProxyService:
             session.tokenizers.add(meta.tokenizer_id)
             drafter.begin_call(key, prompt)
             drafter.set_temperature(key, params.temperature)
-            loop = SpeculationLoop(self.pool, drafter, key, session, params, meta.eos_token_ids)
+            loop = SpeculationLoop(self.pool, drafter, key, session, params, meta.eos_token_ids,
+                                   verify_timeout_s=self.settings.verify_timeout_s)
             text = TextStream(meta.tokenizer, prepared.stop)
             produced = 0
             finish = ""

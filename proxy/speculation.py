@@ -31,6 +31,14 @@ log = logging.getLogger(__name__)
 
 ANCHOR = 16
 STATS_TOP_K = 4
+# A step's deadline grows with the history it sends: prefilling thousands of tokens takes
+# seconds on a CPU (a 16K-token Gemma 3 prompt about two minutes on two cores).
+VERIFY_TIMEOUT_PER_TOKEN_S = 0.010
+
+
+def verify_timeout(base_s: float, new_tokens: int) -> float:
+    """How long a worker may take over one step that sends it ``new_tokens`` history tokens."""
+    return base_s + VERIFY_TIMEOUT_PER_TOKEN_S * new_tokens
 
 
 @dataclass(slots=True)
@@ -75,6 +83,7 @@ class SpeculationLoop:
     eos: frozenset[int]
     stats: LoopStats = field(default_factory=LoopStats)
     seed: int = 0
+    verify_timeout_s: float = 120.0
 
     def _draft(self, remaining: int) -> tuple[DraftTree, DraftTree]:
         """The tree to send, and the whole tree it was cut from (for judging the drafter)."""
@@ -112,7 +121,8 @@ class SpeculationLoop:
             )
             worker.in_flight += 1
             try:
-                response = await worker.stub.Verify(request)
+                response = await worker.stub.Verify(
+                    request, timeout=verify_timeout(self.verify_timeout_s, len(request.new_tokens)))
             finally:
                 worker.in_flight -= 1
             if response.batch_tokens:
@@ -137,9 +147,14 @@ class SpeculationLoop:
                 if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                     raise Overloaded(f"the worker serving {self.params.model!r} is full: {exc.details()}", 0.5) \
                         from exc
-                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED,
+                                      grpc.StatusCode.DEADLINE_EXCEEDED):
                     raise
-                log.warning("worker %s failed (%s); moving session to another worker", worker.address, exc.code())
+                # A worker past its deadline is hung or swamped: its sessions go elsewhere, and the
+                # health round brings it back once it answers again. (What it may still compute for
+                # this step is harmless: the next worker is sent the whole history.)
+                log.warning("worker %s failed (%s); moving session to another worker", worker.address,
+                            exc.code().name)
                 self.pool.mark_down(worker)
                 tried.add(worker.address)
                 self.session.worker_len = 0
@@ -147,8 +162,11 @@ class SpeculationLoop:
                 try:
                     self.pool.pick(self.params.model, self.session.worker_key, exclude=tried)
                 except NoWorker:
+                    what = (f"did not answer a verification step within its deadline "
+                            f"(verify_timeout_s={self.verify_timeout_s:g})"
+                            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED else "failed")
                     raise NoWorker(
-                        f"the worker serving {self.params.model!r} failed and no other worker is available"
+                        f"the worker serving {self.params.model!r} {what} and no other worker is available"
                     ) from exc
 
     async def run(self) -> AsyncIterator[StepEvent]:

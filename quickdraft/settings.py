@@ -49,6 +49,12 @@ class Settings(BaseSettings):
         64.0, gt=0,
         description="largest prior text source accepted, in MB of text (its index takes about 11 bytes per byte)",
     )
+    verify_timeout_s: float = Field(
+        120.0, gt=0,
+        description="a verification step a worker has not answered in this time (plus 10 ms per history token it "
+                    "was sent, for long prefills) moves the session to another worker of the model, or fails "
+                    "UNAVAILABLE if there is none: a hung worker must not hold a request forever",
+    )
     default_max_tokens: int = Field(256, ge=1, description="completion budget when a request sets none")
     max_tokens_cap: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
     max_concurrent_requests: int = Field(256, ge=1, description="requests in flight before RESOURCE_EXHAUSTED")

@@ -8,6 +8,8 @@ thread everywhere, so the numbers are the same).
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -95,6 +97,38 @@ def test_registered_worker_takes_over_when_the_first_dies_mid_request(tmp_path, 
             # And the proxy keeps serving on the survivor.
             after = qd.generate(QUESTION, max_tokens=8, session_id="after-failover")
             assert after.token_ids == reference.token_ids[:8]
+
+
+def test_a_hung_worker_is_passed_over_at_the_step_deadline(tmp_path, client):
+    """A worker that stops answering without dying (here: SIGSTOP, as a stuck process or a frozen
+    host looks) holds a request only for the step's deadline; the other worker finishes it."""
+    first, first_addr, first_log = launch_worker(tmp_path, "first")
+    second, second_addr, second_log = launch_worker(tmp_path, "second")
+    procs = [first, second]
+    try:
+        ready(first, first_addr, first_log)
+        ready(second, second_addr, second_log)
+        proxy, proxy_addr, proxy_log = launch_proxy(tmp_path, first_addr, second_addr,
+                                                    env={"QUICKDRAFT_VERIFY_TIMEOUT_S": "3"})
+        procs.append(proxy)
+        ready(proxy, proxy_addr, proxy_log)
+        reference = client.generate(QUESTION, max_tokens=96, session_id="hung-ref")
+        with QuickDraftClient(proxy_addr) as qd:
+            stream = qd.stream(QUESTION, max_tokens=96, session_id="hung", timeout=300)
+            chunks = [next(stream)]     # under way on the first worker (both idle: the first is picked)
+            os.kill(first.pid, signal.SIGSTOP)
+            started = time.monotonic()
+            chunks.extend(stream)
+            waited = time.monotonic() - started
+        tokens = [t for c in chunks for t in c.token_ids]
+        assert tokens == list(reference.token_ids)
+        assert chunks[-1].usage.worker_failovers == 1
+        assert 3 <= waited < 120
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(first.pid, signal.SIGCONT)
+        for p in procs:
+            stop(p)
 
 
 def test_an_evicted_session_is_rebuilt_transparently(tmp_path, client):

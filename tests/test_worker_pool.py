@@ -236,3 +236,49 @@ def test_a_registration_token_is_trimmed_and_must_travel_as_grpc_metadata():
     for bad in ("two words", "clé"):
         with pytest.raises(ValidationError, match="printable ASCII"):
             Settings(registration_token=bad)
+
+
+async def test_a_worker_that_never_answers_a_step_fails_the_request_by_its_deadline():
+    """A hung worker (a real gRPC server whose Verify never returns) costs a request its deadline,
+    not forever: with no other worker of the model the client hears UNAVAILABLE and why."""
+    import asyncio
+
+    import grpc
+
+    from quickdraft.proto import quickdraft_pb2_grpc as pb_grpc
+    from quickdraft.proxy.sessions import Session
+    from quickdraft.proxy.speculation import GenerationParams, SpeculationLoop, verify_timeout
+    from quickdraft.suffix_cache.draft import DraftTree
+
+    class Hung(pb_grpc.WorkerServicer):
+        async def Verify(self, request, context):  # noqa: N802 (the gRPC method's name)
+            await asyncio.sleep(3600)
+
+    server = grpc.aio.server()
+    pb_grpc.add_WorkerServicer_to_server(Hung(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    worker = WorkerClient.connect(f"127.0.0.1:{port}")
+    worker.meta, worker.healthy = _info_meta("m"), True
+    pool = WorkerPool([worker])
+    session = Session("t", "s", "t/s", history=list(range(300)))
+    loop = SpeculationLoop(pool, None, None, session, GenerationParams("m", 8), frozenset(), verify_timeout_s=0.3)
+    try:
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(NoWorker, match=r"did not answer a verification step within its deadline "
+                                           r"\(verify_timeout_s=0.3\) and no other worker is available"):
+            await loop._verify_anywhere(DraftTree())
+        # 0.3 s, plus 10 ms for each of the 300 history tokens it was sent.
+        assert verify_timeout(0.3, 300) == pytest.approx(3.3)
+        assert 3.2 < asyncio.get_running_loop().time() - started < 20
+        assert not worker.healthy and loop.stats.failovers == 1
+    finally:
+        await server.stop(None)
+        await pool.close()
+
+
+def _info_meta(model: str):
+    from quickdraft.proxy.worker_pool import ModelMeta
+
+    hf = load_tokenizer("smollm2-135m")
+    return ModelMeta(model, 2048, 49152, frozenset({2}), tokenizer_id(hf), hf.backend_tokenizer)
