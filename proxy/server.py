@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import hmac
 import logging
 
 import grpc
@@ -15,7 +14,8 @@ from grpc_reflection.v1alpha import reflection
 
 from quickdraft.proto import quickdraft_pb2 as pb
 from quickdraft.proto import quickdraft_pb2_grpc as pb_grpc
-from quickdraft.proxy.service import DecodeProxyService, add_to_server, bearer_token
+from quickdraft.proto.auth import presents
+from quickdraft.proxy.service import DecodeProxyService, add_to_server
 from quickdraft.proxy.worker_pool import WorkerPool, is_unspecified
 from quickdraft.settings import Settings
 
@@ -97,8 +97,7 @@ class WorkerRegistryService(pb_grpc.WorkerRegistryServicer):
     def _authorized(self, context) -> bool:
         if not self.token:
             return True
-        presented = bearer_token(context.invocation_metadata())
-        return bool(presented) and hmac.compare_digest(presented.encode(), self.token.strip().encode())
+        return presents(context.invocation_metadata(), self.token)
 
     async def Register(self, request, context):
         if not self._authorized(context):
@@ -118,7 +117,7 @@ class WorkerRegistryService(pb_grpc.WorkerRegistryServicer):
 
 async def serve_proxy(settings: Settings, ready: asyncio.Event | None = None) -> None:
     """Serve until cancelled."""
-    pool = WorkerPool.from_addresses(settings.workers)
+    pool = WorkerPool.from_addresses(settings.workers, token=settings.registration_token)
     service = DecodeProxyService(settings, pool)
     server = grpc.aio.server(
         options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]

@@ -9,12 +9,13 @@ import math
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 
 import grpc
 
 from quickdraft.proto import quickdraft_pb2 as pb
+from quickdraft.proto.auth import bearer_token
 from quickdraft.proxy.detokenize import TextStream
 from quickdraft.proxy.errors import InvalidRequest, NoWorker, Overloaded, ProxyError, Unauthenticated, WorkerFailed
 from quickdraft.proxy.metrics import ProxyMetrics
@@ -33,15 +34,6 @@ from quickdraft.suffix_cache.registry import learners, make_drafters, singles
 log = logging.getLogger(__name__)
 
 VALID_ROLES = {"system", "user", "assistant", "tool"}
-def bearer_token(metadata: Iterable[tuple[str, str]] | None) -> str:
-    """The token of an ``authorization: Bearer TOKEN`` header (gRPC metadata); "" when there is none."""
-    token = ""
-    for name, value in metadata or ():
-        if name.lower() == "authorization" and value[:7].lower() == "bearer ":
-            token = value[7:].strip()
-    return token
-
-
 # Rendering a prompt takes a worker milliseconds, even behind a long pass: a worker that has not
 # answered in this long is hung, and another worker is asked.
 TOKENIZE_TIMEOUT_S = 60.0

@@ -13,6 +13,7 @@ from tokenizers import Tokenizer
 
 from quickdraft.proto import quickdraft_pb2 as pb
 from quickdraft.proto import quickdraft_pb2_grpc as pb_grpc
+from quickdraft.proto.auth import bearer_metadata
 from quickdraft.proxy.errors import InvalidRequest, NoWorker
 from quickdraft.proxy.goodput import Load, PassCost
 
@@ -52,6 +53,17 @@ class WorkerMemory:
     sessions: int
 
 
+class _PresentToken(grpc.aio.UnaryUnaryClientInterceptor):
+    """Sends the proxy's registration token with every call: a worker that has one refuses calls without it."""
+
+    def __init__(self, token: str) -> None:
+        self.header = bearer_metadata(token)
+
+    async def intercept_unary_unary(self, continuation, details, request):
+        metadata = grpc.aio.Metadata(*(details.metadata or ()), self.header)
+        return await continuation(details._replace(metadata=metadata), request)
+
+
 @dataclass(eq=False)
 class WorkerClient:
     address: str
@@ -67,8 +79,9 @@ class WorkerClient:
     answered_at: float = field(default_factory=time.monotonic)  # its last answer (or when it joined)
 
     @classmethod
-    def connect(cls, address: str) -> WorkerClient:
-        channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+    def connect(cls, address: str, token: str | None = None) -> WorkerClient:
+        channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS,
+                                            interceptors=[_PresentToken(token)] if token else None)
         return cls(address, channel, pb_grpc.WorkerStub(channel))
 
     async def refresh(self, timeout: float = 5.0) -> bool:
@@ -108,10 +121,11 @@ class WorkerPool:
     workers: list[WorkerClient] = field(default_factory=list)
     # session key -> address of the worker holding its KV cache
     placement: dict[str, str] = field(default_factory=dict)
+    token: str | None = None      # the registration token, presented on every call to a worker
 
     @classmethod
-    def from_addresses(cls, addresses: list[str]) -> WorkerPool:
-        return cls([WorkerClient.connect(a) for a in addresses])
+    def from_addresses(cls, addresses: list[str], token: str | None = None) -> WorkerPool:
+        return cls([WorkerClient.connect(a, token) for a in addresses], token=token)
 
     async def refresh(self) -> None:
         await asyncio.gather(*(w.refresh() for w in self.workers))
@@ -127,7 +141,7 @@ class WorkerPool:
         """A worker that registered itself; False if it was already known. It serves once it answers Info."""
         if any(w.address == address for w in self.workers):
             return False
-        worker = WorkerClient.connect(address)
+        worker = WorkerClient.connect(address, self.token)
         worker.registered = registered
         self.workers.append(worker)
         if await worker.refresh():

@@ -98,9 +98,10 @@ class Settings(BaseSettings):
     advertise: str | None = Field(None, description="HOST:PORT proxies reach this worker on; default: host:port")
     registration_token: str | None = Field(
         None,
-        description="shared secret for worker registration: a proxy with one refuses any worker that does not "
-                    "present it, and a worker sends it when it registers (set it on both, e.g. as "
-                    "QUICKDRAFT_REGISTRATION_TOKEN); none: any host that reaches the proxy may register a worker",
+        description="secret shared by a proxy and its workers (set it on both, e.g. as "
+                    "QUICKDRAFT_REGISTRATION_TOKEN): a proxy with one refuses any worker that does not present it "
+                    "when it registers, and a worker with one answers only callers that present it; none: any host "
+                    "that reaches the proxy may register a worker, and any that reaches a worker may call it",
     )
     oracle_traces: list[str] = Field(
         default_factory=list,

@@ -282,3 +282,44 @@ def _info_meta(model: str):
 
     hf = load_tokenizer("smollm2-135m")
     return ModelMeta(model, 2048, 49152, frozenset({2}), tokenizer_id(hf), hf.backend_tokenizer)
+
+
+async def test_a_worker_with_a_registration_token_answers_only_callers_that_present_it():
+    """The worker's service behind its token (a real gRPC server with the worker's interceptor); the
+    proxy's pool presents its token on every call; health checks need none."""
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_health.v1.health import aio as health_aio
+
+    from quickdraft.proto import quickdraft_pb2_grpc as pb_grpc
+    from quickdraft.verifiers.server import RequireToken
+
+    class Worker(pb_grpc.WorkerServicer):
+        async def Info(self, request, context):  # noqa: N802 (the gRPC method's name)
+            return _info("m", 2048, [2])
+
+    server = grpc.aio.server(interceptors=[RequireToken("s3cret")])
+    pb_grpc.add_WorkerServicer_to_server(Worker(), server)
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    address = f"127.0.0.1:{port}"
+    pools = [WorkerPool.from_addresses([address], token=token) for token in (None, "wrong", "s3cret")]
+    try:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await pools[0].workers[0].stub.Info(pb.WorkerInfoRequest(), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "registration_token" in refused.value.details()
+        assert [await pool.workers[0].refresh() for pool in pools] == [False, False, True]
+        assert pools[2].models().keys() == {"m"}
+        # A worker that registers later is called with the token too.
+        assert await pools[2].add(address.replace("127.0.0.1", "localhost"), registered=True)
+        assert pools[2].workers[1].healthy
+        async with grpc.aio.insecure_channel(address) as channel:
+            answer = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        await server.stop(None)
+        for pool in pools:
+            await pool.close()

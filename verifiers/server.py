@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection
 
 from quickdraft.proto import quickdraft_pb2 as pb
 from quickdraft.proto import quickdraft_pb2_grpc as pb_grpc
+from quickdraft.proto.auth import bearer_metadata, presents
 from quickdraft.verifiers.runtime import ModelRuntime, VerifyError, VerifyInput, VerifyOutput
 from quickdraft.verifiers.tree_verify import Sampling
 
@@ -200,13 +201,35 @@ def server_options() -> list[tuple[str, int]]:
     ]
 
 
+class RequireToken(grpc.aio.ServerInterceptor):
+    """With a registration token, the worker's own service answers only callers that present it (the
+    proxies): a verification step carries a tenant's whole prompt and its KV cache. Health checks and
+    reflection stay open, since they reveal nothing and orchestrators probe them without credentials."""
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+        self.refuse = grpc.unary_unary_rpc_method_handler(self._refuse)
+
+    @staticmethod
+    async def _refuse(request, context):
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                            "this worker answers only proxies that present its registration token: give the proxy "
+                            "the worker's registration_token (QUICKDRAFT_REGISTRATION_TOKEN)")
+
+    async def intercept_service(self, continuation, details):
+        if details.method.startswith(f"/{WORKER_SERVICE}/") and not presents(details.invocation_metadata,
+                                                                             self.token):
+            return self.refuse
+        return await continuation(details)
+
+
 REGISTER_EVERY_S = 5.0
 
 
 async def _register(proxies: list[str], address: str, token: str | None = None) -> None:
     """Announce this worker to each proxy, again and again: a restarted proxy finds it within seconds."""
     told: set[str] = set()
-    metadata = (("authorization", f"Bearer {token}"),) if token else None
+    metadata = (bearer_metadata(token),) if token else None
     while True:
         for proxy in proxies:
             try:
@@ -233,8 +256,10 @@ async def serve_worker(runtime: ModelRuntime, host: str, port: int, ready: async
     """Serve until cancelled. Health turns SERVING once the model is loaded (it is, by now).
 
     With ``register_with``, the worker announces itself to those proxies as ``advertise``
-    (default: the host and port it listens on), presenting ``registration_token`` if given."""
-    server = grpc.aio.server(options=server_options())
+    (default: the host and port it listens on), presenting ``registration_token`` if given; with
+    one, it also answers only callers that present it."""
+    server = grpc.aio.server(options=server_options(),
+                             interceptors=[RequireToken(registration_token)] if registration_token else None)
     pb_grpc.add_WorkerServicer_to_server(WorkerService(runtime, max_batch, max_batch_tokens, max_queue), server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
