@@ -34,8 +34,8 @@ setup(
         Pybind11Extension(
             "quickdraft.verifiers._kernels",
             ["verifiers/_kernels.cpp"],
-            depends=["verifiers/csrc/amx_linear.h", "verifiers/csrc/attention.h", "verifiers/csrc/attention_amx.h",
-                     "verifiers/csrc/reduce.h"],
+            depends=["verifiers/csrc/amx_linear.h", "verifiers/csrc/bf16_linear_avx512.h", "verifiers/csrc/attention.h",
+                     "verifiers/csrc/attention_amx.h", "verifiers/csrc/reduce.h"],
             cxx_std=17,
             extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=off"],
             extra_link_args=["-fopenmp"],

@@ -100,8 +100,8 @@ def worker(
     prefill_dtype: Annotated[str, typer.Option(
         help="prefill products of an fp32 CPU model: auto (bf16 where the CPU has AMX), float32 or bfloat16")] = None,
     decode_dtype: Annotated[str, typer.Option(
-        help="verification passes' products of an fp32 CPU model: auto (bf16 on AMX tiles where the CPU has them), "
-             "float32 or bfloat16")] = None,
+        help="verification passes' products of an fp32 CPU model: auto (bf16 where the CPU multiplies it: AMX "
+             "tiles or AVX-512 BF16), float32 or bfloat16")] = None,
     kv_budget_mb: Annotated[int, typer.Option(help="KV cache memory for all sessions")] = None,
     threads: Annotated[int, typer.Option(help="torch CPU threads (0: default)")] = None,
     max_batch: Annotated[int, typer.Option(help="sessions' steps batched into one forward pass, at most")] = None,
@@ -504,6 +504,7 @@ def bench(
         import torch
 
         from quickdraft.bench.forward_cost import measure, measure_growing
+        from quickdraft.verifiers import small_linear
         from quickdraft.verifiers.model_loader import load_model
         from quickdraft.verifiers.runtime import ModelRuntime
 
@@ -512,7 +513,8 @@ def bench(
         runtime = ModelRuntime(load_model(model))
         points = measure(runtime) + measure_growing(runtime)
         loaded = runtime.loaded
-        kernels = ("bf16 tiles" if loaded.decode_dtype is not None else "fp32") if loaded.device.type == "cpu" \
+        kernels = (f"bf16 ({small_linear.bf16_isa()})" if loaded.decode_dtype is not None else "fp32") \
+            if loaded.device.type == "cpu" \
             else f"torch {str(loaded.dtype).removeprefix('torch.')} on {loaded.device}"
         table = Table("series", "context", "scored tokens", "median ms",
                       title=f"verification passes, {kernels} kernels")

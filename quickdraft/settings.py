@@ -82,8 +82,8 @@ class Settings(BaseSettings):
                             "the CPU has AMX), float32, bfloat16; the same with speculation on and off")
     decode_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="precision of verification passes' matrix products for an fp32 CPU model: auto (bf16 "
-                            "on AMX tiles where the CPU has them), float32, bfloat16; the same with speculation on "
-                            "and off")
+                            "where the CPU multiplies it: AMX tiles or AVX-512 BF16), float32, bfloat16; the same "
+                            "with speculation on and off")
     kv_budget_mb: int = Field(2048, ge=64, description="KV cache memory for all sessions of a worker")
     kv_active_s: float = Field(
         10.0, ge=0, description="a session used this recently is not evicted, even over the KV budget (no thrash)"

@@ -125,37 +125,57 @@ def test_bf16_packing_holds_the_weights_and_the_reference_sums_them(shape):
     packed = small_linear.pack_bf16(w)
     assert packed.numel() == (shape[0] + 15) // 16 * 16 * ((shape[1] + 31) // 32 * 32)
     for bias in (None, b):
-        assert _bf16_within_fp32_rounding(small_linear.linear_bf16(x, packed, shape[0], bias, reference=True),
+        assert _bf16_within_fp32_rounding(small_linear.linear_bf16(x, packed, shape[0], bias, isa="reference"),
                                           x, w, bias)
 
 
+BF16_KERNELS = {"amx": _kernels.amx_supported(), "avx512_bf16": "avx512_bf16" in _kernels.supported_bf16_isas()}
+
+
+@pytest.mark.parametrize("isa", sorted(BF16_KERNELS))
 @pytest.mark.parametrize("shape", SHAPES)
-def test_bf16_tile_rows_are_bitwise_the_same_alone_and_in_any_batch(shape):
+def test_bf16_rows_are_bitwise_the_same_alone_and_in_any_batch(shape, isa):
     out_f = shape[0]
     w, b, x = _linear_problem(shape, rows=40, seed=17)
     packed = small_linear.pack_bf16(w)
-    if not _kernels.amx_supported():  # a CPU without AMX tiles: a clear refusal (auto never asks here)
-        with pytest.raises(ValueError, match="AMX"):
-            small_linear.linear_bf16(x, packed, out_f)
+    if not BF16_KERNELS[isa]:  # a CPU without it: a clear refusal (auto never asks for it here)
+        with pytest.raises(ValueError, match="AMX" if isa == "amx" else "AVX-512 BF16"):
+            small_linear.linear_bf16(x, packed, out_f, isa=isa)
         return
     for bias in (None, b):
-        full = small_linear.linear_bf16(x, packed, out_f, bias)
+        full = small_linear.linear_bf16(x, packed, out_f, bias, isa=isa)
         assert _bf16_within_fp32_rounding(full, x, w, bias)
         for m in range(40):
-            assert torch.equal(small_linear.linear_bf16(x[m:m + 1], packed, out_f, bias, threads=1)[0], full[m])
-        # Rows in one tile, exactly a tile, across tiles (16 rows each); any thread count.
-        for rows in (2, 5, 15, 16, 17, 33):
+            assert torch.equal(small_linear.linear_bf16(x[m:m + 1], packed, out_f, bias, threads=1, isa=isa)[0],
+                               full[m])
+        # Rows in one tile, exactly a tile, across tiles (16 rows each on AMX, 4 in registers with
+        # AVX-512 BF16); any thread count.
+        for rows in (2, 3, 4, 5, 15, 16, 17, 33):
             for threads in (1, 2, 3):
-                assert torch.equal(small_linear.linear_bf16(x[:rows], packed, out_f, bias, threads), full[:rows])
+                assert torch.equal(small_linear.linear_bf16(x[:rows], packed, out_f, bias, threads, isa=isa),
+                                   full[:rows])
 
 
-def test_installed_layers_take_the_bf16_tiles_when_switched_on():
+def test_auto_takes_the_tiles_then_the_vector_kernel_and_says_so_where_there_is_neither():
+    if BF16_KERNELS["amx"]:
+        assert small_linear.bf16_isa() == "amx"
+    elif BF16_KERNELS["avx512_bf16"]:
+        assert small_linear.bf16_isa() == "avx512_bf16"
+    else:
+        assert small_linear.bf16_isa() is None
+        with pytest.raises(ValueError, match="neither on AMX tiles nor with AVX-512 BF16"):
+            small_linear.linear_bf16(torch.ones(1, 32), small_linear.pack_bf16(torch.ones(16, 32)), 16)
+    with pytest.raises(ValueError, match="unknown bf16 kernel"):
+        small_linear.linear_bf16(torch.ones(1, 32), small_linear.pack_bf16(torch.ones(16, 32)), 16, isa="avx3")
+
+
+def test_installed_layers_take_the_bf16_kernel_when_switched_on():
     gen = torch.Generator().manual_seed(19)
     net = torch.nn.Sequential(torch.nn.Linear(48, 40), torch.nn.ReLU(), torch.nn.Linear(40, 8, bias=False))
     small_linear.install(net)
     x = torch.randn(5, 48, generator=gen)
-    if not small_linear.amx_available():
-        with pytest.raises(RuntimeError, match="AMX"):
+    if small_linear.bf16_isa() is None:
+        with pytest.raises(RuntimeError, match="AMX tiles or AVX-512 BF16"):
             small_linear.use_bf16_kernel(net)
         return
     assert small_linear.use_bf16_kernel(net) == 2
@@ -312,14 +332,15 @@ class TestModel:
         assert loaded.invariant_linears == 30 * 7 + 1  # every projection and the (tied) head
         return ModelRuntime(loaded, kv_budget_bytes=1 << 30)
 
-    @pytest.fixture(params=["fp32"] + (["bf16-tiles"] if small_linear.amx_available() else []))
+    @pytest.fixture(params=["fp32"] + ([f"bf16-{small_linear.bf16_isa()}"] if small_linear.bf16_isa() else []))
     @staticmethod
     def kernel(request, runtime):
-        """Both kernels where the CPU has AMX tiles (auto picks the bf16 one there), the fp32 one elsewhere."""
+        """Both kernels where the CPU multiplies bf16 (AMX tiles, where auto picks bf16, or AVX-512
+        BF16), the fp32 one elsewhere."""
         from quickdraft.verifiers.model_loader import set_decode_dtype
 
         saved = runtime.loaded.decode_dtype
-        set_decode_dtype(runtime.loaded, torch.bfloat16 if request.param == "bf16-tiles" else None)
+        set_decode_dtype(runtime.loaded, torch.bfloat16 if request.param.startswith("bf16") else None)
         yield request.param
         set_decode_dtype(runtime.loaded, saved)
 
@@ -486,7 +507,7 @@ def test_decode_dtype_choice():
     assert pick_decode_dtype(211, "float32") is None
     assert pick_decode_dtype(0, "bfloat16") is None      # no kernel installed (CUDA, a bf16 model)
     assert pick_decode_dtype(211, "bfloat16") is torch.bfloat16
-    assert pick_decode_dtype(211, "auto") is (torch.bfloat16 if small_linear.amx_available() else None)
+    assert pick_decode_dtype(211, "auto") is (torch.bfloat16 if small_linear.bf16_isa() else None)
     with pytest.raises(ValueError, match="decode dtype"):
         pick_decode_dtype(211, "fp8")
 
@@ -497,7 +518,7 @@ def test_prefill_dtype_choice():
     cpu = torch.device("cpu")
     assert pick_prefill_dtype(cpu, torch.float32, "float32") is None
     assert pick_prefill_dtype(cpu, torch.float32, "bfloat16") is torch.bfloat16
-    assert pick_prefill_dtype(cpu, torch.float32, "auto") is (torch.bfloat16 if small_linear.fast_bf16_cpu() else None)
+    assert pick_prefill_dtype(cpu, torch.float32, "auto") is (torch.bfloat16 if small_linear.bf16_isa() else None)
     assert pick_prefill_dtype(cpu, torch.bfloat16, "bfloat16") is None          # a bf16 model is bf16 anyway
     assert pick_prefill_dtype(torch.device("cuda"), torch.float32, "bfloat16") is None
     with pytest.raises(ValueError, match="prefill dtype"):

@@ -26,6 +26,7 @@
 #include "csrc/amx_linear.h"
 #include "csrc/attention.h"
 #include "csrc/attention_amx.h"
+#include "csrc/bf16_linear_avx512.h"
 #include "csrc/reduce.h"
 
 #include <algorithm>
@@ -345,22 +346,40 @@ void pack_bf16(uintptr_t w, uintptr_t out, int64_t N, int64_t K) {
   qd_amx::pack(reinterpret_cast<const float*>(w), N, K, reinterpret_cast<uint16_t*>(out));
 }
 
+// The bf16 kernel a call asks for: "amx" (tiles), "avx512_bf16" (vector dot products), "reference"
+// (plain C++, for tests), or "auto": the tiles where they run, else the vector kernel.
+std::string bf16_linear_isa(const std::string& isa) {
+  const bool amx = qd_amx::supported(), avx = qd_bf16v::supported();
+  if (isa == "auto" || isa.empty()) {
+    if (amx) return "amx";
+    if (avx) return "avx512_bf16";
+    throw std::invalid_argument("this CPU multiplies bf16 neither on AMX tiles nor with AVX-512 BF16");
+  }
+  if (isa == "amx" && !amx) throw std::invalid_argument("this CPU (or its kernel) does not offer AMX tiles");
+  if (isa == "avx512_bf16" && !avx) throw std::invalid_argument("this CPU has no AVX-512 BF16 instructions");
+  if (isa != "amx" && isa != "avx512_bf16" && isa != "reference")
+    throw std::invalid_argument("unknown bf16 kernel: " + isa);
+  return isa;
+}
+
 void linear_bf16(uintptr_t x, uintptr_t w, uintptr_t b, uintptr_t y, int64_t M, int64_t N, int64_t K, int threads,
-                 bool reference) {
+                 const std::string& isa) {
   if (M < 0 || N <= 0 || K <= 0) throw std::invalid_argument("negative or empty size");
-  if (!reference && !qd_amx::supported()) throw std::invalid_argument("this CPU (or its kernel) does not offer AMX tiles");
+  const std::string path = bf16_linear_isa(isa);
   if (M == 0) return;
   py::gil_scoped_release release;
   std::vector<uint16_t> rows;
   qd_amx::convert_rows(reinterpret_cast<const float*>(x), M, K, rows);
   const qd_amx::Problem p{rows.data(), reinterpret_cast<const uint16_t*>(w), reinterpret_cast<const float*>(b),
                           reinterpret_cast<float*>(y), M, qd_amx::Layout(N, K)};
-  if (reference) {
+  if (path == "reference") {
     qd::FpMode mode;
     qd_amx::reference(p);
-    return;
+  } else if (path == "amx") {
+    split(p.layout.groups(), threads, [&](int64_t g0, int64_t g1) { qd_amx::range(p, g0, g1); });
+  } else {
+    split(p.layout.groups(), threads, [&](int64_t g0, int64_t g1) { qd_bf16v::range(p, g0, g1); });
   }
-  split(p.layout.groups(), threads, [&](int64_t g0, int64_t g1) { qd_amx::range(p, g0, g1); });
 }
 
 // ---------------------------------------------------------------- attention
@@ -456,9 +475,18 @@ PYBIND11_MODULE(_kernels, m) {
   m.def("pack_bf16", &pack_bf16, py::arg("w"), py::arg("out"), py::arg("n"), py::arg("k"),
         "an [n, k] fp32 weight into linear_bf16's packed bf16 layout, buffers given by address");
   m.def("linear_bf16", &linear_bf16, py::arg("x"), py::arg("w"), py::arg("b"), py::arg("y"), py::arg("m"),
-        py::arg("n"), py::arg("k"), py::arg("threads") = 1, py::arg("reference") = false,
-        "y[m, n] = bf16(x[m, :]) . w[n, :] (+ b[n]) accumulated in fp32, w packed by pack_bf16, on AMX tiles "
-        "(reference: the same sums in plain C++, for tests)");
+        py::arg("n"), py::arg("k"), py::arg("threads") = 1, py::arg("isa") = "auto",
+        "y[m, n] = bf16(x[m, :]) . w[n, :] (+ b[n]) accumulated in fp32, w packed by pack_bf16: isa 'amx' (tiles), "
+        "'avx512_bf16' (vector dot products), 'reference' (plain C++, for tests) or 'auto' (the first two in "
+        "that order, where they run)");
+  m.def("bf16_linear_isa", &bf16_linear_isa, py::arg("isa") = "auto",
+        "the bf16 linear kernel linear_bf16(isa) runs here (ValueError where it cannot)");
+  m.def("supported_bf16_isas", [] {
+    py::list out;
+    if (qd_amx::supported()) out.append("amx");
+    if (qd_bf16v::supported()) out.append("avx512_bf16");
+    return out;
+  }, "the bf16 linear kernels this CPU runs, preferred first");
   m.def("isa", [] { return std::string(active_isa()->name); }, "the kernel this CPU runs by default");
   m.def("attention", &attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("mask"), py::arg("out"),
         py::arg("heads"), py::arg("kv_heads"), py::arg("q_len"), py::arg("k_len"), py::arg("head_dim"),

@@ -14,8 +14,8 @@ K and V once (at a 6.7k-token context, 30 layers: 1 row 28.8 -> 23.5 ms, 5 rows 
 It runs inside ``small_linear.invariant()`` (the runtime's verification passes) on
 fp32 CPU tensors with a boolean mask, where the CPU has AVX-512 or AVX2 with FMA (its
 portable path is the reference the tests check both against, too slow to serve);
-everywhere else the caller keeps SDPA. Inside ``invariant(bf16_tiles=True)`` (a model on the bf16 tile
-kernel, ``csrc/attention_amx.h``) the same segments take their two products on AMX tiles:
+everywhere else the caller keeps SDPA. Inside ``invariant(bf16=True)`` on a CPU with AMX (a model on
+the bf16 tile kernel, ``csrc/attention_amx.h``) the same segments take their two products on AMX tiles:
 a draft's extra rows then cost little more than the softmax.
 """
 

@@ -79,12 +79,12 @@ def checkpoint_path(name: str) -> str:
 
 
 def pick_prefill_dtype(device: torch.device, dtype: torch.dtype, prefill_dtype: str = "auto") -> torch.dtype | None:
-    """bf16 prefill products for an fp32 CPU model where the CPU has AMX (auto), or when asked.
-    Prefill is the same with speculation on and off, so either choice keeps them identical;
-    bf16 shortens every call's time to first token (bench/RESULTS.md)."""
+    """bf16 prefill products for an fp32 CPU model where the CPU multiplies bf16 in hardware (AMX tiles
+    or AVX-512 BF16) (auto), or when asked. Prefill is the same with speculation on and off, so either
+    choice keeps them identical; bf16 shortens every call's time to first token (bench/RESULTS.md)."""
     if device.type != "cpu" or dtype != torch.float32 or prefill_dtype == "float32":
         return None
-    if prefill_dtype == "bfloat16" or (prefill_dtype == "auto" and small_linear.fast_bf16_cpu()):
+    if prefill_dtype == "bfloat16" or (prefill_dtype == "auto" and small_linear.bf16_isa() is not None):
         return torch.bfloat16
     if prefill_dtype != "auto":
         raise ValueError(f"prefill dtype {prefill_dtype!r}: use auto, float32 or bfloat16")
@@ -92,21 +92,23 @@ def pick_prefill_dtype(device: torch.device, dtype: torch.dtype, prefill_dtype: 
 
 
 def pick_decode_dtype(invariant_linears: int, decode_dtype: str = "auto") -> torch.dtype | None:
-    """bf16 tile products in verification passes where the kernel is installed and the CPU has AMX
-    (auto), or when asked. Every pass, speculative or plain, uses the same kernel, so outputs stay
-    identical both ways; the bf16 kernel makes a pass's extra rows nearly free (bench/RESULTS.md)."""
+    """bf16 products in verification passes where the kernel is installed and the CPU multiplies bf16
+    (AMX tiles or AVX-512 BF16) (auto), or when asked. Every pass, speculative or plain, uses the same
+    kernel, so outputs stay identical both ways; the bf16 kernel halves the weights a pass streams and
+    makes its extra rows cheap, nearly free on tiles (bench/RESULTS.md)."""
     if decode_dtype not in ("auto", "float32", "bfloat16"):
         raise ValueError(f"decode dtype {decode_dtype!r}: use auto, float32 or bfloat16")
     if not invariant_linears or decode_dtype == "float32":
         return None
-    if decode_dtype == "bfloat16" or small_linear.amx_available():
+    if decode_dtype == "bfloat16" or small_linear.bf16_isa() is not None:
         return torch.bfloat16
     return None
 
 
 def set_decode_dtype(loaded: LoadedModel, dtype: torch.dtype | None) -> None:
-    """Switch a loaded model's verification passes between the bf16 tile kernels (linear layers and
-    attention) and the fp32 ones. Speculative and plain passes must use the same one."""
+    """Switch a loaded model's verification passes between the bf16 kernels (linear layers, and
+    attention where the CPU has AMX tiles) and the fp32 ones. Speculative and plain passes must use
+    the same one."""
     small_linear.use_bf16_kernel(loaded.model, on=dtype is not None)
     loaded.decode_dtype = dtype
 
@@ -136,6 +138,6 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto", prefill_dty
     loaded = LoadedModel(spec.name, model, tokenizer, dev, dt, invariant, pick_prefill_dtype(dev, dt, prefill_dtype))
     decode = pick_decode_dtype(invariant, decode_dtype)
     if decode is not None:
-        set_decode_dtype(loaded, decode)  # a clear error where the CPU has no AMX
-        log.info("verification passes multiply in bf16 on AMX tiles")
+        set_decode_dtype(loaded, decode)  # a clear error where the CPU multiplies no bf16
+        log.info("verification passes multiply in bf16 (%s)", small_linear.bf16_isa())
     return loaded

@@ -16,10 +16,11 @@ Larger calls outside it (prefill chunks) keep torch's GEMM, which is faster ther
 The runtime arranges that a position is never computed by torch in one mode and by
 the kernel in the other (see ``ModelRuntime._prefill_head``).
 
-On CPUs with AMX tiles the kernel can also multiply in bf16 (``use_bf16_kernel``): the
-weights are packed once into bf16 tiles, so a pass streams half the bytes and its extra
-rows cost almost nothing. Its rows are batch-invariant too, but not equal to the fp32
-kernel's, so a model uses one kernel or the other for every pass.
+On CPUs with AMX tiles or AVX-512 BF16 the kernel can also multiply in bf16
+(``use_bf16_kernel``): the weights are packed once into bf16 tiles, so a pass streams half
+the bytes, and its extra rows cost almost nothing on tiles and half the fp32 arithmetic with
+AVX-512 BF16. Its rows are batch-invariant too, but not equal to the fp32 kernel's (nor the
+tile kernel's to the vector one's), so a model uses one kernel for every pass.
 
 Inside ``prefill_precision(torch.bfloat16)`` those large torch calls multiply in bf16
 (activations and a bf16 copy of the weights, made on first use). Prefill chunks are the
@@ -30,6 +31,7 @@ CPUs with AMX it makes a 1,024-token chunk's products several times faster.
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from collections.abc import Callable, Iterator
 from typing import TypeVar
@@ -76,16 +78,16 @@ def _thread_setting(name: str, value: object) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def invariant(bf16_tiles: bool = False) -> Iterator[None]:
+def invariant(bf16: bool = False) -> Iterator[None]:
     """Every installed linear layer called in this block (on this thread) uses the kernel, and so
-    does attention where it can (``invariant_attention.py``); with ``bf16_tiles`` attention takes the
-    bf16 tile kernel (a model whose layers use ``use_bf16_kernel``)."""
-    with _thread_setting("forced", True), _thread_setting("tiles", bf16_tiles):
+    does attention where it can (``invariant_attention.py``); with ``bf16`` (a model whose layers
+    use ``use_bf16_kernel``) attention takes the bf16 tile kernel where the CPU has AMX tiles."""
+    with _thread_setting("forced", True), _thread_setting("tiles", bf16 and amx_available()):
         yield
 
 
 def tiles() -> bool:
-    """Whether this thread is inside ``invariant(bf16_tiles=True)``."""
+    """Whether this thread is inside ``invariant(bf16=True)`` on a CPU with AMX tiles."""
     return bool(getattr(_state, "tiles", False))
 
 
@@ -100,9 +102,10 @@ def prefill_dtype() -> torch.dtype | None:
     return getattr(_state, "prefill_dtype", None)
 
 
+@functools.cache
 def fast_bf16_cpu() -> bool:
-    """Whether this CPU multiplies bf16 matrices in hardware much faster than fp32 (AMX tiles).
-    AVX-512 BF16 alone (no AMX) is not assumed to pay for the conversions; unmeasured here."""
+    """Whether this CPU has AMX tiles, on which even attention's bf16 products pay (torch's bf16
+    attention without them is slower than its fp32 one: bench/RESULTS.md)."""
     try:
         with open("/proc/cpuinfo") as f:
             return any(line.startswith("flags") and " amx_bf16" in line for line in f)
@@ -110,11 +113,23 @@ def fast_bf16_cpu() -> bool:
         return False
 
 
+@functools.cache
 def amx_available() -> bool:
     """Whether the bf16 tile kernels (linear layers and attention) run here: a CPU with AMX and
     AVX-512 BF16, a Linux kernel that enables the tiles."""
     # The attention kernel's check includes the linear kernel's (the tiles and the OS permission).
     return _kernels is not None and _kernels.amx_attention_supported()
+
+
+def bf16_isa() -> str | None:
+    """The bf16 linear kernel this CPU runs: ``amx`` (tiles), ``avx512_bf16`` (vector dot products),
+    or None where it has neither (or the extension is not built)."""
+    if _kernels is None:
+        return None
+    try:
+        return _kernels.bf16_linear_isa()
+    except ValueError:
+        return None
 
 
 def _require_kernels() -> None:
@@ -153,16 +168,18 @@ def pack_bf16(weight: torch.Tensor) -> torch.Tensor:
 
 
 def linear_bf16(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: torch.Tensor | None = None,
-                threads: int | None = None, reference: bool = False) -> torch.Tensor:
-    """``F.linear`` with x rounded to bf16 and a weight packed by ``pack_bf16``, accumulated in fp32
-    on AMX tiles (``reference``: the same sums in plain C++, for tests; not bitwise the tiles')."""
+                threads: int | None = None, isa: str = "auto") -> torch.Tensor:
+    """``F.linear`` with x rounded to bf16 and a weight packed by ``pack_bf16``, accumulated in fp32.
+    ``isa``: ``amx`` (tiles), ``avx512_bf16`` (vector dot products), ``auto`` (``bf16_isa()``), or
+    ``reference`` (the same sums in plain C++, for tests; not bitwise either kernel's). A kernel this
+    CPU cannot run is a ValueError."""
     _require_kernels()
     in_features = x.shape[-1]
     if packed.numel() != _kernels.packed_bf16_elements(out_features, in_features) or x.dtype != torch.float32:
         raise ValueError(f"linear_bf16: fp32 input and a weight packed for ({out_features}, {in_features}) expected")
     rows, flat, y = _rows(x, in_features, out_features)
     _kernels.linear_bf16(flat.data_ptr(), packed.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(),
-                         rows, out_features, in_features, threads or torch.get_num_threads(), reference)
+                         rows, out_features, in_features, threads or torch.get_num_threads(), isa)
     return y
 
 
@@ -205,11 +222,11 @@ def _eligible(module: nn.Module) -> bool:
 
 
 def use_bf16_kernel(model: nn.Module, on: bool = True) -> int:
-    """Route the model's installed layers through the bf16 tile kernel (``on``) or back to the fp32
+    """Route the model's installed layers through the bf16 kernel (``on``) or back to the fp32
     one; returns how many layers changed. Weights are packed on the first switch (about 1 s for
     SmolLM2; the packed copy is half the fp32 weights' size) and kept for the next."""
-    if on and not amx_available():
-        raise RuntimeError("the bf16 kernel needs a CPU with AMX tiles (and a Linux kernel that enables them); "
+    if on and bf16_isa() is None:
+        raise RuntimeError("the bf16 kernel needs a CPU with AMX tiles or AVX-512 BF16 instructions; "
                            "use the fp32 kernel here")
     count = 0
     for module in model.modules():
