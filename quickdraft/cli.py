@@ -384,6 +384,9 @@ def bench(
     prefill_chunk: Annotated[int, typer.Option(
         help="prefill: tokens per chunk (0: the worker's own chunk size)", min=0)] = 0,
     device: Annotated[str, typer.Option(help="e2e: worker device (auto, cpu, cuda)")] = "auto",
+    decode_dtype: Annotated[str, typer.Option(
+        help="forward: verification passes' products of an fp32 CPU model: auto, float32 or bfloat16 (e2e: "
+             "set QUICKDRAFT_DECODE_DTYPE for its worker)")] = "auto",
     max_calls: Annotated[int, typer.Option(help="e2e: calls per text")] = 20,
     max_new_tokens: Annotated[int, typer.Option(help="e2e, load: completion budget per call")] = 128,
     proxy: Annotated[str, typer.Option(help="load: HOST:PORT of the running proxy")] = "127.0.0.1:50051",
@@ -510,7 +513,7 @@ def bench(
 
         if threads:
             torch.set_num_threads(threads)
-        runtime = ModelRuntime(load_model(model))
+        runtime = ModelRuntime(load_model(model, decode_dtype=decode_dtype))
         points = measure(runtime) + measure_growing(runtime)
         loaded = runtime.loaded
         kernels = (f"bf16 ({small_linear.bf16_isa()})" if loaded.decode_dtype is not None else "fp32") \
