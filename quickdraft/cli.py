@@ -98,7 +98,8 @@ def worker(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda[:N]")] = None,
     dtype: Annotated[str, typer.Option(help="auto, float32 or bfloat16")] = None,
     prefill_dtype: Annotated[str, typer.Option(
-        help="prefill products of an fp32 CPU model: auto (bf16 where the CPU has AMX), float32 or bfloat16")] = None,
+        help="prefill products of an fp32 CPU model: auto (bf16 where the CPU multiplies it: AMX tiles or AVX-512 "
+             "BF16), float32 or bfloat16")] = None,
     decode_dtype: Annotated[str, typer.Option(
         help="verification passes' products of an fp32 CPU model: auto (bf16 where the CPU multiplies it: AMX "
              "tiles or AVX-512 BF16), float32 or bfloat16")] = None,

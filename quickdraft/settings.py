@@ -79,7 +79,8 @@ class Settings(BaseSettings):
     dtype: str = Field("auto", description="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16")
     prefill_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="precision of prefill chunks' matrix products for an fp32 CPU model: auto (bf16 where "
-                            "the CPU has AMX), float32, bfloat16; the same with speculation on and off")
+                            "the CPU multiplies it: AMX tiles or AVX-512 BF16; attention too only on AMX), float32, "
+                            "bfloat16; the same with speculation on and off")
     decode_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto", description="precision of verification passes' matrix products for an fp32 CPU model: auto (bf16 "
                             "where the CPU multiplies it: AMX tiles or AVX-512 BF16), float32, bfloat16; the same "

@@ -349,7 +349,8 @@ void pack_bf16(uintptr_t w, uintptr_t out, int64_t N, int64_t K) {
 // The bf16 kernel a call asks for: "amx" (tiles), "avx512_bf16" (vector dot products), "reference"
 // (plain C++, for tests), or "auto": the tiles where they run, else the vector kernel.
 std::string bf16_linear_isa(const std::string& isa) {
-  const bool amx = qd_amx::supported(), avx = qd_bf16v::supported();
+  // Asked on every call of every layer: the CPU's answer is read once.
+  static const bool amx = qd_amx::supported(), avx = qd_bf16v::supported();
   if (isa == "auto" || isa.empty()) {
     if (amx) return "amx";
     if (avx) return "avx512_bf16";
@@ -481,12 +482,6 @@ PYBIND11_MODULE(_kernels, m) {
         "that order, where they run)");
   m.def("bf16_linear_isa", &bf16_linear_isa, py::arg("isa") = "auto",
         "the bf16 linear kernel linear_bf16(isa) runs here (ValueError where it cannot)");
-  m.def("supported_bf16_isas", [] {
-    py::list out;
-    if (qd_amx::supported()) out.append("amx");
-    if (qd_bf16v::supported()) out.append("avx512_bf16");
-    return out;
-  }, "the bf16 linear kernels this CPU runs, preferred first");
   m.def("isa", [] { return std::string(active_isa()->name); }, "the kernel this CPU runs by default");
   m.def("attention", &attention, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("mask"), py::arg("out"),
         py::arg("heads"), py::arg("kv_heads"), py::arg("q_len"), py::arg("k_len"), py::arg("head_dim"),
