@@ -19,6 +19,7 @@ import grpc
 from quickdraft.bench.traces import all_calls
 from quickdraft.catalog import chat_prompt_ids, load_tokenizer
 from quickdraft.client import QuickDraftClient
+from quickdraft.proto.tls import TlsConfig
 
 
 @dataclass(slots=True)
@@ -78,13 +79,14 @@ def replay_live(
     api_key: str | None = None,
     progress: bool = True,
     redis_url: str | None = None,
+    tls: TlsConfig | None = None,
 ) -> LiveReport:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     started = time.perf_counter()
     tok = load_tokenizer(tokenizer_name)
     redis_before = _redis_commands(redis_url) if redis_url else None
-    with QuickDraftClient(proxy, api_key) as client:
+    with QuickDraftClient(proxy, api_key, tls) as client:
         listing = client.list_models()
         served = listing.default_model if model == "auto" else model
         context = {m.name: m.context_length for m in listing.models}.get(served)

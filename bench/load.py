@@ -24,6 +24,7 @@ import grpc
 from quickdraft.bench.traces import all_calls
 from quickdraft.catalog import chat_prompt_ids, load_tokenizer
 from quickdraft.client import AsyncQuickDraftClient
+from quickdraft.proto.tls import TlsConfig
 
 
 @dataclass(slots=True)
@@ -98,11 +99,11 @@ async def _session_worker(client: AsyncQuickDraftClient, work: Iterator[tuple[in
 
 
 async def _run_mode(proxy: str, convs: list, sessions: int, duration_s: float, speculate: bool,
-                    max_new_tokens: int, tag: str) -> ModeRun:
+                    max_new_tokens: int, tag: str, tls: TlsConfig | None = None) -> ModeRun:
     results: list[Request] = []
     work = iter(enumerate(itertools.islice(itertools.cycle(convs), 100_000)))
     started = time.perf_counter()
-    async with AsyncQuickDraftClient(proxy) as client:
+    async with AsyncQuickDraftClient(proxy, tls=tls) as client:
         await asyncio.gather(*(
             _session_worker(client, work, started + duration_s, speculate, max_new_tokens, tag, results)
             for _ in range(sessions)
@@ -131,7 +132,7 @@ def _summary(run: ModeRun) -> dict:
 def run_load(paths: Sequence[str | pathlib.Path], proxy: str = "127.0.0.1:50051",
              levels: Sequence[int] = (1, 8, 32, 64), duration_s: float = 60.0, max_new_tokens: int = 64,
              max_message_chars: int = 1500, context_cap: int = 2048, tokenizer: str = "smollm2-135m",
-             progress: bool = True) -> dict:
+             progress: bool = True, tls: TlsConfig | None = None) -> dict:
     from rich.console import Console
 
     console = Console(stderr=True, quiet=not progress)
@@ -143,7 +144,7 @@ def run_load(paths: Sequence[str | pathlib.Path], proxy: str = "127.0.0.1:50051"
         for mode, speculate in (("speculative", True), ("plain", False)):
             console.print(f"load: {n} sessions, {mode}, {duration_s:g} s ...")
             run = asyncio.run(_run_mode(proxy, convs, n, duration_s, speculate, max_new_tokens,
-                                        f"{run_id}/{n}/{mode}"))
+                                        f"{run_id}/{n}/{mode}", tls))
             modes[mode] = _summary(run)
         spec, plain = modes["speculative"], modes["plain"]
         level = {

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import ssl
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -29,6 +30,7 @@ from starlette.exceptions import HTTPException
 
 from quickdraft.proto import quickdraft_pb2 as pb
 from quickdraft.proto.messages import tool_call_text
+from quickdraft.proto.tls import TlsConfig
 from quickdraft.proxy.errors import InvalidRequest, Overloaded, ProxyError
 from quickdraft.proxy.service import DecodeProxyService
 
@@ -320,8 +322,9 @@ async def _sse(first: pb.GenerateChunk, rest: AsyncIterator[pb.GenerateChunk], c
     yield "data: [DONE]\n\n"
 
 
-async def serve_http(service: DecodeProxyService, host: str, port: int) -> None:
-    """Serve the endpoint until cancelled (uvicorn in the proxy's own event loop)."""
+async def serve_http(service: DecodeProxyService, host: str, port: int, tls: TlsConfig | None = None) -> None:
+    """Serve the endpoint until cancelled (uvicorn in the proxy's own event loop); HTTPS where ``tls`` serves,
+    asking callers for certificates where it names client roots, as the gRPC port does."""
     import uvicorn
 
     class EmbeddedServer(uvicorn.Server):
@@ -330,8 +333,13 @@ async def serve_http(service: DecodeProxyService, host: str, port: int) -> None:
         def capture_signals(self):
             return contextlib.nullcontext()
 
+    https = {}
+    if tls is not None and tls.serves:
+        https = {"ssl_certfile": tls.cert_file, "ssl_keyfile": tls.key_file}
+        if tls.client_ca_file:
+            https |= {"ssl_ca_certs": tls.client_ca_file, "ssl_cert_reqs": ssl.CERT_REQUIRED}
     config = uvicorn.Config(build_app(service), host=host, port=port, log_level="warning", access_log=False,
-                            lifespan="off")
+                            lifespan="off", **https)
     server = EmbeddedServer(config)
     try:
         await server.serve()

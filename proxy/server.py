@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection
 from quickdraft.proto import quickdraft_pb2 as pb
 from quickdraft.proto import quickdraft_pb2_grpc as pb_grpc
 from quickdraft.proto.auth import presents
+from quickdraft.proto.tls import add_port
 from quickdraft.proxy.service import DecodeProxyService, add_to_server
 from quickdraft.proxy.worker_pool import WorkerPool, is_unspecified
 from quickdraft.settings import Settings
@@ -117,7 +118,8 @@ class WorkerRegistryService(pb_grpc.WorkerRegistryServicer):
 
 async def serve_proxy(settings: Settings, ready: asyncio.Event | None = None) -> None:
     """Serve until cancelled."""
-    pool = WorkerPool.from_addresses(settings.workers, token=settings.registration_token)
+    tls = settings.tls.check()
+    pool = WorkerPool.from_addresses(settings.workers, token=settings.registration_token, tls=tls)
     service = DecodeProxyService(settings, pool)
     server = grpc.aio.server(
         options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
@@ -135,11 +137,15 @@ async def serve_proxy(settings: Settings, ready: asyncio.Event | None = None) ->
         server,
     )
     address = f"{settings.host}:{settings.grpc_port}"
-    if server.add_insecure_port(address) == 0:
+    if add_port(server, address, tls) == 0:
         raise OSError(f"cannot listen on {address}")
     await server.start()
-    log.info("proxy listening on %s (workers: %s)", address,
-             ", ".join(settings.workers) or "none yet; waiting for `quickdraft worker --register`")
+    log.info("proxy listening on %s, %s (workers: %s, called over %s)", address, tls.scheme,
+             ", ".join(settings.workers) or "none yet; waiting for `quickdraft worker --register`",
+             "TLS" if tls.calls_securely else "plaintext")
+    if not tls.serves and settings.host not in LOOPBACK_HOSTS:
+        log.warning("%s speaks plaintext: API keys and prompts cross the network readable; set tls_cert_file and "
+                    "tls_key_file", address)
     if not settings.registration_token and settings.host not in LOOPBACK_HOSTS:
         log.warning("worker registration is open to any host that reaches %s: a registered worker sees "
                     "tenants' prompts; set registration_token on the proxy and its workers", address)
@@ -154,8 +160,9 @@ async def serve_proxy(settings: Settings, ready: asyncio.Event | None = None) ->
     if settings.http_port:
         from quickdraft.proxy.http_api import serve_http
 
-        tasks.append(asyncio.create_task(serve_http(service, settings.host, settings.http_port)))
-        log.info("OpenAI-compatible endpoint on http://%s:%d/v1", settings.host, settings.http_port)
+        tasks.append(asyncio.create_task(serve_http(service, settings.host, settings.http_port, tls)))
+        log.info("OpenAI-compatible endpoint on %s://%s:%d/v1", "https" if tls.serves else "http", settings.host,
+                 settings.http_port)
     if ready is not None:
         ready.set()
     try:

@@ -14,6 +14,7 @@ from tokenizers import Tokenizer
 from quickdraft.proto import quickdraft_pb2 as pb
 from quickdraft.proto import quickdraft_pb2_grpc as pb_grpc
 from quickdraft.proto.auth import bearer_metadata
+from quickdraft.proto.tls import TlsConfig, aio_channel
 from quickdraft.proxy.errors import InvalidRequest, NoWorker
 from quickdraft.proxy.goodput import Load, PassCost
 
@@ -79,9 +80,9 @@ class WorkerClient:
     answered_at: float = field(default_factory=time.monotonic)  # its last answer (or when it joined)
 
     @classmethod
-    def connect(cls, address: str, token: str | None = None) -> WorkerClient:
-        channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS,
-                                            interceptors=[_PresentToken(token)] if token else None)
+    def connect(cls, address: str, token: str | None = None, tls: TlsConfig | None = None) -> WorkerClient:
+        channel = aio_channel(address, tls, options=CHANNEL_OPTIONS,
+                              interceptors=[_PresentToken(token)] if token else None)
         return cls(address, channel, pb_grpc.WorkerStub(channel))
 
     async def refresh(self, timeout: float = 5.0) -> bool:
@@ -122,10 +123,12 @@ class WorkerPool:
     # session key -> address of the worker holding its KV cache
     placement: dict[str, str] = field(default_factory=dict)
     token: str | None = None      # the registration token, presented on every call to a worker
+    tls: TlsConfig | None = None  # how workers are called (plaintext without)
 
     @classmethod
-    def from_addresses(cls, addresses: list[str], token: str | None = None) -> WorkerPool:
-        return cls([WorkerClient.connect(a, token) for a in addresses], token=token)
+    def from_addresses(cls, addresses: list[str], token: str | None = None,
+                       tls: TlsConfig | None = None) -> WorkerPool:
+        return cls([WorkerClient.connect(a, token, tls) for a in addresses], token=token, tls=tls)
 
     async def refresh(self) -> None:
         await asyncio.gather(*(w.refresh() for w in self.workers))
@@ -141,7 +144,7 @@ class WorkerPool:
         """A worker that registered itself; False if it was already known. It serves once it answers Info."""
         if any(w.address == address for w in self.workers):
             return False
-        worker = WorkerClient.connect(address, self.token)
+        worker = WorkerClient.connect(address, self.token, self.tls)
         worker.registered = registered
         self.workers.append(worker)
         if await worker.refresh():

@@ -19,6 +19,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from quickdraft.proto.tls import TlsConfig, TlsConfigError
 from quickdraft.settings import Settings, load_settings
 
 app = typer.Typer(
@@ -31,6 +32,14 @@ console = Console(stderr=True)
 ConfigOpt = Annotated[
     str | None, typer.Option("--config", help="TOML settings file (environment variables QUICKDRAFT_* override it)")
 ]
+
+
+def _tls(s: Settings) -> TlsConfig:
+    """The TLS settings, their files read now: a bad one stops the command before anything starts."""
+    try:
+        return s.tls.check()
+    except TlsConfigError as exc:
+        raise typer.BadParameter(str(exc), param_hint="TLS settings") from exc
 
 
 def _logging(s: Settings) -> None:
@@ -135,6 +144,7 @@ def worker(
     if s.register_with and not s.advertise and is_unspecified(s.host):
         raise typer.BadParameter(f"--register with --host {s.host} needs --advertise HOST:PORT: the address the "
                                  "proxy reaches this worker on")
+    tls = _tls(s)
     import torch
 
     from quickdraft.verifiers.model_loader import load_model
@@ -163,7 +173,7 @@ def worker(
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve_worker(runtime, s.host, s.worker_port, register_with=s.register_with,
                                  advertise=s.advertise, max_batch=s.max_batch, max_batch_tokens=s.max_batch_tokens,
-                                 max_queue=s.max_queue, registration_token=s.registration_token))
+                                 max_queue=s.max_queue, registration_token=s.registration_token, tls=tls))
 
 
 # -- proxy -----------------------------------------------------------------------
@@ -182,17 +192,24 @@ def serve(
     s = load_settings(config, workers=worker_addr or None, grpc_port=grpc_port, http_port=http_port, host=host,
                       redis_url=redis_url)
     _logging(s)
+    _tls(s)
     from quickdraft.proxy.server import serve_proxy
 
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve_proxy(s))
 
 
-def _spawn_worker(s: Settings, model: str, port: int, config: str | None) -> subprocess.Popen:
+TLS_ENV = ("QUICKDRAFT_TLS_CERT_FILE", "QUICKDRAFT_TLS_KEY_FILE", "QUICKDRAFT_TLS_CA_FILE",
+           "QUICKDRAFT_TLS_CLIENT_CA_FILE")
+
+
+def _spawn_worker(s: Settings, model: str, port: int, config: str | None, tls: bool) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "quickdraft", "worker", "--model", model, "--port", str(port), "--host", s.host]
     if config:
         cmd += ["--config", config]
-    return subprocess.Popen(cmd, start_new_session=True, preexec_fn=_die_with_parent)
+    # Blank variables override the config file's TLS settings too.
+    env = None if tls else os.environ | dict.fromkeys(TLS_ENV, "")
+    return subprocess.Popen(cmd, start_new_session=True, preexec_fn=_die_with_parent, env=env)
 
 
 def _stop(procs: list[subprocess.Popen]) -> None:
@@ -222,15 +239,19 @@ def up(
     _terminate_on_sigterm()
     s = load_settings(config, grpc_port=grpc_port, http_port=http_port, host=host, redis_url=redis_url)
     _logging(s)
+    tls = _tls(s)
+    # The workers speak TLS only where the proxy can check their certificate (it names roots to trust);
+    # with a certificate alone, the proxy serves clients over TLS and calls its own workers in plaintext.
+    workers_tls = tls.serves and tls.calls_securely
     models = model or s.up_models
     procs: list[subprocess.Popen] = []
     addresses = []
     try:
         for name in models:
             port = free_port(s.host)
-            procs.append(_spawn_worker(s, name, port, config))
+            procs.append(_spawn_worker(s, name, port, config, workers_tls))
             addresses.append(f"{s.host}:{port}")
-        s = s.model_copy(update={"workers": addresses})
+        s = s.model_copy(update={"workers": addresses, **({} if workers_tls else {"tls_ca_file": None})})
         from quickdraft.proxy.server import serve_proxy
 
         with contextlib.suppress(KeyboardInterrupt):
@@ -289,7 +310,8 @@ def replay(
     paths: Annotated[list[pathlib.Path], typer.Argument(
         help="trajectories: .traj.json (mini-swe-agent) or .traj (SWE-agent) files, or folders of them")],
     oracle: Annotated[bool, typer.Option("--oracle", help="draft against the recorded responses, no model")] = False,
-    proxy: Annotated[str, typer.Option(help="HOST:PORT of a running proxy (live replay)")] = None,
+    proxy: Annotated[str, typer.Option(
+        help="HOST:PORT of a running proxy (live replay; TLS where the tls_ca_file setting names roots)")] = None,
     drafter: Annotated[str, typer.Option(
         help="suffix, stand, aded, pld or hybrid (oracle default: suffix; live: the proxy's default, hybrid); "
              "oracle: several, comma-separated, are "
@@ -352,7 +374,8 @@ def replay(
         from quickdraft.bench.live_replay import replay_live
 
         figures = replay_live(paths, proxy, max_calls=max_calls, max_new_tokens=max_new_tokens, model=model,
-                              drafter=drafter, tokenizer_name=tokenizer, redis_url=redis_url).to_dict()
+                              drafter=drafter, tokenizer_name=tokenizer, redis_url=redis_url,
+                              tls=_tls(load_settings())).to_dict()
         if plot:
             from quickdraft.bench.plots import plot_live
 
@@ -446,7 +469,7 @@ def bench(
 
         result = run_load(paths or [default_traces_dir()], proxy=proxy, levels=levels, duration_s=duration_s,
                           max_new_tokens=max_new_tokens, max_message_chars=max_message_chars,
-                          context_cap=context_cap, tokenizer=model)
+                          context_cap=context_cap, tokenizer=model, tls=_tls(load_settings()))
         table = Table("sessions", "tok/s spec", "tok/s plain", "speedup", "TTFT p50/p95 ms", "TPOT p50/p95 ms",
                       "failed")
         for lv in result["levels"]:
@@ -682,13 +705,16 @@ def _fmt(value) -> str:
     return f"{value:.3f}" if isinstance(value, int | float) else "—"
 
 
-def wait_serving(address: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
-    """Block until the gRPC health service at ``address`` reports SERVING."""
+def wait_serving(address: str, timeout: float, proc: subprocess.Popen | None = None,
+                 tls: TlsConfig | None = None) -> None:
+    """Block until the gRPC health service at ``address`` reports SERVING (asked over TLS where ``tls`` says)."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    from quickdraft.proto.tls import sync_channel
+
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
+    with sync_channel(address, tls) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if proc is not None and proc.poll() is not None:

@@ -6,10 +6,9 @@ import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 
-import grpc
-
 from quickdraft.proto import quickdraft_pb2 as pb
 from quickdraft.proto import quickdraft_pb2_grpc as pb_grpc
+from quickdraft.proto.tls import TlsConfig, aio_channel, sync_channel
 
 
 @dataclass(slots=True)
@@ -84,10 +83,14 @@ class _Collector:
 
 
 class QuickDraftClient:
-    """Synchronous client. ``generate`` streams under the hood so it can time the first token."""
+    """Synchronous client. ``generate`` streams under the hood so it can time the first token.
 
-    def __init__(self, address: str = "127.0.0.1:50051", api_key: str | None = None) -> None:
-        self.channel = grpc.insecure_channel(address)
+    ``tls``: for a proxy that serves TLS, e.g. ``TlsConfig(ca_file="ca.pem")`` (``"system"``: the system's
+    roots), with ``cert_file`` and ``key_file`` where it asks for a client certificate."""
+
+    def __init__(self, address: str = "127.0.0.1:50051", api_key: str | None = None,
+                 tls: TlsConfig | None = None) -> None:
+        self.channel = sync_channel(address, tls)
         self.stub = pb_grpc.DecodeProxyStub(self.channel)
         self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
 
@@ -118,8 +121,9 @@ class QuickDraftClient:
 class AsyncQuickDraftClient:
     """The asyncio counterpart of ``QuickDraftClient`` (grpc.aio), for agents that run many calls at once."""
 
-    def __init__(self, address: str = "127.0.0.1:50051", api_key: str | None = None) -> None:
-        self.channel = grpc.aio.insecure_channel(address)
+    def __init__(self, address: str = "127.0.0.1:50051", api_key: str | None = None,
+                 tls: TlsConfig | None = None) -> None:
+        self.channel = aio_channel(address, tls)
         self.stub = pb_grpc.DecodeProxyStub(self.channel)
         self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
 

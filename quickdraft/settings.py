@@ -14,6 +14,8 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
+from quickdraft.proto.tls import TlsConfig
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="QUICKDRAFT_", extra="forbid")
@@ -104,6 +106,19 @@ class Settings(BaseSettings):
                     "when it registers, and a worker with one answers only callers that present it; none: any host "
                     "that reaches the proxy may register a worker, and any that reaches a worker may call it",
     )
+    # -- TLS (proxy, workers and clients alike) -------------------------------------
+    tls_cert_file: str | None = Field(
+        None, description="PEM certificate chain this process's ports serve (the proxy's gRPC and HTTP ports, a "
+                          "worker's port), also presented to peers that ask for a client certificate; none: its "
+                          "ports speak plaintext")
+    tls_key_file: str | None = Field(None, description="PEM private key of tls_cert_file")
+    tls_ca_file: str | None = Field(
+        None, description="PEM roots that certify the peers this process calls (a proxy its workers, a worker the "
+                          "proxies it registers with, the CLI the proxy), or 'system' for the system's roots; none: "
+                          "those calls are plaintext")
+    tls_client_ca_file: str | None = Field(
+        None, description="accept only callers whose client certificate these PEM roots sign (mutual TLS); none: "
+                          "any caller (tokens and API keys still apply)")
     oracle_traces: list[str] = Field(
         default_factory=list,
         description="trajectories whose recorded responses the worker emits instead of the model's choice",
@@ -124,6 +139,17 @@ class Settings(BaseSettings):
         if token and not all("!" <= ch <= "~" for ch in token):
             raise ValueError("registration_token must be printable ASCII without spaces")
         return token or None
+
+    @field_validator("tls_cert_file", "tls_key_file", "tls_ca_file", "tls_client_ca_file")
+    @classmethod
+    def _blank_is_none(cls, path: str | None) -> str | None:
+        # An empty environment variable turns a setting from the config file off.
+        return (path or "").strip() or None
+
+    @property
+    def tls(self) -> TlsConfig:
+        """The TLS settings, unchecked (``TlsConfig.check`` reads the files)."""
+        return TlsConfig(self.tls_cert_file, self.tls_key_file, self.tls_ca_file, self.tls_client_ca_file)
 
     @classmethod
     def settings_customise_sources(

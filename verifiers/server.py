@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from quickdraft.proto import quickdraft_pb2 as pb
 from quickdraft.proto import quickdraft_pb2_grpc as pb_grpc
 from quickdraft.proto.auth import bearer_metadata, presents
+from quickdraft.proto.tls import TlsConfig, add_port, aio_channel
 from quickdraft.verifiers.runtime import ModelRuntime, VerifyError, VerifyInput, VerifyOutput
 from quickdraft.verifiers.tree_verify import Sampling
 
@@ -226,14 +227,14 @@ class RequireToken(grpc.aio.ServerInterceptor):
 REGISTER_EVERY_S = 5.0
 
 
-async def _register(proxies: list[str], address: str, token: str | None = None) -> None:
+async def _register(proxies: list[str], address: str, token: str | None = None, tls: TlsConfig | None = None) -> None:
     """Announce this worker to each proxy, again and again: a restarted proxy finds it within seconds."""
     told: set[str] = set()
     metadata = (bearer_metadata(token),) if token else None
     while True:
         for proxy in proxies:
             try:
-                async with grpc.aio.insecure_channel(proxy) as channel:
+                async with aio_channel(proxy, tls) as channel:
                     await pb_grpc.WorkerRegistryStub(channel).Register(
                         pb.RegisterWorkerRequest(address=address), timeout=5, metadata=metadata)
                 if proxy not in told:
@@ -252,12 +253,13 @@ async def _register(proxies: list[str], address: str, token: str | None = None) 
 async def serve_worker(runtime: ModelRuntime, host: str, port: int, ready: asyncio.Event | None = None,
                        register_with: list[str] | None = None, advertise: str | None = None,
                        max_batch: int = 16, max_batch_tokens: int = 2048, max_queue: int = 256,
-                       registration_token: str | None = None) -> None:
+                       registration_token: str | None = None, tls: TlsConfig | None = None) -> None:
     """Serve until cancelled. Health turns SERVING once the model is loaded (it is, by now).
 
     With ``register_with``, the worker announces itself to those proxies as ``advertise``
     (default: the host and port it listens on), presenting ``registration_token`` if given; with
-    one, it also answers only callers that present it."""
+    one, it also answers only callers that present it. ``tls`` (checked) sets how the port is served and how
+    the proxies are called."""
     server = grpc.aio.server(options=server_options(),
                              interceptors=[RequireToken(registration_token)] if registration_token else None)
     pb_grpc.add_WorkerServicer_to_server(WorkerService(runtime, max_batch, max_batch_tokens, max_queue), server)
@@ -267,19 +269,20 @@ async def serve_worker(runtime: ModelRuntime, host: str, port: int, ready: async
         (pb.DESCRIPTOR.services_by_name["Worker"].full_name, reflection.SERVICE_NAME, "grpc.health.v1.Health"),
         server,
     )
-    bound = server.add_insecure_port(f"{host}:{port}")
+    bound = add_port(server, f"{host}:{port}", tls)
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port}")
     await server.start()
     for service in ("", WORKER_SERVICE):
         await health.set(service, health_pb2.HealthCheckResponse.SERVING)
-    log.info("worker %s serving on %s:%d", runtime.info().model, host, bound)
+    log.info("worker %s serving on %s:%d, %s", runtime.info().model, host, bound,
+             tls.scheme if tls is not None else "plaintext")
     if ready is not None:
         ready.set()
     registering = None
     if register_with:
         registering = asyncio.create_task(_register(register_with, advertise or f"{host}:{bound}",
-                                                     registration_token))
+                                                     registration_token, tls))
     try:
         await server.wait_for_termination()
     finally:
