@@ -2,6 +2,8 @@
 compute what the masked attention computes, on random tensors and on the real models
 (Gemma 3's sliding-window layers read only the keys their window reaches)."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -53,3 +55,101 @@ def test_chunked_prefill_on_the_real_model_matches_the_masked_path(name):
     last = {fast: prefill(model, ids, 256, two_pass=fast)[1] for fast in (False, True)}
     assert torch.allclose(last[True], last[False], atol=1e-3, rtol=1e-4)
     assert last[True].argmax() == last[False].argmax()
+
+
+# -- the bf16 prefix kernel (CPUs with AVX-512 BF16) ----------------------------------------------
+from quickdraft.verifiers import attention as attention_module  # noqa: E402
+from quickdraft.verifiers import small_linear  # noqa: E402
+from quickdraft.verifiers.small_linear import _kernels  # noqa: E402
+
+BF16_PREFIX = _kernels.prefill_attention_bf16_supported()
+
+
+def _flash_prefix(query, key, value, n_rep, scale, dtype=torch.float32):
+    batch, heads, q_len, dim = query.shape
+    folded = query.reshape(batch, heads // n_rep, n_rep * q_len, dim).to(dtype)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        folded, key.to(dtype), value.to(dtype), 0.0, False, scale=scale)
+    return out.float().reshape(batch, heads, q_len, dim), lse.reshape(batch, heads, q_len)
+
+
+@pytest.mark.parametrize(("q_len", "k_len", "n_rep", "dim"),
+                         [(1, 1, 3, 64), (5, 15, 3, 64), (37, 129, 1, 64), (300, 1000, 3, 64), (33, 257, 4, 256)])
+def test_the_bf16_prefix_kernel_is_attention_at_bf16_precision(q_len, k_len, n_rep, dim):
+    torch.manual_seed(q_len + k_len)
+    kv_heads = 2
+    query = torch.randn(1, kv_heads * n_rep, q_len, dim)
+    # Views into a larger cache, as the model hands them over.
+    cache_k, cache_v = torch.randn(1, kv_heads, k_len + 50, dim), torch.randn(1, kv_heads, k_len + 50, dim)
+    key, value = cache_k[:, :, :k_len], cache_v[:, :, :k_len]
+    if not BF16_PREFIX:  # a CPU without AVX-512 BF16: a clear refusal (the model never asks here)
+        assert not attention_module.bf16_prefix_applies(query, key)
+        with pytest.raises(ValueError, match="AVX-512 BF16"):
+            attention_module.bf16_prefix_attention(query, key, value, None)
+        return
+    out, lse = attention_module.bf16_prefix_attention(query, key, value, None)
+    want, want_lse = _flash_prefix(query, key, value, n_rep, dim ** -0.5)
+    torch_bf16, _ = _flash_prefix(query, key, value, n_rep, dim ** -0.5, torch.bfloat16)
+    # As close to fp32 attention as torch's own bf16 attention is (inputs rounded to bf16, fp32 sums).
+    assert (out - want).abs().max() <= max(2 * (torch_bf16 - want).abs().max(), 1e-3)
+    assert torch.allclose(lse, want_lse, atol=2e-2)
+    # Threads split rows and keys' packing only: any count gives the same result.
+    for threads in (1, 3):
+        with _threads(threads):
+            again, again_lse = attention_module.bf16_prefix_attention(query, key, value, None)
+        assert torch.equal(again, out) and torch.equal(again_lse, lse)
+
+
+@contextlib.contextmanager
+def _threads(n):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_a_bf16_prefill_chunk_takes_the_prefix_kernel_where_it_runs(monkeypatch):
+    torch.manual_seed(3)
+    query = torch.randn(1, 9, 40, 64)
+    key, value = torch.randn(1, 3, 240, 64), torch.randn(1, 3, 240, 64)
+    calls = []
+    real = attention_module.bf16_prefix_attention
+    monkeypatch.setattr(attention_module, "bf16_prefix_attention", lambda *a: calls.append(1) or real(*a))
+    with small_linear.prefill_precision(torch.bfloat16):
+        got = causal_chunk_attention(query, key, value, 3, None)
+    want = masked_reference(query, key, value, 3, None)
+    assert got.dtype == torch.float32
+    assert torch.allclose(got, want, atol=3e-2)
+    # AMX CPUs run all of it through torch in bf16; AVX-512 BF16 ones the prefix through the kernel.
+    assert len(calls) == (1 if BF16_PREFIX and not small_linear.fast_bf16_cpu() else 0)
+    with small_linear.prefill_precision(None):
+        assert torch.allclose(causal_chunk_attention(query, key, value, 3, None), want, atol=1e-5)
+    assert len(calls) == (1 if BF16_PREFIX and not small_linear.fast_bf16_cpu() else 0)
+
+
+@pytest.mark.model
+def test_bf16_prefill_on_the_real_model_stays_close_to_fp32():
+    from quickdraft.bench.prefill_cost import prefill
+    from quickdraft.verifiers.model_loader import load_model
+
+    model = load_model("smollm2-135m", decode_dtype="float32").model
+    ids = torch.randint(100, 40000, (1, 1300), generator=torch.Generator().manual_seed(11))
+    _, fp32 = prefill(model, ids, 256, two_pass=True)
+    _, bf16 = prefill(model, ids, 256, two_pass=True, lowp=torch.bfloat16)
+    # bf16 linear layers and attention: the same next token, logits within bf16's reach.
+    assert bf16.argmax() == fp32.argmax()
+    assert (bf16 - fp32).abs().max() < 0.5
+
+
+def test_the_prefix_kernel_benchmark_reports_time_and_difference_per_shape():
+    from quickdraft.bench.prefill_attention_kernel import measure
+
+    if not BF16_PREFIX:
+        with pytest.raises(SystemExit, match="AVX-512 BF16"):
+            measure([(8, 100)], repeats=1)
+        return
+    point, = measure([(8, 100)], repeats=1)["points"]
+    assert point["kernel_ms"] > 0 and point["flash_fp32_max_diff"] == 0
+    assert point["kernel_max_diff"] < 2e-2 and point["kernel_vs_flash_fp32"] > 0

@@ -27,6 +27,7 @@
 #include "csrc/attention.h"
 #include "csrc/attention_amx.h"
 #include "csrc/bf16_linear_avx512.h"
+#include "csrc/prefill_attention_bf16.h"
 #include "csrc/reduce.h"
 
 #include <algorithm>
@@ -463,6 +464,49 @@ void attention(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t mask, uintptr_t 
   }
 }
 
+// ---------------------------------------------------------------- prefill attention in bf16
+bool prefill_attention_bf16_supported() {
+  static const bool avx = qd_bf16v::supported();
+  return avx;
+}
+
+void prefill_attention_bf16(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, int64_t H,
+                            int64_t Hkv, int64_t Lq, int64_t Lk, int64_t D, int64_t k_head, int64_t k_tok,
+                            int64_t v_head, int64_t v_tok, float scale, int threads) {
+  if (!prefill_attention_bf16_supported()) throw std::invalid_argument("this CPU has no AVX-512 BF16 instructions");
+  if (H <= 0 || Hkv <= 0 || H % Hkv != 0) throw std::invalid_argument("query heads must be a multiple of kv heads");
+  if (D <= 0 || D % 64 != 0) throw std::invalid_argument("head dimension must be a multiple of 64");
+  if (Lq <= 0 || Lk <= 0) throw std::invalid_argument("no queries or no keys");
+#ifdef QD_AVX512_BF16
+  using qd_prefill::KC, qd_prefill::RB;
+  const qd_prefill::Problem a{reinterpret_cast<const float*>(q), reinterpret_cast<const float*>(k),
+                  reinterpret_cast<const float*>(v), reinterpret_cast<float*>(out), reinterpret_cast<float*>(lse),
+                  H, Hkv, Lq, Lk, D, k_head, k_tok, v_head, v_tok, scale};
+  py::gil_scoped_release release;
+  const int64_t keys = qd_prefill::padded_keys(Lk), per_head = keys * D / 2, chunks = keys / KC;
+  std::vector<uint32_t> kp(static_cast<size_t>(Hkv * per_head)), vp(static_cast<size_t>(Hkv * per_head));
+  const int64_t rows_per_head = H / Hkv * Lq, blocks = (rows_per_head + RB - 1) / RB;
+  threads = std::max(1, threads);
+#pragma omp parallel num_threads(threads)
+  {
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < Hkv * chunks; ++item) {
+      const int64_t g = item / chunks, j0 = item % chunks * KC;
+      qd_prefill::pack_keys(a, g, j0, j0 + KC, kp.data() + g * per_head);
+      qd_prefill::pack_values(a, g, j0 / 2, (j0 + KC) / 2, vp.data() + g * per_head);
+    }
+    qd_prefill::Scratch scratch;
+    scratch.fit(D);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < Hkv * blocks; ++item) {
+      const int64_t g = item / blocks, r0 = item % blocks * RB;
+      qd_prefill::rows(a, g, r0, std::min(r0 + RB, rows_per_head), kp.data() + g * per_head, vp.data() + g * per_head,
+           scratch);
+    }
+  }
+#endif
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_kernels, m) {
@@ -493,6 +537,14 @@ PYBIND11_MODULE(_kernels, m) {
         "the attention kernel this CPU runs by default (the linear kernel's: isa())");
   m.def("amx_attention_supported", [] { return qd_attention::amx_attention_supported(); },
         "whether attention(isa='amx') runs here (bf16 tiles; not bitwise the fp32 kernels)");
+  m.def("prefill_attention_bf16", &prefill_attention_bf16, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
+        py::arg("lse"), py::arg("heads"), py::arg("kv_heads"), py::arg("q_len"), py::arg("k_len"),
+        py::arg("head_dim"), py::arg("k_head_stride"), py::arg("k_token_stride"), py::arg("v_head_stride"),
+        py::arg("v_token_stride"), py::arg("scale"), py::arg("threads") = 1,
+        "softmax(q k^T * scale) v over every key, products in bf16 (AVX-512 BF16), for a prefill chunk's "
+        "cached prefix; q and out [heads, q_len, head_dim], lse [heads, q_len] contiguous fp32");
+  m.def("prefill_attention_bf16_supported", &prefill_attention_bf16_supported,
+        "whether prefill_attention_bf16 runs here (AVX-512 BF16)");
   m.def("supported_isas", [] {
     py::list out;
     for (int i = 0; i < ISA_COUNT; ++i)

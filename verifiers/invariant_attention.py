@@ -36,6 +36,18 @@ def applies(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None, d
             and query.device.type == "cpu" and query.shape[0] == 1 and query.shape[-1] % 64 == 0)
 
 
+def kernel_operands(query: torch.Tensor, key: torch.Tensor,
+                    value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the C++ attention kernels read: the one sequence's queries contiguous, and keys and values
+    whose dimensions are contiguous (a view into the KV cache stays a view)."""
+    q = query[0].contiguous()
+    if key.stride(-1) != 1:
+        key = key.contiguous()
+    if value.stride(-1) != 1:
+        value = value.contiguous()
+    return q, key, value
+
+
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
               scale: float | None, out: torch.Tensor | None = None) -> torch.Tensor:
     """softmax(q kᵀ · scale, masked) v for query [1, heads, q_len, dim] over key/value [1, kv_heads, k_len, dim]
@@ -43,11 +55,7 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask:
     (written into ``out`` when given)."""
     _, heads, q_len, dim = query.shape
     kv_heads, k_len = key.shape[1], key.shape[2]
-    q = query[0].contiguous()
-    if key.stride(-1) != 1:
-        key = key.contiguous()
-    if value.stride(-1) != 1:
-        value = value.contiguous()
+    q, key, value = kernel_operands(query, key, value)
     rows = mask[0, 0]
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
