@@ -43,7 +43,16 @@ def _point(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, repeats: int) -> d
 
 def measure(shapes: list[tuple[int, int]], heads: int = 9, kv_heads: int = 3, dim: int = 64, threads: int = 2,
             repeats: int = 7) -> dict:
+    before = torch.get_num_threads()
     torch.set_num_threads(threads)
+    try:
+        return _measure(shapes, heads, kv_heads, dim, threads, repeats)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _measure(shapes: list[tuple[int, int]], heads: int, kv_heads: int, dim: int, threads: int,
+             repeats: int) -> dict:
     torch.manual_seed(0)
     out = {"threads": threads, "heads": heads, "kv_heads": kv_heads, "dim": dim, "points": []}
     for q_len, k_len in shapes:

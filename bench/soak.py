@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import pathlib
+import ssl
 import statistics
 import time
 from collections.abc import Sequence
@@ -26,6 +27,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from quickdraft.bench.load import _run_mode, _summary, conversations
+from quickdraft.proto.tls import SYSTEM, TlsConfig
 
 FLAT_FRACTION = 0.05
 FLAT_FLOOR_BYTES = 64 * 2**20
@@ -68,9 +70,20 @@ def flatness(values: list[float]) -> dict:
             "growth_mb": round(growth / 2**20, 1), "flat": growth <= allowed}
 
 
+def _https_context(tls: TlsConfig | None) -> ssl.SSLContext | bool:
+    """How the metrics endpoint's certificate is checked: by the roots the TLS settings name, presenting
+    their certificate (the proxy's HTTPS port asks the same callers as its gRPC port)."""
+    if tls is None or not tls.calls_securely:
+        return True
+    context = ssl.create_default_context(cafile=None if tls.ca_file == SYSTEM else tls.ca_file)
+    if tls.cert_file and tls.key_file:
+        context.load_cert_chain(tls.cert_file, tls.key_file)
+    return context
+
+
 async def _sample(url: str, started: float, every_s: float, out: list[Sample], stop: asyncio.Event,
-                  report) -> None:
-    async with httpx.AsyncClient(timeout=10) as http:
+                  report, tls: TlsConfig | None = None) -> None:
+    async with httpx.AsyncClient(timeout=10, verify=_https_context(tls)) as http:
         while not stop.is_set():
             try:
                 reply = await http.get(url)
@@ -86,12 +99,13 @@ async def _sample(url: str, started: float, every_s: float, out: list[Sample], s
 
 
 async def _soak(proxy: str, metrics_url: str, convs: list, sessions: int, duration_s: float, sample_s: float,
-                max_new_tokens: int, report) -> tuple[dict, list[Sample]]:
+                max_new_tokens: int, report, tls: TlsConfig | None = None) -> tuple[dict, list[Sample]]:
     samples: list[Sample] = []
     stop = asyncio.Event()
     started = time.perf_counter()
-    sampler = asyncio.create_task(_sample(metrics_url, started, sample_s, samples, stop, report))
-    run = await _run_mode(proxy, convs, sessions, duration_s, True, max_new_tokens, f"soak-{int(time.time())}")
+    sampler = asyncio.create_task(_sample(metrics_url, started, sample_s, samples, stop, report, tls))
+    run = await _run_mode(proxy, convs, sessions, duration_s, True, max_new_tokens, f"soak-{int(time.time())}",
+                          tls)
     stop.set()
     await sampler
     return _summary(run), samples
@@ -100,7 +114,7 @@ async def _soak(proxy: str, metrics_url: str, convs: list, sessions: int, durati
 def run_soak(paths: Sequence[str | pathlib.Path], proxy: str, metrics_url: str, sessions: int = 64,
              duration_s: float = 600.0, sample_s: float = 10.0, max_new_tokens: int = 64,
              max_message_chars: int = 1500, context_cap: int = 2048, tokenizer: str = "smollm2-135m",
-             progress: bool = True) -> dict:
+             progress: bool = True, tls: TlsConfig | None = None) -> dict:
     from rich.console import Console
 
     console = Console(stderr=True, quiet=not progress)
@@ -117,7 +131,7 @@ def run_soak(paths: Sequence[str | pathlib.Path], proxy: str, metrics_url: str, 
 
     console.print(f"soak: {sessions} sessions for {duration_s:g} s against {proxy}; memory from {metrics_url}")
     summary, samples = asyncio.run(_soak(proxy, metrics_url, convs, sessions, duration_s, sample_s,
-                                         max_new_tokens, report))
+                                         max_new_tokens, report, tls))
     memory = {"proxy": flatness([s.proxy_rss for s in samples])}
     for address in sorted({a for s in samples for a in s.workers}):
         seen = [s.workers[address] for s in samples if address in s.workers]

@@ -51,7 +51,8 @@ class TlsConfig:
     ca_file: str | None = None
     client_ca_file: str | None = None
     # The files' bytes, read once by check(); gRPC takes PEM as bytes, not paths.
-    _pem: dict[str, bytes] = field(default_factory=dict, compare=False, repr=False)
+    # Not an init field: dataclasses.replace() gives a new config its own, empty cache.
+    _pem: dict[str, bytes] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     @property
     def serves(self) -> bool:
@@ -76,10 +77,13 @@ class TlsConfig:
             pem["cert"] = _read(self.cert_file, "tls_cert_file")
             pem["key"] = _read(self.key_file, "tls_key_file")
             try:  # the standard library tells a key that does not belong to its certificate at once
-                ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(self.cert_file, self.key_file)
+                # (An empty password: an encrypted key fails here instead of prompting on a terminal.)
+                ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(self.cert_file, self.key_file,
+                                                                        password=lambda: b"")
             except ssl.SSLError as exc:
                 raise TlsConfigError(f"tls_key_file {self.key_file!r} is not the private key of tls_cert_file "
-                                     f"{self.cert_file!r} (or one of them is damaged): {exc.reason or exc}") from exc
+                                     f"{self.cert_file!r}, is encrypted (give an unencrypted PEM key), or one of "
+                                     f"them is damaged: {exc.reason or exc}") from exc
         for key, path, setting in (("ca", self.ca_file, "tls_ca_file"),
                                    ("client_ca", self.client_ca_file, "tls_client_ca_file")):
             if not path or path == SYSTEM and key == "ca":
@@ -90,8 +94,7 @@ class TlsConfig:
             except ssl.SSLError as exc:
                 raise TlsConfigError(f"{setting}: {path!r} holds no usable certificate: {exc.reason or exc}") \
                     from exc
-        self._pem.clear()
-        self._pem.update(pem)
+        self._pem.update(pem)  # the same keys for the same config: never seen half-empty
         return self
 
     def _loaded(self) -> dict[str, bytes]:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+from collections.abc import Collection
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -17,7 +18,7 @@ from quickdraft.proto import quickdraft_pb2_grpc as pb_grpc
 from quickdraft.proto.auth import presents
 from quickdraft.proto.tls import add_port
 from quickdraft.proxy.service import DecodeProxyService, add_to_server
-from quickdraft.proxy.worker_pool import WorkerPool, is_unspecified
+from quickdraft.proxy.worker_pool import WorkerPool, is_loopback, is_unspecified
 from quickdraft.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -116,10 +117,13 @@ class WorkerRegistryService(pb_grpc.WorkerRegistryServicer):
         return pb.RegisterWorkerResponse(added=await self.pool.add(address, registered=True))
 
 
-async def serve_proxy(settings: Settings, ready: asyncio.Event | None = None) -> None:
-    """Serve until cancelled."""
+async def serve_proxy(settings: Settings, ready: asyncio.Event | None = None,
+                      plaintext_workers: Collection[str] = ()) -> None:
+    """Serve until cancelled. ``plaintext_workers``: configured workers called without TLS whatever the
+    settings say (``quickdraft up``'s own children on loopback)."""
     tls = settings.tls.check()
-    pool = WorkerPool.from_addresses(settings.workers, token=settings.registration_token, tls=tls)
+    pool = WorkerPool.from_addresses(settings.workers, token=settings.registration_token, tls=tls,
+                                     plaintext=plaintext_workers)
     service = DecodeProxyService(settings, pool)
     server = grpc.aio.server(
         options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
@@ -146,6 +150,11 @@ async def serve_proxy(settings: Settings, ready: asyncio.Event | None = None) ->
     if not tls.serves and settings.host not in LOOPBACK_HOSTS:
         log.warning("%s speaks plaintext: API keys and prompts cross the network readable; set tls_cert_file and "
                     "tls_key_file", address)
+    remote = [w for w in settings.workers if w not in plaintext_workers and not is_loopback(w)]
+    if tls.serves and not tls.calls_securely and (remote or settings.host not in LOOPBACK_HOSTS):
+        log.warning("clients reach this proxy over TLS, but it calls its workers (%s) in plaintext: set "
+                    "tls_ca_file to the roots of the workers' certificates",
+                    ", ".join(remote) or "any that register")
     if not settings.registration_token and settings.host not in LOOPBACK_HOSTS:
         log.warning("worker registration is open to any host that reaches %s: a registered worker sees "
                     "tenants' prompts; set registration_token on the proxy and its workers", address)

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import logging
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import grpc
@@ -35,6 +36,11 @@ CHANNEL_OPTIONS = [
 def is_unspecified(host: str) -> bool:
     """A host that names where a server listens (every interface), not where it can be reached."""
     return host.strip("[]") in UNSPECIFIED_HOSTS
+
+
+def is_loopback(address: str) -> bool:
+    """Whether HOST:PORT names this machine's loopback interface."""
+    return address.rpartition(":")[0].strip("[]") in ("127.0.0.1", "localhost", "::1")
 
 
 @dataclass(slots=True)
@@ -126,9 +132,11 @@ class WorkerPool:
     tls: TlsConfig | None = None  # how workers are called (plaintext without)
 
     @classmethod
-    def from_addresses(cls, addresses: list[str], token: str | None = None,
-                       tls: TlsConfig | None = None) -> WorkerPool:
-        return cls([WorkerClient.connect(a, token, tls) for a in addresses], token=token, tls=tls)
+    def from_addresses(cls, addresses: list[str], token: str | None = None, tls: TlsConfig | None = None,
+                       plaintext: Collection[str] = ()) -> WorkerPool:
+        """The pool of configured workers; those in ``plaintext`` are called without TLS."""
+        return cls([WorkerClient.connect(a, token, None if a in plaintext else tls) for a in addresses],
+                   token=token, tls=tls)
 
     async def refresh(self) -> None:
         await asyncio.gather(*(w.refresh() for w in self.workers))

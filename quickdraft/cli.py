@@ -199,17 +199,23 @@ def serve(
         asyncio.run(serve_proxy(s))
 
 
+LOOPBACK = "127.0.0.1"
 TLS_ENV = ("QUICKDRAFT_TLS_CERT_FILE", "QUICKDRAFT_TLS_KEY_FILE", "QUICKDRAFT_TLS_CA_FILE",
            "QUICKDRAFT_TLS_CLIENT_CA_FILE")
 
 
-def _spawn_worker(s: Settings, model: str, port: int, config: str | None, tls: bool) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "quickdraft", "worker", "--model", model, "--port", str(port), "--host", s.host]
+def _without_tls() -> dict[str, str]:
+    """The environment with TLS turned off (blank variables override a config file's settings too)."""
+    return os.environ | dict.fromkeys(TLS_ENV, "")
+
+
+def _spawn_worker(model: str, port: int, config: str | None) -> subprocess.Popen:
+    # `up`'s workers are its children and only its proxy calls them: they listen on loopback, in
+    # plaintext (TLS would protect nothing there and would need a certificate naming 127.0.0.1).
+    cmd = [sys.executable, "-m", "quickdraft", "worker", "--model", model, "--port", str(port), "--host", LOOPBACK]
     if config:
         cmd += ["--config", config]
-    # Blank variables override the config file's TLS settings too.
-    env = None if tls else os.environ | dict.fromkeys(TLS_ENV, "")
-    return subprocess.Popen(cmd, start_new_session=True, preexec_fn=_die_with_parent, env=env)
+    return subprocess.Popen(cmd, start_new_session=True, preexec_fn=_die_with_parent, env=_without_tls())
 
 
 def _stop(procs: list[subprocess.Popen]) -> None:
@@ -239,23 +245,20 @@ def up(
     _terminate_on_sigterm()
     s = load_settings(config, grpc_port=grpc_port, http_port=http_port, host=host, redis_url=redis_url)
     _logging(s)
-    tls = _tls(s)
-    # The workers speak TLS only where the proxy can check their certificate (it names roots to trust);
-    # with a certificate alone, the proxy serves clients over TLS and calls its own workers in plaintext.
-    workers_tls = tls.serves and tls.calls_securely
+    _tls(s)
     models = model or s.up_models
     procs: list[subprocess.Popen] = []
     addresses = []
     try:
         for name in models:
-            port = free_port(s.host)
-            procs.append(_spawn_worker(s, name, port, config, workers_tls))
-            addresses.append(f"{s.host}:{port}")
-        s = s.model_copy(update={"workers": addresses, **({} if workers_tls else {"tls_ca_file": None})})
+            port = free_port(LOOPBACK)
+            procs.append(_spawn_worker(name, port, config))
+            addresses.append(f"{LOOPBACK}:{port}")
+        s = s.model_copy(update={"workers": addresses})
         from quickdraft.proxy.server import serve_proxy
 
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(serve_proxy(s))
+            asyncio.run(serve_proxy(s, plaintext_workers=addresses))
     finally:
         _stop(procs)
 
@@ -448,10 +451,12 @@ def bench(
         from quickdraft.bench.soak import run_soak
         from quickdraft.bench.traces import default_traces_dir
 
-        url = metrics_url or f"http://{proxy.rsplit(':', 1)[0]}:8000/metrics"
+        tls = _tls(load_settings())
+        scheme = "https" if tls.calls_securely else "http"
+        url = metrics_url or f"{scheme}://{proxy.rsplit(':', 1)[0]}:8000/metrics"
         result = run_soak(paths or [default_traces_dir()], proxy=proxy, metrics_url=url, sessions=max(levels),
                           duration_s=duration_s, sample_s=sample_s, max_new_tokens=max_new_tokens,
-                          max_message_chars=max_message_chars, context_cap=context_cap, tokenizer=model)
+                          max_message_chars=max_message_chars, context_cap=context_cap, tokenizer=model, tls=tls)
         table = Table("memory", "samples", "MB after warm-up", "MB at the end", "peak MB", "growth MB", "flat")
         for proc_name, m in result["memory"].items():
             if m["flat"] is not None:
@@ -609,9 +614,10 @@ def demo(
     _quiet_transformers()
     port = free_port()
     _terminate_on_sigterm()
+    # A stack of its own on loopback: plaintext, whatever TLS the settings name.
     proc = subprocess.Popen([sys.executable, "-m", "quickdraft", "up", "--grpc-port", str(port),
-                             "--http-port", str(free_port())],
-                            start_new_session=True, preexec_fn=_die_with_parent)
+                             "--http-port", str(free_port()), "--host", LOOPBACK],
+                            start_new_session=True, preexec_fn=_die_with_parent, env=_without_tls())
     address = f"127.0.0.1:{port}"
     try:
         console.print(f"[bold]starting the stack on {address}[/] (the first start converts the model)")

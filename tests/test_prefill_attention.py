@@ -62,7 +62,7 @@ from quickdraft.verifiers import attention as attention_module  # noqa: E402
 from quickdraft.verifiers import small_linear  # noqa: E402
 from quickdraft.verifiers.small_linear import _kernels  # noqa: E402
 
-BF16_PREFIX = _kernels.prefill_attention_bf16_supported()
+BF16_PREFIX = _kernels is not None and _kernels.prefill_attention_bf16_supported()
 
 
 def _flash_prefix(query, key, value, n_rep, scale, dtype=torch.float32):

@@ -280,6 +280,9 @@ async def serve_worker(runtime: ModelRuntime, host: str, port: int, ready: async
     if ready is not None:
         ready.set()
     registering = None
+    if register_with and tls is not None and tls.serves and not tls.calls_securely:
+        log.warning("this worker serves TLS but registers with %s in plaintext (the registration token "
+                    "crosses readable): set tls_ca_file to the proxies' roots", ", ".join(register_with))
     if register_with:
         registering = asyncio.create_task(_register(register_with, advertise or f"{host}:{bound}",
                                                      registration_token, tls))
