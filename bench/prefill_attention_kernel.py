@@ -60,7 +60,7 @@ def _measure(shapes: list[tuple[int, int]], heads: int, kv_heads: int, dim: int,
         # Views into a longer cache, as a model's layers hand them over.
         k = torch.randn(1, kv_heads, k_len + 256, dim)[:, :, :k_len]
         v = torch.randn(1, kv_heads, k_len + 256, dim)[:, :, :k_len]
-        if not bf16_prefix_applies(q, k):
+        if not bf16_prefix_applies(q, k, v):
             raise SystemExit("the bf16 prefix kernel does not run on this CPU (it needs AVX-512 BF16)")
         out["points"].append(_point(q, k, v, repeats))
     return out

@@ -98,7 +98,7 @@ class TlsConfig:
         return self
 
     def _loaded(self) -> dict[str, bytes]:
-        if not self._pem and (self.cert_file or self.ca_file not in (None, SYSTEM) or self.client_ca_file):
+        if not self._pem:  # (a config that names no file reads nothing: checking it again is free)
             self.check()
         return self._pem
 
@@ -122,9 +122,6 @@ class TlsConfig:
     def scheme(self) -> str:
         """How this process's ports are reached, for its log lines."""
         return "TLS" if self.serves else "plaintext"
-
-
-PLAINTEXT = TlsConfig()
 
 
 def add_port(server: grpc.Server | grpc.aio.Server, address: str, tls: TlsConfig | None) -> int:

@@ -23,7 +23,6 @@ from quickdraft.settings import Settings
 
 log = logging.getLogger(__name__)
 
-LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1", "[::1]")
 
 PROXY_SERVICE = "quickdraft.v1.DecodeProxy"
 # Reports whether the shared drafting state (Redis) is reachable; the proxy serves either way.
@@ -147,15 +146,16 @@ async def serve_proxy(settings: Settings, ready: asyncio.Event | None = None,
     log.info("proxy listening on %s, %s (workers: %s, called over %s)", address, tls.scheme,
              ", ".join(settings.workers) or "none yet; waiting for `quickdraft worker --register`",
              "TLS" if tls.calls_securely else "plaintext")
-    if not tls.serves and settings.host not in LOOPBACK_HOSTS:
+    local = is_loopback(settings.host)
+    if not tls.serves and not local:
         log.warning("%s speaks plaintext: API keys and prompts cross the network readable; set tls_cert_file and "
                     "tls_key_file", address)
-    remote = [w for w in settings.workers if w not in plaintext_workers and not is_loopback(w)]
-    if tls.serves and not tls.calls_securely and (remote or settings.host not in LOOPBACK_HOSTS):
+    remote = [w for w in settings.workers if w not in plaintext_workers and not is_loopback(w.rpartition(":")[0])]
+    if tls.serves and not tls.calls_securely and (remote or not local):
         log.warning("clients reach this proxy over TLS, but it calls its workers (%s) in plaintext: set "
                     "tls_ca_file to the roots of the workers' certificates",
                     ", ".join(remote) or "any that register")
-    if not settings.registration_token and settings.host not in LOOPBACK_HOSTS:
+    if not settings.registration_token and not local:
         log.warning("worker registration is open to any host that reaches %s: a registered worker sees "
                     "tenants' prompts; set registration_token on the proxy and its workers", address)
     await service.start()

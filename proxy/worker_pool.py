@@ -22,6 +22,7 @@ from quickdraft.proxy.goodput import Load, PassCost
 log = logging.getLogger(__name__)
 
 UNSPECIFIED_HOSTS = {"0.0.0.0", "::", ""}
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 # A worker that registered itself and then stops answering for this long is dropped (it registers
 # again every few seconds while it runs): an address that never answers must not hold health down.
@@ -38,9 +39,9 @@ def is_unspecified(host: str) -> bool:
     return host.strip("[]") in UNSPECIFIED_HOSTS
 
 
-def is_loopback(address: str) -> bool:
-    """Whether HOST:PORT names this machine's loopback interface."""
-    return address.rpartition(":")[0].strip("[]") in ("127.0.0.1", "localhost", "::1")
+def is_loopback(host: str) -> bool:
+    """Whether a host names this machine's loopback interface."""
+    return host.strip("[]") in LOOPBACK_HOSTS
 
 
 @dataclass(slots=True)

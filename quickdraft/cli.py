@@ -19,7 +19,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from quickdraft.proto.tls import TlsConfig, TlsConfigError
+from quickdraft.proto.tls import TlsConfig, TlsConfigError, sync_channel
 from quickdraft.settings import Settings, load_settings
 
 app = typer.Typer(
@@ -716,8 +716,6 @@ def wait_serving(address: str, timeout: float, proc: subprocess.Popen | None = N
     """Block until the gRPC health service at ``address`` reports SERVING (asked over TLS where ``tls`` says)."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    from quickdraft.proto.tls import sync_channel
 
     deadline = time.monotonic() + timeout
     with sync_channel(address, tls) as channel:

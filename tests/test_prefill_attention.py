@@ -83,7 +83,7 @@ def test_the_bf16_prefix_kernel_is_attention_at_bf16_precision(q_len, k_len, n_r
     cache_k, cache_v = torch.randn(1, kv_heads, k_len + 50, dim), torch.randn(1, kv_heads, k_len + 50, dim)
     key, value = cache_k[:, :, :k_len], cache_v[:, :, :k_len]
     if not BF16_PREFIX:  # a CPU without AVX-512 BF16: a clear refusal (the model never asks here)
-        assert not attention_module.bf16_prefix_applies(query, key)
+        assert not attention_module.bf16_prefix_applies(query, key, value)
         with pytest.raises(ValueError, match="AVX-512 BF16"):
             attention_module.bf16_prefix_attention(query, key, value, None)
         return

@@ -40,12 +40,12 @@ PLAN_KWARG = "qd_plan"
 CAUSAL_CHUNK_KWARG = "qd_causal_chunk"
 
 
-def bf16_prefix_applies(query: torch.Tensor, key: torch.Tensor) -> bool:
+def bf16_prefix_applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
     """Whether ``bf16_prefix_attention`` takes this call: fp32 CPU tensors of one sequence, a head
     dimension of a multiple of 64, and a CPU with AVX-512 BF16."""
     return (_BF16_PREFIX and query.device.type == "cpu" and query.dtype == torch.float32
-            and key.dtype == torch.float32 and key.device.type == "cpu" and query.shape[0] == 1
-            and query.shape[-1] % 64 == 0)
+            and key.dtype == torch.float32 and value.dtype == torch.float32 and key.device.type == "cpu"
+            and query.shape[0] == 1 and query.shape[-1] % 64 == 0)
 
 
 def bf16_prefix_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -85,8 +85,7 @@ def causal_chunk_attention(
             # Without AMX torch's bf16 flash attention is slower than its fp32 one (AVX-512 BF16, 300
             # new positions over 6,600 cached: 1.36 s against 0.97 s for 30 layers): the cached
             # prefix, most of the work, takes the vdpbf16ps kernel where it runs.
-            bf16_past = past > 0 and lowp == torch.bfloat16 and bf16_prefix_applies(query, key) \
-                and value.dtype == torch.float32
+            bf16_past = past > 0 and lowp == torch.bfloat16 and bf16_prefix_applies(query, key, value)
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     own_k, own_v = key[:, :, past:], value[:, :, past:]
     if n_rep > 1:  # the chunk's own block is small: expand its key/value heads rather than fold queries
