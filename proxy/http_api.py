@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import ssl
 import time
 import uuid
@@ -30,9 +31,11 @@ from starlette.exceptions import HTTPException
 
 from quickdraft.proto import quickdraft_pb2 as pb
 from quickdraft.proto.messages import tool_call_text
-from quickdraft.proto.tls import TlsConfig
+from quickdraft.proto.tls import RECHECK_S, TlsConfig
 from quickdraft.proxy.errors import InvalidRequest, Overloaded, ProxyError
 from quickdraft.proxy.service import DecodeProxyService
+
+log = logging.getLogger(__name__)
 
 STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: (400, "invalid_request_error"),
@@ -341,9 +344,39 @@ async def serve_http(service: DecodeProxyService, host: str, port: int, tls: Tls
     config = uvicorn.Config(build_app(service), host=host, port=port, log_level="warning", access_log=False,
                             lifespan="off", **https)
     server = EmbeddedServer(config)
+    following = None
+    if https:
+        config.load()  # its SSL context exists from here on, for new certificates to go into
+        following = asyncio.create_task(_follow_rotation(config.ssl, tls))
     try:
         await server.serve()
     except SystemExit as exc:  # uvicorn exits when it cannot bind
         raise OSError(f"cannot serve HTTP on {host}:{port} (in use?); set --http-port, or 0 to turn it off") \
             from exc
+    finally:
+        if following is not None:
+            following.cancel()
+
+
+async def _follow_rotation(context: ssl.SSLContext, tls: TlsConfig) -> None:
+    """Put rotated certificates into the HTTPS port's context: handshakes from then on serve them.
+
+    (New client roots join the old ones rather than replace them: dropping a root needs a restart.)"""
+    seen = tls.version
+    while True:
+        await asyncio.sleep(RECHECK_S)
+        version = tls.version  # (a look at the files, at most once a second; the new ones already checked)
+        if version == seen:
+            continue
+        seen = version
+        try:
+            # Into a scratch context first: a pair that fails half-way must not leave the live one with a
+            # new certificate beside the old key.
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(tls.cert_file, tls.key_file)
+            context.load_cert_chain(tls.cert_file, tls.key_file)
+            if tls.client_ca_file:
+                context.load_verify_locations(tls.client_ca_file)
+            log.info("HTTPS port: serving the changed TLS files")
+        except (OSError, ssl.SSLError) as exc:  # changed again since they were checked: the next look takes them
+            log.warning("HTTPS port: cannot take the changed TLS files yet: %s", exc)
 

@@ -27,6 +27,8 @@ LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 # A worker that registered itself and then stops answering for this long is dropped (it registers
 # again every few seconds while it runs): an address that never answers must not hold health down.
 REGISTERED_TTL_S = 60.0
+# How long a channel replaced after a TLS rotation stays open for the calls already on it.
+ROTATED_CHANNEL_GRACE_S = 60.0
 
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", 256 << 20),
@@ -85,12 +87,31 @@ class WorkerClient:
     memory: WorkerMemory | None = None                 # as of its last health check
     registered: bool = False       # joined by registering (not given to the proxy at start)
     answered_at: float = field(default_factory=time.monotonic)  # its last answer (or when it joined)
+    token: str | None = None       # presented on every call
+    tls: TlsConfig | None = None   # how it is called (None: plaintext)
+    tls_version: int = 0           # of the TLS files its channel was opened with
+
+    @staticmethod
+    def _open(address: str, token: str | None, tls: TlsConfig | None) -> grpc.aio.Channel:
+        return aio_channel(address, tls, options=CHANNEL_OPTIONS,
+                           interceptors=[_PresentToken(token)] if token else None)
 
     @classmethod
     def connect(cls, address: str, token: str | None = None, tls: TlsConfig | None = None) -> WorkerClient:
-        channel = aio_channel(address, tls, options=CHANNEL_OPTIONS,
-                              interceptors=[_PresentToken(token)] if token else None)
-        return cls(address, channel, pb_grpc.WorkerStub(channel))
+        channel = cls._open(address, token, tls)
+        return cls(address, channel, pb_grpc.WorkerStub(channel), token=token, tls=tls,
+                   tls_version=tls.version if tls is not None and tls.calls_securely else 0)
+
+    def reopen_if_rotated(self) -> grpc.aio.Channel | None:
+        """Once the TLS files changed on disk, calls from now on go through a new channel (the new client
+        certificate and roots); returns the old channel, for the caller to close when its calls are done."""
+        if self.tls is None or not self.tls.calls_securely or self.tls.version == self.tls_version:
+            return None
+        old, self.tls_version = self.channel, self.tls.version
+        self.channel = self._open(self.address, self.token, self.tls)
+        self.stub = pb_grpc.WorkerStub(self.channel)
+        log.info("worker %s: TLS files changed, calling it through a new channel", self.address)
+        return old
 
     async def refresh(self, timeout: float = 5.0) -> bool:
         try:
@@ -131,6 +152,8 @@ class WorkerPool:
     placement: dict[str, str] = field(default_factory=dict)
     token: str | None = None      # the registration token, presented on every call to a worker
     tls: TlsConfig | None = None  # how workers are called (plaintext without)
+    # Channels a TLS rotation replaced, each closing once its calls are done.
+    _retired: dict[grpc.aio.Channel, asyncio.Task] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_addresses(cls, addresses: list[str], token: str | None = None, tls: TlsConfig | None = None,
@@ -140,6 +163,10 @@ class WorkerPool:
                    token=token, tls=tls)
 
     async def refresh(self) -> None:
+        for w in self.workers:
+            old = w.reopen_if_rotated()
+            if old is not None:  # the calls still on it finish there (a step takes seconds at most)
+                self._retired[old] = asyncio.create_task(self._retire(old))
         await asyncio.gather(*(w.refresh() for w in self.workers))
         now = time.monotonic()
         for gone in [w for w in self.workers if w.registered and now - w.answered_at > REGISTERED_TTL_S]:
@@ -148,6 +175,12 @@ class WorkerPool:
             self.workers.remove(gone)
             self.mark_down(gone)
             await gone.channel.close()
+
+    async def _retire(self, channel: grpc.aio.Channel) -> None:
+        try:
+            await channel.close(grace=ROTATED_CHANNEL_GRACE_S)
+        finally:
+            self._retired.pop(channel, None)
 
     async def add(self, address: str, registered: bool = False) -> bool:
         """A worker that registered itself; False if it was already known. It serves once it answers Info."""
@@ -225,4 +258,5 @@ class WorkerPool:
                 del self.placement[key]
 
     async def close(self) -> None:
-        await asyncio.gather(*(w.channel.close() for w in self.workers), return_exceptions=True)
+        channels = [w.channel for w in self.workers] + list(self._retired)
+        await asyncio.gather(*(c.close() for c in channels), return_exceptions=True)

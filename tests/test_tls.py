@@ -3,8 +3,10 @@ other and to clients (gRPC and HTTPS), and plaintext or unknown callers turned a
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import ipaddress
+import os
 import pathlib
 import ssl
 from dataclasses import dataclass
@@ -160,16 +162,11 @@ async def test_mutual_tls_admits_only_callers_the_authority_certified(pki):
 
 
 async def _info_code(pool) -> grpc.StatusCode:
-    from quickdraft.proto import quickdraft_pb2 as pb
-
     worker, = pool.workers
     try:
-        await worker.stub.Info(pb.WorkerInfoRequest(), timeout=5)
-    except grpc.aio.AioRpcError as exc:
-        return exc.code()
+        return await _code(worker)
     finally:
         await worker.channel.close()
-    return grpc.StatusCode.OK
 
 
 async def test_the_workers_quickdraft_up_starts_are_called_in_plaintext_the_others_over_tls(pki):
@@ -185,6 +182,111 @@ async def test_the_workers_quickdraft_up_starts_are_called_in_plaintext_the_othe
         assert await _info_code(WorkerPool.from_addresses([address], tls=tls)) == grpc.StatusCode.UNAVAILABLE
     finally:
         await server.stop(None)
+
+
+# -- rotation without a restart ------------------------------------------------------------------
+def _install(source: Pki, live: pathlib.Path) -> None:
+    """Put source's certificate and key where a running process reads them, each by an atomic rename."""
+    for src, name in ((source.cert, "node.pem"), (source.key, "node.key")):
+        (live / f".{name}").write_bytes(pathlib.Path(src).read_bytes())
+        os.replace(live / f".{name}", live / name)
+
+
+@pytest.fixture
+def rotation(tmp_path, monkeypatch) -> tuple[Pki, Pki, pathlib.Path]:
+    """Two unrelated authorities with a certificate each; the first pair installed in a live folder; the
+    files looked at on every use (instead of once a second)."""
+    monkeypatch.setattr("quickdraft.proto.tls.RECHECK_S", 0.0)
+    (tmp_path / "old").mkdir()
+    (tmp_path / "new").mkdir()
+    old, new = make_pki(tmp_path / "old"), make_pki(tmp_path / "new")
+    live = tmp_path / "live"
+    live.mkdir()
+    _install(old, live)
+    return old, new, live
+
+
+async def test_a_port_serves_a_rotated_certificate_from_its_next_handshake(rotation, caplog):
+    old, new, live = rotation
+    server, address = await _health_server(TlsConfig(cert_file=str(live / "node.pem"), key_file=str(live / "node.key")))
+    try:
+        assert await _check(address, TlsConfig(ca_file=old.ca)) == grpc.StatusCode.OK
+        assert await _check(address, TlsConfig(ca_file=new.ca)) == grpc.StatusCode.UNAVAILABLE
+        # Half-way through a rotation (the new certificate beside the old key) the old pair stays in service.
+        (live / "node.pem").write_bytes(pathlib.Path(new.cert).read_bytes())
+        assert await _check(address, TlsConfig(ca_file=old.ca)) == grpc.StatusCode.OK
+        assert "cannot be used yet" in caplog.text and "tls_key_file" in caplog.text
+        _install(new, live)
+        assert await _check(address, TlsConfig(ca_file=new.ca)) == grpc.StatusCode.OK
+        assert await _check(address, TlsConfig(ca_file=old.ca)) == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await server.stop(None)
+
+
+async def test_the_proxy_calls_its_workers_with_a_rotated_client_certificate(rotation):
+    from quickdraft.proxy.worker_pool import WorkerPool
+
+    old, new, live = rotation
+    # The "worker" serves the old authority's certificate and accepts only callers the new one certified
+    # (it serves no Worker service: a call that reaches it is UNIMPLEMENTED, a refused handshake UNAVAILABLE).
+    server, address = await _health_server(TlsConfig(cert_file=old.cert, key_file=old.key, client_ca_file=new.ca))
+    pool = WorkerPool.from_addresses([address], tls=TlsConfig(cert_file=str(live / "node.pem"),
+                                                              key_file=str(live / "node.key"), ca_file=old.ca).check())
+    worker, = pool.workers
+    try:
+        assert await _code(worker) == grpc.StatusCode.UNAVAILABLE
+        first = worker.channel
+        _install(new, live)
+        await pool.refresh()  # the proxy's health check: the channel is opened again with the new pair
+        assert worker.channel is not first and await _code(worker) == grpc.StatusCode.UNIMPLEMENTED
+        await pool.refresh()
+        assert await _code(worker) == grpc.StatusCode.UNIMPLEMENTED  # (no change: the same channel)
+    finally:
+        await pool.close()
+        await server.stop(None)
+
+
+async def _code(worker) -> grpc.StatusCode:
+    from quickdraft.proto import quickdraft_pb2 as pb
+
+    try:
+        await worker.stub.Info(pb.WorkerInfoRequest(), timeout=5)
+    except grpc.aio.AioRpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK
+
+
+async def test_the_https_port_serves_a_rotated_certificate(rotation, monkeypatch):
+    from quickdraft.proxy.http_api import _follow_rotation
+
+    monkeypatch.setattr("quickdraft.proxy.http_api.RECHECK_S", 0.01)
+    old, new, live = rotation
+    tls = TlsConfig(cert_file=str(live / "node.pem"), key_file=str(live / "node.key")).check()
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tls.cert_file, tls.key_file)
+    server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0, ssl=context)
+    port = server.sockets[0].getsockname()[1]
+    following = asyncio.create_task(_follow_rotation(context, tls))
+    try:
+        assert await _handshake(port, old.ca) and not await _handshake(port, new.ca)
+        _install(new, live)
+        for _ in range(100):
+            if await _handshake(port, new.ca):
+                break
+            await asyncio.sleep(0.02)
+        assert await _handshake(port, new.ca) and not await _handshake(port, old.ca)
+    finally:
+        following.cancel()
+        server.close()
+
+
+async def _handshake(port: int, ca: str) -> bool:
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ssl.create_default_context(cafile=ca))
+    except ssl.SSLError:
+        return False
+    writer.close()
+    return True
 
 
 # -- the real stack ------------------------------------------------------------------------------
