@@ -1,7 +1,7 @@
-"""The bf16 prefix kernel (``verifiers/csrc/prefill_attention_bf16.h``) against torch's flash attention,
-in fp32 and in bf16, on one model's attention shapes (default SmolLM2-135M: 9 query heads over 3 kv
-heads of 64): median ms of one layer's attention of a prefill chunk over the cached prefix, and each
-result's largest difference from fp32 flash::
+"""The bf16 prefix kernel (``verifiers/csrc/prefill_attention_bf16.h``, and where AMX runs its tile version
+``prefill_attention_amx.h``) against torch's flash attention, in fp32 and in bf16, on one model's attention
+shapes (default SmolLM2-135M: 9 query heads over 3 kv heads of 64): median ms of one layer's attention of a
+prefill chunk over the cached prefix, and each result's largest difference from fp32 flash::
 
     python -m quickdraft.bench.prefill_attention_kernel --shapes 300x6600,1024x4096
 
@@ -32,12 +32,17 @@ def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype
 def _point(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, repeats: int) -> dict:
     reference = _flash(q, k, v, torch.float32)
     point = {"q_len": q.shape[2], "k_len": k.shape[2]}
-    for name, fn in (("kernel", partial(lambda q, k, v: bf16_prefix_attention(q, k, v, None)[0], q, k, v)),
-                     ("flash_fp32", partial(_flash, q, k, v, torch.float32)),
-                     ("flash_bf16", partial(_flash, q, k, v, torch.bfloat16))):
+    paths = [("kernel", partial(lambda q, k, v: bf16_prefix_attention(q, k, v, None)[0], q, k, v))]
+    if bf16_prefix_applies(q, k, v, tiles=True):
+        paths.append(("kernel_tiles", partial(lambda q, k, v: bf16_prefix_attention(q, k, v, None, True)[0], q, k, v)))
+    paths += [("flash_fp32", partial(_flash, q, k, v, torch.float32)),
+              ("flash_bf16", partial(_flash, q, k, v, torch.bfloat16))]
+    for name, fn in paths:
         point[f"{name}_ms"] = round(_median_us(fn, repeats) / 1e3, 2)
         point[f"{name}_max_diff"] = float((fn() - reference).abs().max())
     point["kernel_vs_flash_fp32"] = round(point["flash_fp32_ms"] / point["kernel_ms"], 2)
+    if "kernel_tiles_ms" in point:  # where AMX runs, torch's bf16 kernel is the one to beat
+        point["kernel_tiles_vs_flash_bf16"] = round(point["flash_bf16_ms"] / point["kernel_tiles_ms"], 2)
     return point
 
 

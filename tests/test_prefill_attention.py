@@ -63,6 +63,7 @@ from quickdraft.verifiers import small_linear  # noqa: E402
 from quickdraft.verifiers.small_linear import _kernels  # noqa: E402
 
 BF16_PREFIX = _kernels is not None and _kernels.prefill_attention_bf16_supported()
+TILES_PREFIX = BF16_PREFIX and _kernels.prefill_attention_tiles_supported()
 
 
 def _flash_prefix(query, key, value, n_rep, scale, dtype=torch.float32):
@@ -73,21 +74,22 @@ def _flash_prefix(query, key, value, n_rep, scale, dtype=torch.float32):
     return out.float().reshape(batch, heads, q_len, dim), lse.reshape(batch, heads, q_len)
 
 
+@pytest.mark.parametrize("tiles", [False, True], ids=["vdpbf16ps", "amx"])
 @pytest.mark.parametrize(("q_len", "k_len", "n_rep", "dim"),
                          [(1, 1, 3, 64), (5, 15, 3, 64), (37, 129, 1, 64), (300, 1000, 3, 64), (33, 257, 4, 256)])
-def test_the_bf16_prefix_kernel_is_attention_at_bf16_precision(q_len, k_len, n_rep, dim):
+def test_the_bf16_prefix_kernel_is_attention_at_bf16_precision(q_len, k_len, n_rep, dim, tiles):
     torch.manual_seed(q_len + k_len)
     kv_heads = 2
     query = torch.randn(1, kv_heads * n_rep, q_len, dim)
     # Views into a larger cache, as the model hands them over.
     cache_k, cache_v = torch.randn(1, kv_heads, k_len + 50, dim), torch.randn(1, kv_heads, k_len + 50, dim)
     key, value = cache_k[:, :, :k_len], cache_v[:, :, :k_len]
-    if not BF16_PREFIX:  # a CPU without AVX-512 BF16: a clear refusal (the model never asks here)
-        assert not attention_module.bf16_prefix_applies(query, key, value)
-        with pytest.raises(ValueError, match="AVX-512 BF16"):
-            attention_module.bf16_prefix_attention(query, key, value, None)
+    if not (TILES_PREFIX if tiles else BF16_PREFIX):  # a CPU without them: a clear refusal (the model never asks)
+        assert not attention_module.bf16_prefix_applies(query, key, value, tiles)
+        with pytest.raises(ValueError, match="AMX tiles" if BF16_PREFIX else "AVX-512 BF16"):
+            attention_module.bf16_prefix_attention(query, key, value, None, tiles)
         return
-    out, lse = attention_module.bf16_prefix_attention(query, key, value, None)
+    out, lse = attention_module.bf16_prefix_attention(query, key, value, None, tiles)
     want, want_lse = _flash_prefix(query, key, value, n_rep, dim ** -0.5)
     torch_bf16, _ = _flash_prefix(query, key, value, n_rep, dim ** -0.5, torch.bfloat16)
     # As close to fp32 attention as torch's own bf16 attention is (inputs rounded to bf16, fp32 sums).
@@ -96,7 +98,7 @@ def test_the_bf16_prefix_kernel_is_attention_at_bf16_precision(q_len, k_len, n_r
     # Threads split rows and keys' packing only: any count gives the same result.
     for threads in (1, 3):
         with _threads(threads):
-            again, again_lse = attention_module.bf16_prefix_attention(query, key, value, None)
+            again, again_lse = attention_module.bf16_prefix_attention(query, key, value, None, tiles)
         assert torch.equal(again, out) and torch.equal(again_lse, lse)
 
 
@@ -122,11 +124,13 @@ def test_a_bf16_prefill_chunk_takes_the_prefix_kernel_where_it_runs(monkeypatch)
     want = masked_reference(query, key, value, 3, None)
     assert got.dtype == torch.float32
     assert torch.allclose(got, want, atol=3e-2)
-    # AMX CPUs run all of it through torch in bf16; AVX-512 BF16 ones the prefix through the kernel.
-    assert len(calls) == (1 if BF16_PREFIX and not small_linear.fast_bf16_cpu() else 0)
+    # The prefix takes a kernel of ours wherever one runs (AMX tiles, or AVX-512 BF16 without them); an AMX
+    # CPU without the tile kernel runs all of it through torch in bf16.
+    taken = 1 if (TILES_PREFIX if small_linear.fast_bf16_cpu() else BF16_PREFIX) else 0
+    assert len(calls) == taken
     with small_linear.prefill_precision(None):
         assert torch.allclose(causal_chunk_attention(query, key, value, 3, None), want, atol=1e-5)
-    assert len(calls) == (1 if BF16_PREFIX and not small_linear.fast_bf16_cpu() else 0)
+    assert len(calls) == taken
 
 
 @pytest.mark.model
@@ -153,3 +157,7 @@ def test_the_prefix_kernel_benchmark_reports_time_and_difference_per_shape():
     point, = measure([(8, 100)], repeats=1)["points"]
     assert point["kernel_ms"] > 0 and point["flash_fp32_max_diff"] == 0
     assert point["kernel_max_diff"] < 2e-2 and point["kernel_vs_flash_fp32"] > 0
+    # The tile kernel's row where AMX runs, and only there.
+    assert ("kernel_tiles_ms" in point) == TILES_PREFIX
+    if TILES_PREFIX:
+        assert point["kernel_tiles_max_diff"] < 2e-2 and point["kernel_tiles_vs_flash_bf16"] > 0

@@ -27,7 +27,7 @@
 #include "csrc/attention.h"
 #include "csrc/attention_amx.h"
 #include "csrc/bf16_linear_avx512.h"
-#include "csrc/prefill_attention_bf16.h"
+#include "csrc/prefill_attention_amx.h"
 #include "csrc/reduce.h"
 
 #include <algorithm>
@@ -470,13 +470,61 @@ bool prefill_attention_bf16_supported() {
   return avx;
 }
 
+bool prefill_attention_tiles_supported() {
+#ifdef QD_PREFILL_AMX
+  static const bool tiles = prefill_attention_bf16_supported() && qd_amx::supported();
+  return tiles;
+#else
+  return false;
+#endif
+}
+
+#ifdef QD_PREFILL_AMX
+void prefill_attention_tiles(const qd_prefill::Problem& a, int threads) {
+  using qd_prefill_amx::KC;
+  const int64_t keys = qd_prefill_amx::padded_keys(a.Lk), per_head = keys * a.D, chunks = keys / KC;
+  std::vector<uint16_t> kb(static_cast<size_t>(a.Hkv * per_head)), vt(static_cast<size_t>(a.Hkv * per_head));
+  const int64_t rows_per_head = a.H / a.Hkv * a.Lq, groups = (rows_per_head + 15) / 16;
+#pragma omp parallel num_threads(threads)
+  {
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < a.Hkv * chunks; ++item) {
+      const int64_t g = item / chunks, j0 = item % chunks * KC;
+      qd_prefill_amx::pack_keys(a, g, j0, j0 + KC, kb.data() + g * per_head);
+      qd_prefill_amx::pack_values(a, g, j0, j0 + KC, keys, vt.data() + g * per_head);
+    }
+    qd_prefill_amx::configure();
+    qd_prefill_amx::Scratch scratch;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < a.Hkv * groups; ++item) {
+      const int64_t g = item / groups, r0 = item % groups * 16;
+      qd_prefill_amx::rows(a, g, r0, std::min<int64_t>(16, rows_per_head - r0), kb.data() + g * per_head,
+                           vt.data() + g * per_head, scratch);
+    }
+    qd_amx::release();
+  }
+}
+#endif
+
 void prefill_attention_bf16(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, int64_t H,
                             int64_t Hkv, int64_t Lq, int64_t Lk, int64_t D, int64_t k_head, int64_t k_tok,
-                            int64_t v_head, int64_t v_tok, float scale, int threads) {
+                            int64_t v_head, int64_t v_tok, float scale, int threads, bool tiles) {
   if (!prefill_attention_bf16_supported()) throw std::invalid_argument("this CPU has no AVX-512 BF16 instructions");
+  if (tiles && !prefill_attention_tiles_supported()) throw std::invalid_argument("this CPU has no AMX tiles");
   if (H <= 0 || Hkv <= 0 || H % Hkv != 0) throw std::invalid_argument("query heads must be a multiple of kv heads");
-  if (D <= 0 || D % 64 != 0) throw std::invalid_argument("head dimension must be a multiple of 64");
+  if (D <= 0 || D % 64 != 0 || (tiles && D > 256))
+    throw std::invalid_argument("head dimension must be a multiple of 64 (at most 256 on tiles)");
   if (Lq <= 0 || Lk <= 0) throw std::invalid_argument("no queries or no keys");
+#ifdef QD_PREFILL_AMX
+  if (tiles) {
+    const qd_prefill::Problem a{reinterpret_cast<const float*>(q), reinterpret_cast<const float*>(k),
+                    reinterpret_cast<const float*>(v), reinterpret_cast<float*>(out), reinterpret_cast<float*>(lse),
+                    H, Hkv, Lq, Lk, D, k_head, k_tok, v_head, v_tok, scale};
+    py::gil_scoped_release release;
+    prefill_attention_tiles(a, std::max(1, threads));
+    return;
+  }
+#endif
 #ifdef QD_AVX512_BF16
   using qd_prefill::KC, qd_prefill::RB;
   const qd_prefill::Problem a{reinterpret_cast<const float*>(q), reinterpret_cast<const float*>(k),
@@ -540,11 +588,14 @@ PYBIND11_MODULE(_kernels, m) {
   m.def("prefill_attention_bf16", &prefill_attention_bf16, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),
         py::arg("lse"), py::arg("heads"), py::arg("kv_heads"), py::arg("q_len"), py::arg("k_len"),
         py::arg("head_dim"), py::arg("k_head_stride"), py::arg("k_token_stride"), py::arg("v_head_stride"),
-        py::arg("v_token_stride"), py::arg("scale"), py::arg("threads") = 1,
-        "softmax(q k^T * scale) v over every key, products in bf16 (AVX-512 BF16), for a prefill chunk's "
-        "cached prefix; q and out [heads, q_len, head_dim], lse [heads, q_len] contiguous fp32");
+        py::arg("v_token_stride"), py::arg("scale"), py::arg("threads") = 1, py::arg("tiles") = false,
+        "softmax(q k^T * scale) v over every key, products in bf16 (AVX-512 BF16, or AMX tiles with tiles), "
+        "for a prefill chunk's cached prefix; q and out [heads, q_len, head_dim], lse [heads, q_len] "
+        "contiguous fp32");
   m.def("prefill_attention_bf16_supported", &prefill_attention_bf16_supported,
         "whether prefill_attention_bf16 runs here (AVX-512 BF16)");
+  m.def("prefill_attention_tiles_supported", &prefill_attention_tiles_supported,
+        "whether prefill_attention_bf16(tiles=True) runs here (AMX tiles)");
   m.def("supported_isas", [] {
     py::list out;
     for (int i = 0; i < ISA_COUNT; ++i)

@@ -14,10 +14,11 @@ computed as two mask-free flash passes (the cached prefix, then the chunk's own
 causal block) merged by their log-sum-exp, which is exact up to rounding and
 about a third faster at agent context lengths (bench/RESULTS.md). A sliding-window
 layer's chunk reads only the keys its window reaches, not the whole cache. Under
-``small_linear.prefill_precision(bf16)`` a prefill chunk's attention runs in bf16 too: all of it by
-torch where the CPU has AMX tiles; where it has AVX-512 BF16 without them, the cached prefix (most of
-the work) by a vdpbf16ps kernel of ours, 1.6-1.9 times faster than torch's fp32 flash kernel there,
-and the chunk's own block by torch in fp32.
+``small_linear.prefill_precision(bf16)`` a prefill chunk's attention runs in bf16 too: the cached prefix
+(most of the work) by a kernel of ours, on AMX tiles where the CPU has them (as fast as torch's bf16 flash
+kernel or faster, and no cast of the whole cache every layer) and with vdpbf16ps where it has AVX-512 BF16
+without them (1.6-1.9 times torch's fp32 flash kernel there); the chunk's own block by torch, in bf16 on
+AMX and in fp32 without.
 """
 
 from __future__ import annotations
@@ -30,8 +31,9 @@ from quickdraft.verifiers import invariant_attention, small_linear
 from quickdraft.verifiers.batching import packed_attention
 from quickdraft.verifiers.small_linear import _kernels
 
-# Whether the bf16 prefix kernel runs on this CPU.
+# Whether the bf16 prefix kernel runs on this CPU, and on AMX tiles.
 _BF16_PREFIX = _kernels is not None and _kernels.prefill_attention_bf16_supported()
+_TILES_PREFIX = _BF16_PREFIX and _kernels.prefill_attention_tiles_supported()
 
 NAME = "quickdraft_sdpa"
 # The model's keyword argument that carries a PackedPlan down to every attention call.
@@ -40,19 +42,21 @@ PLAN_KWARG = "qd_plan"
 CAUSAL_CHUNK_KWARG = "qd_causal_chunk"
 
 
-def bf16_prefix_applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> bool:
+def bf16_prefix_applies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, tiles: bool = False) -> bool:
     """Whether ``bf16_prefix_attention`` takes this call: fp32 CPU tensors of one sequence, a head
-    dimension of a multiple of 64, and a CPU with AVX-512 BF16."""
+    dimension of a multiple of 64, and a CPU with AVX-512 BF16 (with ``tiles``: AMX, heads of at most 256)."""
     return (_BF16_PREFIX and query.device.type == "cpu" and query.dtype == torch.float32
             and key.dtype == torch.float32 and value.dtype == torch.float32 and key.device.type == "cpu"
-            and query.shape[0] == 1 and query.shape[-1] % 64 == 0)
+            and query.shape[0] == 1 and query.shape[-1] % 64 == 0
+            and (not tiles or _TILES_PREFIX and query.shape[-1] <= 256))
 
 
 def bf16_prefix_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                          scale: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+                          scale: float | None, tiles: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of query [1, heads, q_len, dim] over every key of key/value [1, kv_heads, k_len, dim]
-    (views into the cache are fine), products in bf16 (``csrc/prefill_attention_bf16.h``); returns the
-    output [1, heads, q_len, dim] and its log-sum-exp [1, heads, q_len], in fp32, as torch's flash kernel."""
+    (views into the cache are fine), products in bf16 (``csrc/prefill_attention_bf16.h``, or on AMX tiles
+    ``csrc/prefill_attention_amx.h``); returns the output [1, heads, q_len, dim] and its log-sum-exp
+    [1, heads, q_len], in fp32, as torch's flash kernel."""
     _, heads, q_len, dim = query.shape
     kv_heads, k_len = key.shape[1], key.shape[2]
     q, key, value = invariant_attention.kernel_operands(query, key, value)
@@ -61,7 +65,7 @@ def bf16_prefix_attention(query: torch.Tensor, key: torch.Tensor, value: torch.T
     _kernels.prefill_attention_bf16(q.data_ptr(), key.data_ptr(), value.data_ptr(), out.data_ptr(), lse.data_ptr(),
                                     heads, kv_heads, q_len, k_len, dim, key.stride(1), key.stride(2),
                                     value.stride(1), value.stride(2), dim ** -0.5 if scale is None else scale,
-                                    torch.get_num_threads())
+                                    torch.get_num_threads(), tiles)
     return out, lse
 
 
@@ -75,26 +79,29 @@ def causal_chunk_attention(
     """
     batch, heads, q_len, dim = query.shape
     past = key.shape[2] - q_len
-    out_dtype = query.dtype
+    out_dtype, query32 = query.dtype, query
     lowp = small_linear.prefill_dtype()
-    bf16_past = False
+    bf16_past = tiles = False
     if lowp is not None and lowp != query.dtype:
-        if small_linear.fast_bf16_cpu():
-            query, key, value = query.to(lowp), key.to(lowp), value.to(lowp)
-        else:
-            # Without AMX torch's bf16 flash attention is slower than its fp32 one (AVX-512 BF16, 300
-            # new positions over 6,600 cached: 1.36 s against 0.97 s for 30 layers): the cached
-            # prefix, most of the work, takes the vdpbf16ps kernel where it runs.
-            bf16_past = past > 0 and lowp == torch.bfloat16 and bf16_prefix_applies(query, key, value)
+        # The cached prefix, most of the work, takes a kernel of ours where one runs: on AMX tiles, 1.4-1.6x
+        # torch's bf16 flash kernel and no cast of the whole cache every layer; without AMX, where torch's
+        # bf16 flash is slower than its fp32 one (AVX-512 BF16, 300 new positions over 6,600 cached: 1.36 s
+        # against 0.97 s for 30 layers), the vdpbf16ps kernel (bench/RESULTS.md).
+        tiles = small_linear.fast_bf16_cpu()
+        bf16_past = past > 0 and lowp == torch.bfloat16 and bf16_prefix_applies(query, key, value, tiles)
+        if tiles:  # the chunk's own block (and, where the kernel does not take it, the prefix) in torch's bf16
+            query = query.to(lowp)
+            if not bf16_past:
+                key, value = key.to(lowp), value.to(lowp)
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    own_k, own_v = key[:, :, past:], value[:, :, past:]
+    own_k, own_v = key[:, :, past:].to(query.dtype), value[:, :, past:].to(query.dtype)
     if n_rep > 1:  # the chunk's own block is small: expand its key/value heads rather than fold queries
         own_k, own_v = own_k.repeat_interleave(n_rep, 1), own_v.repeat_interleave(n_rep, 1)
     out_own, lse_own = flash(query, own_k, own_v, 0.0, True, scale=scaling)
     if past == 0:
         return out_own.to(out_dtype)
     if bf16_past:
-        out_past, lse_past = bf16_prefix_attention(query, key[:, :, :past], value[:, :, :past], scaling)
+        out_past, lse_past = bf16_prefix_attention(query32, key[:, :, :past], value[:, :, :past], scaling, tiles)
     else:
         folded = query.reshape(batch, heads // n_rep, n_rep * q_len, dim)
         out_past, lse_past = flash(folded, key[:, :, :past], value[:, :, :past], 0.0, False, scale=scaling)
