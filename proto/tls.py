@@ -116,9 +116,8 @@ class _Files:
             self._stamp, self._looked_at, self.version = stamp, time.monotonic(), self.version + 1
 
     def current(self) -> tuple[int, dict[str, bytes]]:
-        """The version and bytes to use now, after a look at the files if the last one is a second old."""
-        if not self.version:
-            self.load()
+        """The version and bytes to use now (after ``load``), after a look at the files if the last one is a
+        second old."""
         with self._lock:
             now = time.monotonic()
             if now - self._looked_at >= RECHECK_S:
@@ -174,19 +173,22 @@ class TlsConfig:
         self._files.load()
         return self
 
+    def _current(self) -> tuple[int, dict[str, bytes]]:
+        if not self._files.version:
+            self.check()  # (the pairing rules first: a config used without a check still gets them)
+        return self._files.current()
+
     @property
     def version(self) -> int:
         """Goes up each time changed files are taken: a holder of long-lived channels reopens them then."""
-        return self._files.current()[0]
+        return self._current()[0]
 
     def server_credentials(self) -> grpc.ServerCredentials | None:
         """Credentials for this process's ports, which take changed files at the next handshake; None:
         plaintext."""
         if not self.serves:
             return None
-        if not self._files.version:
-            self.check()  # (the pairing rules first: a config used without a check still gets them)
-        version, pem = self._files.current()
+        version, pem = self._current()
         served = [version]
 
         def changed() -> grpc.ServerCertificateConfiguration | None:
@@ -208,9 +210,7 @@ class TlsConfig:
         """Credentials for this process's calls to its peers, as the files are now; None: plaintext."""
         if not self.calls_securely:
             return None
-        if not self._files.version:
-            self.check()
-        _, pem = self._files.current()
+        _, pem = self._current()
         return grpc.ssl_channel_credentials(root_certificates=pem.get("ca"), private_key=pem.get("key"),
                                             certificate_chain=pem.get("cert"))
 

@@ -88,7 +88,7 @@ class WorkerClient:
     registered: bool = False       # joined by registering (not given to the proxy at start)
     answered_at: float = field(default_factory=time.monotonic)  # its last answer (or when it joined)
     token: str | None = None       # presented on every call
-    tls: TlsConfig | None = None   # how it is called (None: plaintext)
+    tls: TlsConfig | None = None   # how it is called, where that is TLS (None: plaintext)
     tls_version: int = 0           # of the TLS files its channel was opened with
 
     @staticmethod
@@ -98,16 +98,18 @@ class WorkerClient:
 
     @classmethod
     def connect(cls, address: str, token: str | None = None, tls: TlsConfig | None = None) -> WorkerClient:
+        tls = tls if tls is not None and tls.calls_securely else None  # (a config that calls in plaintext)
         channel = cls._open(address, token, tls)
         return cls(address, channel, pb_grpc.WorkerStub(channel), token=token, tls=tls,
-                   tls_version=tls.version if tls is not None and tls.calls_securely else 0)
+                   tls_version=tls.version if tls is not None else 0)
 
     def reopen_if_rotated(self) -> grpc.aio.Channel | None:
         """Once the TLS files changed on disk, calls from now on go through a new channel (the new client
         certificate and roots); returns the old channel, for the caller to close when its calls are done."""
-        if self.tls is None or not self.tls.calls_securely or self.tls.version == self.tls_version:
+        version = self.tls.version if self.tls is not None else 0
+        if version == self.tls_version:
             return None
-        old, self.tls_version = self.channel, self.tls.version
+        old, self.tls_version = self.channel, version
         self.channel = self._open(self.address, self.token, self.tls)
         self.stub = pb_grpc.WorkerStub(self.channel)
         log.info("worker %s: TLS files changed, calling it through a new channel", self.address)

@@ -480,6 +480,7 @@ bool prefill_attention_tiles_supported() {
 }
 
 #ifdef QD_PREFILL_AMX
+// The tile kernel (prefill_attention_amx.h): keys and values packed once, then items of 16 rows.
 void prefill_attention_tiles(const qd_prefill::Problem& a, int threads) {
   using qd_prefill_amx::KC;
   const int64_t keys = qd_prefill_amx::padded_keys(a.Lk), per_head = keys * a.D, chunks = keys / KC;
@@ -506,6 +507,33 @@ void prefill_attention_tiles(const qd_prefill::Problem& a, int threads) {
 }
 #endif
 
+// The vdpbf16ps kernel (prefill_attention_bf16.h): keys and values packed once, then blocks of rows.
+void prefill_attention_vectors(const qd_prefill::Problem& a, int threads) {
+#ifdef QD_AVX512_BF16
+  using qd_prefill::KC, qd_prefill::RB;
+  const int64_t keys = qd_prefill::padded_keys(a.Lk), per_head = keys * a.D / 2, chunks = keys / KC;
+  std::vector<uint32_t> kp(static_cast<size_t>(a.Hkv * per_head)), vp(static_cast<size_t>(a.Hkv * per_head));
+  const int64_t rows_per_head = a.H / a.Hkv * a.Lq, blocks = (rows_per_head + RB - 1) / RB;
+#pragma omp parallel num_threads(threads)
+  {
+#pragma omp for schedule(static)
+    for (int64_t item = 0; item < a.Hkv * chunks; ++item) {
+      const int64_t g = item / chunks, j0 = item % chunks * KC;
+      qd_prefill::pack_keys(a, g, j0, j0 + KC, kp.data() + g * per_head);
+      qd_prefill::pack_values(a, g, j0 / 2, (j0 + KC) / 2, vp.data() + g * per_head);
+    }
+    qd_prefill::Scratch scratch;
+    scratch.fit(a.D);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < a.Hkv * blocks; ++item) {
+      const int64_t g = item / blocks, r0 = item % blocks * RB;
+      qd_prefill::rows(a, g, r0, std::min(r0 + RB, rows_per_head), kp.data() + g * per_head,
+                       vp.data() + g * per_head, scratch);
+    }
+  }
+#endif
+}
+
 void prefill_attention_bf16(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, int64_t H,
                             int64_t Hkv, int64_t Lq, int64_t Lk, int64_t D, int64_t k_head, int64_t k_tok,
                             int64_t v_head, int64_t v_tok, float scale, int threads, bool tiles) {
@@ -515,44 +543,14 @@ void prefill_attention_bf16(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out
   if (D <= 0 || D % 64 != 0 || (tiles && D > 256))
     throw std::invalid_argument("head dimension must be a multiple of 64 (at most 256 on tiles)");
   if (Lq <= 0 || Lk <= 0) throw std::invalid_argument("no queries or no keys");
-#ifdef QD_PREFILL_AMX
-  if (tiles) {
-    const qd_prefill::Problem a{reinterpret_cast<const float*>(q), reinterpret_cast<const float*>(k),
-                    reinterpret_cast<const float*>(v), reinterpret_cast<float*>(out), reinterpret_cast<float*>(lse),
-                    H, Hkv, Lq, Lk, D, k_head, k_tok, v_head, v_tok, scale};
-    py::gil_scoped_release release;
-    prefill_attention_tiles(a, std::max(1, threads));
-    return;
-  }
-#endif
-#ifdef QD_AVX512_BF16
-  using qd_prefill::KC, qd_prefill::RB;
   const qd_prefill::Problem a{reinterpret_cast<const float*>(q), reinterpret_cast<const float*>(k),
-                  reinterpret_cast<const float*>(v), reinterpret_cast<float*>(out), reinterpret_cast<float*>(lse),
-                  H, Hkv, Lq, Lk, D, k_head, k_tok, v_head, v_tok, scale};
+                              reinterpret_cast<const float*>(v), reinterpret_cast<float*>(out),
+                              reinterpret_cast<float*>(lse), H, Hkv, Lq, Lk, D, k_head, k_tok, v_head, v_tok, scale};
   py::gil_scoped_release release;
-  const int64_t keys = qd_prefill::padded_keys(Lk), per_head = keys * D / 2, chunks = keys / KC;
-  std::vector<uint32_t> kp(static_cast<size_t>(Hkv * per_head)), vp(static_cast<size_t>(Hkv * per_head));
-  const int64_t rows_per_head = H / Hkv * Lq, blocks = (rows_per_head + RB - 1) / RB;
-  threads = std::max(1, threads);
-#pragma omp parallel num_threads(threads)
-  {
-#pragma omp for schedule(static)
-    for (int64_t item = 0; item < Hkv * chunks; ++item) {
-      const int64_t g = item / chunks, j0 = item % chunks * KC;
-      qd_prefill::pack_keys(a, g, j0, j0 + KC, kp.data() + g * per_head);
-      qd_prefill::pack_values(a, g, j0 / 2, (j0 + KC) / 2, vp.data() + g * per_head);
-    }
-    qd_prefill::Scratch scratch;
-    scratch.fit(D);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < Hkv * blocks; ++item) {
-      const int64_t g = item / blocks, r0 = item % blocks * RB;
-      qd_prefill::rows(a, g, r0, std::min(r0 + RB, rows_per_head), kp.data() + g * per_head, vp.data() + g * per_head,
-           scratch);
-    }
-  }
+#ifdef QD_PREFILL_AMX
+  if (tiles) return prefill_attention_tiles(a, std::max(1, threads));
 #endif
+  prefill_attention_vectors(a, std::max(1, threads));
 }
 
 }  // namespace

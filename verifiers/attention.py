@@ -83,8 +83,8 @@ def causal_chunk_attention(
     lowp = small_linear.prefill_dtype()
     bf16_past = tiles = False
     if lowp is not None and lowp != query.dtype:
-        # The cached prefix, most of the work, takes a kernel of ours where one runs: on AMX tiles, 1.4-1.6x
-        # torch's bf16 flash kernel and no cast of the whole cache every layer; without AMX, where torch's
+        # The cached prefix, most of the work, takes a kernel of ours where one runs: on AMX tiles, at least
+        # torch's bf16 flash kernel's speed and no cast of the whole cache every layer; without AMX, where torch's
         # bf16 flash is slower than its fp32 one (AVX-512 BF16, 300 new positions over 6,600 cached: 1.36 s
         # against 0.97 s for 30 layers), the vdpbf16ps kernel (bench/RESULTS.md).
         tiles = small_linear.fast_bf16_cpu()

@@ -184,15 +184,14 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16"))
       _tile_stored(3, o + 768, 64);
     }
   }
-  alignas(64) float inv[16], lse[16];
-  _mm512_store_ps(inv, _mm512_div_ps(_mm512_set1_ps(1.0f), l));
-  _mm512_store_ps(lse, m);
-  alignas(64) float ls[16];
-  _mm512_store_ps(ls, l);
+  alignas(64) float m_row[16], l_row[16];
+  _mm512_store_ps(m_row, m);
+  _mm512_store_ps(l_row, l);
   for (int64_t r = 0; r < n; ++r) {
     float* out = a.out + (base + r) * D;
-    for (int64_t d = 0; d < D; ++d) out[d] = sc.o[d * 16 + r] * inv[r];
-    a.lse[base + r] = (lse[r] + std::log2(ls[r])) * 0.6931471805599453f;  // back to base e
+    const float inv = 1.0f / l_row[r];
+    for (int64_t d = 0; d < D; ++d) out[d] = sc.o[d * 16 + r] * inv;
+    a.lse[base + r] = (m_row[r] + std::log2(l_row[r])) * 0.6931471805599453f;  // back to base e
   }
 }
 
