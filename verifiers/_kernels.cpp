@@ -492,7 +492,7 @@ void prefill_attention_tiles(const qd_prefill::Problem& a, int threads) {
     for (int64_t item = 0; item < a.Hkv * chunks; ++item) {
       const int64_t g = item / chunks, j0 = item % chunks * KC;
       qd_prefill_amx::pack_keys(a, g, j0, j0 + KC, kb.data() + g * per_head);
-      qd_prefill_amx::pack_values(a, g, j0, j0 + KC, keys, vt.data() + g * per_head);
+      qd_prefill_amx::pack_values(a, g, j0, j0 + KC, vt.data() + g * per_head);
     }
     qd_prefill_amx::configure();
     qd_prefill_amx::Scratch scratch;

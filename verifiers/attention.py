@@ -15,8 +15,8 @@ causal block) merged by their log-sum-exp, which is exact up to rounding and
 about a third faster at agent context lengths (bench/RESULTS.md). A sliding-window
 layer's chunk reads only the keys its window reaches, not the whole cache. Under
 ``small_linear.prefill_precision(bf16)`` a prefill chunk's attention runs in bf16 too: the cached prefix
-(most of the work) by a kernel of ours, on AMX tiles where the CPU has them (as fast as torch's bf16 flash
-kernel or faster, and no cast of the whole cache every layer) and with vdpbf16ps where it has AVX-512 BF16
+(most of the work) by a kernel of ours, on AMX tiles where the CPU has them (1.3-1.7 times torch's bf16
+flash kernel, and no cast of the whole cache every layer) and with vdpbf16ps where it has AVX-512 BF16
 without them (1.6-1.9 times torch's fp32 flash kernel there); the chunk's own block by torch, in bf16 on
 AMX and in fp32 without.
 """
@@ -83,8 +83,8 @@ def causal_chunk_attention(
     lowp = small_linear.prefill_dtype()
     bf16_past = tiles = False
     if lowp is not None and lowp != query.dtype:
-        # The cached prefix, most of the work, takes a kernel of ours where one runs: on AMX tiles, at least
-        # torch's bf16 flash kernel's speed and no cast of the whole cache every layer; without AMX, where torch's
+        # The cached prefix, most of the work, takes a kernel of ours where one runs: on AMX tiles, faster than
+        # torch's bf16 flash kernel and no cast of the whole cache every layer; without AMX, where torch's
         # bf16 flash is slower than its fp32 one (AVX-512 BF16, 300 new positions over 6,600 cached: 1.36 s
         # against 0.97 s for 30 layers), the vdpbf16ps kernel (bench/RESULTS.md).
         tiles = small_linear.fast_bf16_cpu()

@@ -8,8 +8,7 @@
 // sums come out transposed (dimensions by rows) from V^T as the A operand. An item is a kv head and 16 of
 // its rows; every item streams all of its head's packed keys and values (from L2 at agent lengths).
 //
-// Tiles (configure()): 0-3 accumulate (scores of 4 key blocks, or 4 blocks of 16 dimensions' sums), 4 and
-// 6 take A operands in turn (keys, or V^T), 5 and 7 B operands (queries, or weights).
+// Tiles (configure(), all 16 rows of 64 bytes): see rows_any (any head dimension) and rows_d64 (64).
 
 #pragma once
 
@@ -59,9 +58,10 @@ QD_AMX_PREFILL_TARGET inline void pack_keys(const Problem& a, int64_t g, int64_t
   }
 }
 
-// Values of keys [j0, j1) (a multiple of 16 apart) of kv head g transposed into bf16: vt + d * keys + j.
-QD_AMX_PREFILL_TARGET inline void pack_values(const Problem& a, int64_t g, int64_t j0, int64_t j1, int64_t keys,
-                                              uint16_t* vt) {
+// Values of keys [j0, j1) (a multiple of 32 apart) of kv head g, transposed into bf16 blocks of 32 keys:
+// dimension d of key j at vt + (j / 32) * D * 32 + d * 32 + j % 32. One value tile (16 dimensions by 16
+// pairs of keys) is then 1 KB in a row, not 16 rows a whole cache apart.
+QD_AMX_PREFILL_TARGET inline void pack_values(const Problem& a, int64_t g, int64_t j0, int64_t j1, uint16_t* vt) {
   for (int64_t j = j0; j < j1; j += 16)
     for (int64_t d0 = 0; d0 < a.D; d0 += 16) {
       __m512 r[16];
@@ -69,14 +69,14 @@ QD_AMX_PREFILL_TARGET inline void pack_values(const Problem& a, int64_t g, int64
         r[i] = j + i < a.Lk ? _mm512_loadu_ps(a.v + g * a.v_head + (j + i) * a.v_tok + d0) : _mm512_setzero_ps();
       qd_attention::avx512_transpose16(r);  // r[d] holds dimension d0 + d of the 16 keys
       for (int64_t d = 0; d < 16; ++d)
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(vt + (d0 + d) * keys + j),
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(vt + (j / 32) * a.D * 32 + (d0 + d) * 32 + j % 32),
                             reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(r[d])));
     }
 }
 
-// 2^t for t <= 0, relative error under 6e-6 (a degree-4 fit on [-1/2, 1/2], scaled by 2^round(t)): ample
-// for weights rounded to bf16 (2^-9). Far below -126 it underflows to zero.
-QD_AMX_PREFILL_TARGET inline __m512 exp2_nonpositive(__m512 t) {
+// 2^t, relative error under 6e-6 (a degree-4 fit on [-1/2, 1/2], scaled by 2^round(t)): ample for weights
+// rounded to bf16 (2^-9). Far below -126 it underflows to zero; here t stays at most LAG.
+QD_AMX_PREFILL_TARGET inline __m512 exp2_vec(__m512 t) {
   const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(t, n);
   __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(0.009554105f), f, _mm512_set1_ps(0.05587041f));
@@ -100,15 +100,17 @@ QD_AMX_PREFILL_TARGET inline __m512i pairs_of(__m512 a, __m512 b) {
   return _mm512_permutexvar_epi16(order, reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(b, a)));
 }
 
-// Rows [r0, r0 + n) (n <= 16) of kv head g (head-major: row r is query head g * n_rep + r / Lq at position
-// r % Lq), over the head's packed keys kb and values vt (keys rounded up to KC).
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16"))) inline void rows(
-    const Problem& a, int64_t g, int64_t r0, int64_t n, const uint16_t* kb, const uint16_t* vt, Scratch& sc) {
-  const int64_t D = a.D, chunks = D / 32, keys = padded_keys(a.Lk), n_rep = a.H / a.Hkv;
-  const int64_t base = g * n_rep * a.Lq + r0;
+// The reference maximum m of a row moves only when a chunk's scores pass it by more than 2^LAG (base 2):
+// weights up to 2^LAG are exact enough in fp32 sums and in bf16 (rounding is relative), and moving m means
+// scaling every running sum of the row, the costly part (the sums live in tiles on the head-dim-64 path).
+constexpr float LAG = 8.0f;
+
+// Queries of the item's rows as the score tiles' B operand: [D / 32][16 pairs][16 rows]; rows past n zero.
+QD_AMX_PREFILL_TARGET inline void pack_queries(const Problem& a, int64_t base, int64_t n, Scratch& sc) {
+  const int64_t chunks = a.D / 32;
   std::memset(sc.qt, 0, static_cast<size_t>(chunks * 256) * 4);
   for (int64_t r = 0; r < n; ++r) {
-    const float* q = a.q + (base + r) * D;
+    const float* q = a.q + (base + r) * a.D;
     for (int64_t c = 0; c < chunks; ++c) {
       alignas(64) uint32_t pairs[16];
       _mm512_store_si512(pairs, reinterpret_cast<__m512i>(
@@ -116,9 +118,60 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16"))
       for (int p = 0; p < 16; ++p) sc.qt[(c * 16 + p) * 16 + r] = pairs[p];
     }
   }
+}
+
+// The online softmax over `count` keys' scores sc.s ([key][row], the first `live` of them real), 16 rows
+// at once: weights 2^(cv s - m) into sc.pb as bf16 pairs of keys, their sum into l. Returns the rows whose
+// reference maximum moved, with alpha the factor their running sums must take.
+QD_AMX_PREFILL_TARGET inline __mmask16 softmax_step(int64_t count, int64_t live, __m512 cv, __m512& m, __m512& l,
+                                                    __m512& alpha, Scratch& sc) {
+  __m512 top = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t t = 0; t < live; ++t) top = _mm512_max_ps(top, _mm512_load_ps(sc.s + t * 16));
+  top = _mm512_mul_ps(top, cv);
+  const __mmask16 moved = _mm512_cmp_ps_mask(top, _mm512_add_ps(m, _mm512_set1_ps(LAG)), _CMP_GT_OQ);
+  alpha = _mm512_set1_ps(1.0f);
+  if (moved) {
+    const __m512 m_new = _mm512_mask_mov_ps(m, moved, top);
+    alpha = exp2_vec(_mm512_sub_ps(m, m_new));
+    m = m_new;
+  }
+  __m512 sum = _mm512_setzero_ps();
+  for (int64_t t = 0; t < count; t += 2) {  // weights may exceed 1 (by at most 2^LAG)
+    __m512 e0 = _mm512_setzero_ps(), e1 = _mm512_setzero_ps();
+    if (t < live) e0 = exp2_vec(_mm512_fmsub_ps(_mm512_load_ps(sc.s + t * 16), cv, m));
+    if (t + 1 < live) e1 = exp2_vec(_mm512_fmsub_ps(_mm512_load_ps(sc.s + (t + 1) * 16), cv, m));
+    sum = _mm512_add_ps(sum, _mm512_add_ps(e0, e1));
+    _mm512_store_si512(sc.pb + (t / 2) * 16, pairs_of(e0, e1));
+  }
+  l = _mm512_fmadd_ps(l, alpha, sum);
+  return moved;
+}
+
+// The rows' outputs from the value sums sc.o ([dimension][row]) and the softmax's m and l.
+QD_AMX_PREFILL_TARGET inline void finish(const Problem& a, int64_t base, int64_t n, __m512 m, __m512 l,
+                                         const Scratch& sc) {
+  alignas(64) float m_row[16], l_row[16];
+  _mm512_store_ps(m_row, m);
+  _mm512_store_ps(l_row, l);
+  for (int64_t r = 0; r < n; ++r) {
+    float* out = a.out + (base + r) * a.D;
+    const float inv = 1.0f / l_row[r];
+    for (int64_t d = 0; d < a.D; ++d) out[d] = sc.o[d * 16 + r] * inv;
+    a.lse[base + r] = (m_row[r] + std::log2(l_row[r])) * 0.6931471805599453f;  // back to base e
+  }
+}
+
+// Rows [r0, r0 + n) (n <= 16) of kv head g (head-major: row r is query head g * n_rep + r / Lq at position
+// r % Lq), over the head's packed keys kb and values vt (keys rounded up to KC). Any head dimension (a
+// multiple of 64): the value sums live in sc.o and pass through tiles 0-3 each chunk.
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16"))) inline void rows_any(
+    const Problem& a, int64_t g, int64_t r0, int64_t n, const uint16_t* kb, const uint16_t* vt, Scratch& sc) {
+  const int64_t D = a.D, chunks = D / 32, keys = padded_keys(a.Lk), n_rep = a.H / a.Hkv;
+  const int64_t base = g * n_rep * a.Lq + r0;
+  pack_queries(a, base, n, sc);
   std::memset(sc.o, 0, static_cast<size_t>(D * 16) * 4);
   const __m512 cv = _mm512_set1_ps(a.scale * 1.4426950408889634f);  // base 2: weights 2^(c s - m)
-  __m512 m = _mm512_set1_ps(-1e30f), l = _mm512_setzero_ps();      // (finite: 2^(m - m') stays a number)
+  __m512 m = _mm512_set1_ps(-1e30f), l = _mm512_setzero_ps(), alpha;  // (finite: 2^(m - m') stays a number)
   for (int64_t j0 = 0; j0 < keys; j0 += KC) {
     // Scores: tile b holds keys j0 + 16 b .. + 16 (rows of the tile) for the 16 query rows (columns).
     _tile_zero(0);
@@ -141,23 +194,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16"))
     _tile_stored(1, sc.s + 256, 64);
     _tile_stored(2, sc.s + 512, 64);
     _tile_stored(3, sc.s + 768, 64);
-    // Online softmax, 16 rows at once.
-    const int64_t live = std::min(KC, a.Lk - j0);
-    __m512 top = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-    for (int64_t t = 0; t < live; ++t) top = _mm512_max_ps(top, _mm512_load_ps(sc.s + t * 16));
-    const __m512 m_new = _mm512_max_ps(m, _mm512_mul_ps(top, cv));
-    const __m512 alpha = exp2_nonpositive(_mm512_sub_ps(m, m_new));
-    m = m_new;
-    __m512 sum = _mm512_setzero_ps();
-    for (int64_t t = 0; t < KC; t += 2) {
-      __m512 e0 = _mm512_setzero_ps(), e1 = _mm512_setzero_ps();
-      if (t < live) e0 = exp2_nonpositive(_mm512_fmsub_ps(_mm512_load_ps(sc.s + t * 16), cv, m));
-      if (t + 1 < live) e1 = exp2_nonpositive(_mm512_fmsub_ps(_mm512_load_ps(sc.s + (t + 1) * 16), cv, m));
-      sum = _mm512_add_ps(sum, _mm512_add_ps(e0, e1));
-      _mm512_store_si512(sc.pb + (t / 2) * 16, pairs_of(e0, e1));
-    }
-    l = _mm512_fmadd_ps(l, alpha, sum);
-    if (_mm512_cmp_ps_mask(alpha, _mm512_set1_ps(1.0f), _CMP_NEQ_UQ))  // a row's maximum grew
+    if (softmax_step(KC, std::min(KC, a.Lk - j0), cv, m, l, alpha, sc))
       for (int64_t d = 0; d < D; ++d) _mm512_store_ps(sc.o + d * 16, _mm512_mul_ps(_mm512_load_ps(sc.o + d * 16), alpha));
     // Value sums: o[d][row] += sum over the chunk's keys of v[key][d] * weight[key][row].
     for (int64_t d0 = 0; d0 < D; d0 += 64) {
@@ -166,16 +203,16 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16"))
       _tile_loadd(1, o + 256, 64);
       _tile_loadd(2, o + 512, 64);
       _tile_loadd(3, o + 768, 64);
-      for (int64_t p0 = 0; p0 < KC / 2; p0 += 16) {  // 16 pairs of keys a step
-        const uint16_t* v = vt + d0 * keys + j0 + 2 * p0;
+      for (int64_t p0 = 0; p0 < KC / 2; p0 += 16) {  // 16 pairs of keys (one block of 32) a step
+        const uint16_t* v = vt + (j0 + 2 * p0) / 32 * D * 32 + d0 * 32;
         _tile_loadd(5, sc.pb + p0 * 16, 64);
-        _tile_loadd(4, v, keys * 2);
+        _tile_loadd(4, v, 64);
         _tile_dpbf16ps(0, 4, 5);
-        _tile_loadd(6, v + 16 * keys, keys * 2);
+        _tile_loadd(6, v + 16 * 32, 64);
         _tile_dpbf16ps(1, 6, 5);
-        _tile_loadd(4, v + 32 * keys, keys * 2);
+        _tile_loadd(4, v + 32 * 32, 64);
         _tile_dpbf16ps(2, 4, 5);
-        _tile_loadd(6, v + 48 * keys, keys * 2);
+        _tile_loadd(6, v + 48 * 32, 64);
         _tile_dpbf16ps(3, 6, 5);
       }
       _tile_stored(0, o, 64);
@@ -184,15 +221,80 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16"))
       _tile_stored(3, o + 768, 64);
     }
   }
-  alignas(64) float m_row[16], l_row[16];
-  _mm512_store_ps(m_row, m);
-  _mm512_store_ps(l_row, l);
-  for (int64_t r = 0; r < n; ++r) {
-    float* out = a.out + (base + r) * D;
-    const float inv = 1.0f / l_row[r];
-    for (int64_t d = 0; d < D; ++d) out[d] = sc.o[d * 16 + r] * inv;
-    a.lse[base + r] = (m_row[r] + std::log2(l_row[r])) * 0.6931471805599453f;  // back to base e
+  finish(a, base, n, m, l, sc);
+}
+
+// The head-dimension-64 path's value sums (tiles 2-5, 16 dimensions each) to and from o ([dimension][row]).
+__attribute__((target("amx-tile"))) inline void sums_d64_out(float* o) {
+  _tile_stored(2, o, 64);
+  _tile_stored(3, o + 256, 64);
+  _tile_stored(4, o + 512, 64);
+  _tile_stored(5, o + 768, 64);
+}
+
+__attribute__((target("amx-tile"))) inline void sums_d64_in(const float* o) {
+  _tile_loadd(2, o, 64);
+  _tile_loadd(3, o + 256, 64);
+  _tile_loadd(4, o + 512, 64);
+  _tile_loadd(5, o + 768, 64);
+}
+
+// The same rows for a head dimension of 64 (SmolLM2's): the value sums stay in tiles 2-5 for the whole
+// call, which leaves two tiles for scores, so a step takes 32 keys; 6 and 7 take the A and B operands.
+// The sums go through memory only when a row's reference maximum moves (rarely, with LAG).
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16"))) inline void rows_d64(
+    const Problem& a, int64_t g, int64_t r0, int64_t n, const uint16_t* kb, const uint16_t* vt, Scratch& sc) {
+  constexpr int64_t D = 64;
+  const int64_t n_rep = a.H / a.Hkv, base = g * n_rep * a.Lq + r0;
+  pack_queries(a, base, n, sc);
+  const __m512 cv = _mm512_set1_ps(a.scale * 1.4426950408889634f);
+  __m512 m = _mm512_set1_ps(-1e30f), l = _mm512_setzero_ps(), alpha;
+  _tile_zero(2);
+  _tile_zero(3);
+  _tile_zero(4);
+  _tile_zero(5);
+  for (int64_t j0 = 0; j0 < a.Lk; j0 += 32) {
+    const uint16_t* k = kb + j0 * D;
+    _tile_zero(0);
+    _tile_zero(1);
+    _tile_loadd(7, sc.qt, 64);
+    _tile_loadd(6, k, D * 2);
+    _tile_dpbf16ps(0, 6, 7);
+    _tile_loadd(6, k + 16 * D, D * 2);
+    _tile_dpbf16ps(1, 6, 7);
+    _tile_loadd(7, sc.qt + 256, 64);
+    _tile_loadd(6, k + 32, D * 2);
+    _tile_dpbf16ps(0, 6, 7);
+    _tile_loadd(6, k + 16 * D + 32, D * 2);
+    _tile_dpbf16ps(1, 6, 7);
+    _tile_stored(0, sc.s, 64);
+    _tile_stored(1, sc.s + 256, 64);
+    if (softmax_step(32, std::min<int64_t>(32, a.Lk - j0), cv, m, l, alpha, sc) && j0 > 0) {
+      sums_d64_out(sc.o);
+      for (int64_t d = 0; d < D; ++d) _mm512_store_ps(sc.o + d * 16, _mm512_mul_ps(_mm512_load_ps(sc.o + d * 16), alpha));
+      sums_d64_in(sc.o);
+    }
+    const uint16_t* v = vt + j0 * D;  // the block of these 32 keys
+    _tile_loadd(7, sc.pb, 64);
+    _tile_loadd(6, v, 64);
+    _tile_dpbf16ps(2, 6, 7);
+    _tile_loadd(6, v + 16 * 32, 64);
+    _tile_dpbf16ps(3, 6, 7);
+    _tile_loadd(6, v + 32 * 32, 64);
+    _tile_dpbf16ps(4, 6, 7);
+    _tile_loadd(6, v + 48 * 32, 64);
+    _tile_dpbf16ps(5, 6, 7);
   }
+  sums_d64_out(sc.o);
+  finish(a, base, n, m, l, sc);
+}
+
+inline void rows(const Problem& a, int64_t g, int64_t r0, int64_t n, const uint16_t* kb, const uint16_t* vt,
+                 Scratch& sc) {
+  if (a.D == 64)
+    rows_d64(a, g, r0, n, kb, vt, sc);
+  else
+    rows_any(a, g, r0, n, kb, vt, sc);
 }
 
 #undef QD_AMX_PREFILL_TARGET
