@@ -536,16 +536,20 @@ void prefill_attention_vectors(const qd_prefill::Problem& a, int threads) {
 
 void prefill_attention_bf16(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out, uintptr_t lse, int64_t H,
                             int64_t Hkv, int64_t Lq, int64_t Lk, int64_t D, int64_t k_head, int64_t k_tok,
-                            int64_t v_head, int64_t v_tok, float scale, int threads, bool tiles) {
+                            int64_t v_head, int64_t v_tok, float scale, int threads, bool tiles, int64_t causal) {
   if (!prefill_attention_bf16_supported()) throw std::invalid_argument("this CPU has no AVX-512 BF16 instructions");
   if (tiles && !prefill_attention_tiles_supported()) throw std::invalid_argument("this CPU has no AMX tiles");
   if (H <= 0 || Hkv <= 0 || H % Hkv != 0) throw std::invalid_argument("query heads must be a multiple of kv heads");
   if (D <= 0 || D % 64 != 0 || (tiles && D > 256))
     throw std::invalid_argument("head dimension must be a multiple of 64 (at most 256 on tiles)");
   if (Lq <= 0 || Lk <= 0) throw std::invalid_argument("no queries or no keys");
+  if (causal >= 0 && !tiles) throw std::invalid_argument("causal masking runs on AMX tiles only");
+  if (causal < -1 || causal > Lk - Lq)
+    throw std::invalid_argument("causal must be -1 or the cached keys before the chunk (at most k_len - q_len)");
   const qd_prefill::Problem a{reinterpret_cast<const float*>(q), reinterpret_cast<const float*>(k),
                               reinterpret_cast<const float*>(v), reinterpret_cast<float*>(out),
-                              reinterpret_cast<float*>(lse), H, Hkv, Lq, Lk, D, k_head, k_tok, v_head, v_tok, scale};
+                              reinterpret_cast<float*>(lse), H, Hkv, Lq, Lk, D, k_head, k_tok, v_head, v_tok, scale,
+                              causal};
   py::gil_scoped_release release;
 #ifdef QD_PREFILL_AMX
   if (tiles) return prefill_attention_tiles(a, std::max(1, threads));
@@ -587,9 +591,11 @@ PYBIND11_MODULE(_kernels, m) {
         py::arg("lse"), py::arg("heads"), py::arg("kv_heads"), py::arg("q_len"), py::arg("k_len"),
         py::arg("head_dim"), py::arg("k_head_stride"), py::arg("k_token_stride"), py::arg("v_head_stride"),
         py::arg("v_token_stride"), py::arg("scale"), py::arg("threads") = 1, py::arg("tiles") = false,
+        py::arg("causal") = -1,
         "softmax(q k^T * scale) v over every key, products in bf16 (AVX-512 BF16, or AMX tiles with tiles), "
-        "for a prefill chunk's cached prefix; q and out [heads, q_len, head_dim], lse [heads, q_len] "
-        "contiguous fp32");
+        "for a prefill chunk's cached prefix; with causal = P >= 0 (tiles only), query position i sees keys "
+        "0 .. P + i (the keys hold the chunk after P cached ones); q and out [heads, q_len, head_dim], lse "
+        "[heads, q_len] contiguous fp32");
   m.def("prefill_attention_bf16_supported", &prefill_attention_bf16_supported,
         "whether prefill_attention_bf16 runs here (AVX-512 BF16)");
   m.def("prefill_attention_tiles_supported", &prefill_attention_tiles_supported,

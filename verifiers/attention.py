@@ -16,9 +16,9 @@ about a third faster at agent context lengths (bench/RESULTS.md). A sliding-wind
 layer's chunk reads only the keys its window reaches, not the whole cache. Under
 ``small_linear.prefill_precision(bf16)`` a prefill chunk's attention runs in bf16 too: the cached prefix
 (most of the work) by a kernel of ours, on AMX tiles where the CPU has them (1.3-1.7 times torch's bf16
-flash kernel, and no cast of the whole cache every layer) and with vdpbf16ps where it has AVX-512 BF16
-without them (1.6-1.9 times torch's fp32 flash kernel there); the chunk's own block by torch, in bf16 on
-AMX and in fp32 without.
+flash kernel, and no cast of the whole cache every layer; the tile kernel masks the chunk's own block in
+the same call, so nothing is merged) and with vdpbf16ps where it has AVX-512 BF16 without them (1.6-1.9
+times torch's fp32 flash kernel there; the chunk's own block by torch in fp32).
 """
 
 from __future__ import annotations
@@ -52,11 +52,13 @@ def bf16_prefix_applies(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
 
 
 def bf16_prefix_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                          scale: float | None, tiles: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                          scale: float | None, tiles: bool = False,
+                          causal_from: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of query [1, heads, q_len, dim] over every key of key/value [1, kv_heads, k_len, dim]
     (views into the cache are fine), products in bf16 (``csrc/prefill_attention_bf16.h``, or on AMX tiles
     ``csrc/prefill_attention_amx.h``); returns the output [1, heads, q_len, dim] and its log-sum-exp
-    [1, heads, q_len], in fp32, as torch's flash kernel."""
+    [1, heads, q_len], in fp32, as torch's flash kernel. With ``causal_from`` P (tiles only), the keys are
+    P cached positions followed by the chunk itself, and the chunk's position i sees keys up to P + i."""
     _, heads, q_len, dim = query.shape
     kv_heads, k_len = key.shape[1], key.shape[2]
     q, key, value = invariant_attention.kernel_operands(query, key, value)
@@ -65,7 +67,7 @@ def bf16_prefix_attention(query: torch.Tensor, key: torch.Tensor, value: torch.T
     _kernels.prefill_attention_bf16(q.data_ptr(), key.data_ptr(), value.data_ptr(), out.data_ptr(), lse.data_ptr(),
                                     heads, kv_heads, q_len, k_len, dim, key.stride(1), key.stride(2),
                                     value.stride(1), value.stride(2), dim ** -0.5 if scale is None else scale,
-                                    torch.get_num_threads(), tiles)
+                                    torch.get_num_threads(), tiles, -1 if causal_from is None else causal_from)
     return out, lse
 
 
@@ -89,6 +91,9 @@ def causal_chunk_attention(
         # against 0.97 s for 30 layers), the vdpbf16ps kernel (bench/RESULTS.md).
         tiles = small_linear.fast_bf16_cpu()
         bf16_past = past > 0 and lowp == torch.bfloat16 and bf16_prefix_applies(query, key, value, tiles)
+        if bf16_past and tiles:  # the tile kernel masks the chunk's own block too: one call, nothing to merge
+            out, _ = bf16_prefix_attention(query, key, value, scaling, tiles, causal_from=past)
+            return out.to(out_dtype)
         if tiles:  # the chunk's own block (and, where the kernel does not take it, the prefix) in torch's bf16
             query = query.to(lowp)
             if not bf16_past:

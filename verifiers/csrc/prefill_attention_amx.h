@@ -6,7 +6,9 @@
 // then runs across vectors (one per key) with no horizontal reduction and no scalar exponential per row;
 // the weights come out as the B operand of the value tiles directly (pairs of keys, 16 rows), and the value
 // sums come out transposed (dimensions by rows) from V^T as the A operand. An item is a kv head and 16 of
-// its rows; every item streams all of its head's packed keys and values (from L2 at agent lengths).
+// its rows; every item streams its head's packed keys and values (from L2 at agent lengths) up to the last
+// key its rows see: all of them, or with a causal limit (Problem::causal) the cached keys and the chunk's
+// own up to each row's position, so one call computes a whole prefill chunk's attention.
 //
 // Tiles (configure(), all 16 rows of 64 bytes): see rows_any (any head dimension) and rows_d64 (64).
 
@@ -120,13 +122,22 @@ QD_AMX_PREFILL_TARGET inline void pack_queries(const Problem& a, int64_t base, i
   }
 }
 
-// The online softmax over `count` keys' scores sc.s ([key][row], the first `live` of them real), 16 rows
-// at once: weights 2^(cv s - m) into sc.pb as bf16 pairs of keys, their sum into l. Returns the rows whose
-// reference maximum moved, with alpha the factor their running sums must take.
-QD_AMX_PREFILL_TARGET inline __mmask16 softmax_step(int64_t count, int64_t live, __m512 cv, __m512& m, __m512& l,
-                                                    __m512& alpha, Scratch& sc) {
-  __m512 top = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  for (int64_t t = 0; t < live; ++t) top = _mm512_max_ps(top, _mm512_load_ps(sc.s + t * 16));
+// The online softmax over `count` keys' scores sc.s ([key][row]), 16 rows at once: weights 2^(cv s - m)
+// into sc.pb as bf16 pairs of keys, their sum into l. Masked: key j0 + t counts for a row only up to the
+// row's last visible key `last` (the causal diagonal, and keys past the end); its weight is zero beyond.
+// Returns the rows whose reference maximum moved, with alpha the factor their running sums must take.
+template <bool Masked>
+QD_AMX_PREFILL_TARGET inline __mmask16 softmax_step(int64_t count, int64_t j0, __m512 last, __m512 cv, __m512& m,
+                                                    __m512& l, __m512& alpha, Scratch& sc) {
+  const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  __m512 top = minus_inf;
+  for (int64_t t = 0; t < count; ++t) {
+    const __m512 st = _mm512_load_ps(sc.s + t * 16);
+    if constexpr (Masked)
+      top = _mm512_mask_max_ps(top, _mm512_cmp_ps_mask(last, _mm512_set1_ps(float(j0 + t)), _CMP_GE_OQ), top, st);
+    else
+      top = _mm512_max_ps(top, st);
+  }
   top = _mm512_mul_ps(top, cv);
   const __mmask16 moved = _mm512_cmp_ps_mask(top, _mm512_add_ps(m, _mm512_set1_ps(LAG)), _CMP_GT_OQ);
   alpha = _mm512_set1_ps(1.0f);
@@ -137,14 +148,38 @@ QD_AMX_PREFILL_TARGET inline __mmask16 softmax_step(int64_t count, int64_t live,
   }
   __m512 sum = _mm512_setzero_ps();
   for (int64_t t = 0; t < count; t += 2) {  // weights may exceed 1 (by at most 2^LAG)
-    __m512 e0 = _mm512_setzero_ps(), e1 = _mm512_setzero_ps();
-    if (t < live) e0 = exp2_vec(_mm512_fmsub_ps(_mm512_load_ps(sc.s + t * 16), cv, m));
-    if (t + 1 < live) e1 = exp2_vec(_mm512_fmsub_ps(_mm512_load_ps(sc.s + (t + 1) * 16), cv, m));
+    __m512 e0 = exp2_vec(_mm512_fmsub_ps(_mm512_load_ps(sc.s + t * 16), cv, m));
+    __m512 e1 = exp2_vec(_mm512_fmsub_ps(_mm512_load_ps(sc.s + (t + 1) * 16), cv, m));
+    if constexpr (Masked) {  // (a hidden key's weight may be any number, even infinite: it is replaced)
+      e0 = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(last, _mm512_set1_ps(float(j0 + t)), _CMP_GE_OQ), e0);
+      e1 = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(last, _mm512_set1_ps(float(j0 + t + 1)), _CMP_GE_OQ), e1);
+    }
     sum = _mm512_add_ps(sum, _mm512_add_ps(e0, e1));
     _mm512_store_si512(sc.pb + (t / 2) * 16, pairs_of(e0, e1));
   }
   l = _mm512_fmadd_ps(l, alpha, sum);
   return moved;
+}
+
+// Which keys the item's rows see: every row key 0 to its `last` (all keys, or in a causal call the cached
+// keys and the chunk's up to the row's own position). Steps up to key `unmasked` need no mask; no row sees
+// past key `end` - 1.
+struct Visible {
+  __m512 last;
+  int64_t unmasked, end;
+};
+
+QD_AMX_PREFILL_TARGET inline Visible visible(const Problem& a, int64_t base, int64_t n) {
+  alignas(64) float last[16];
+  int64_t lo = a.Lk - 1, hi = 0;
+  for (int64_t r = 0; r < n; ++r) {
+    const int64_t row_last = a.causal < 0 ? a.Lk - 1 : std::min(a.Lk - 1, a.causal + (base + r) % a.Lq);
+    last[r] = float(row_last);
+    lo = std::min(lo, row_last);
+    hi = std::max(hi, row_last);
+  }
+  for (int64_t r = n; r < 16; ++r) last[r] = float(hi);  // rows past n are computed and dropped
+  return {_mm512_load_ps(last), lo, hi + 1};
 }
 
 // The rows' outputs from the value sums sc.o ([dimension][row]) and the softmax's m and l.
@@ -166,13 +201,14 @@ QD_AMX_PREFILL_TARGET inline void finish(const Problem& a, int64_t base, int64_t
 // multiple of 64): the value sums live in sc.o and pass through tiles 0-3 each chunk.
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16"))) inline void rows_any(
     const Problem& a, int64_t g, int64_t r0, int64_t n, const uint16_t* kb, const uint16_t* vt, Scratch& sc) {
-  const int64_t D = a.D, chunks = D / 32, keys = padded_keys(a.Lk), n_rep = a.H / a.Hkv;
+  const int64_t D = a.D, chunks = D / 32, n_rep = a.H / a.Hkv;
   const int64_t base = g * n_rep * a.Lq + r0;
   pack_queries(a, base, n, sc);
   std::memset(sc.o, 0, static_cast<size_t>(D * 16) * 4);
   const __m512 cv = _mm512_set1_ps(a.scale * 1.4426950408889634f);  // base 2: weights 2^(c s - m)
   __m512 m = _mm512_set1_ps(-1e30f), l = _mm512_setzero_ps(), alpha;  // (finite: 2^(m - m') stays a number)
-  for (int64_t j0 = 0; j0 < keys; j0 += KC) {
+  const Visible seen = visible(a, base, n);
+  for (int64_t j0 = 0; j0 < seen.end; j0 += KC) {
     // Scores: tile b holds keys j0 + 16 b .. + 16 (rows of the tile) for the 16 query rows (columns).
     _tile_zero(0);
     _tile_zero(1);
@@ -194,7 +230,9 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16"))
     _tile_stored(1, sc.s + 256, 64);
     _tile_stored(2, sc.s + 512, 64);
     _tile_stored(3, sc.s + 768, 64);
-    if (softmax_step(KC, std::min(KC, a.Lk - j0), cv, m, l, alpha, sc))
+    const bool moved = j0 + KC - 1 <= seen.unmasked ? softmax_step<false>(KC, j0, seen.last, cv, m, l, alpha, sc)
+                                                    : softmax_step<true>(KC, j0, seen.last, cv, m, l, alpha, sc);
+    if (moved)
       for (int64_t d = 0; d < D; ++d) _mm512_store_ps(sc.o + d * 16, _mm512_mul_ps(_mm512_load_ps(sc.o + d * 16), alpha));
     // Value sums: o[d][row] += sum over the chunk's keys of v[key][d] * weight[key][row].
     for (int64_t d0 = 0; d0 < D; d0 += 64) {
@@ -253,7 +291,8 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16"))
   _tile_zero(3);
   _tile_zero(4);
   _tile_zero(5);
-  for (int64_t j0 = 0; j0 < a.Lk; j0 += 32) {
+  const Visible seen = visible(a, base, n);
+  for (int64_t j0 = 0; j0 < seen.end; j0 += 32) {
     const uint16_t* k = kb + j0 * D;
     _tile_zero(0);
     _tile_zero(1);
@@ -269,7 +308,9 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16"))
     _tile_dpbf16ps(1, 6, 7);
     _tile_stored(0, sc.s, 64);
     _tile_stored(1, sc.s + 256, 64);
-    if (softmax_step(32, std::min<int64_t>(32, a.Lk - j0), cv, m, l, alpha, sc) && j0 > 0) {
+    const bool moved = j0 + 31 <= seen.unmasked ? softmax_step<false>(32, j0, seen.last, cv, m, l, alpha, sc)
+                                                : softmax_step<true>(32, j0, seen.last, cv, m, l, alpha, sc);
+    if (moved && j0 > 0) {
       sums_d64_out(sc.o);
       for (int64_t d = 0; d < D; ++d) _mm512_store_ps(sc.o + d * 16, _mm512_mul_ps(_mm512_load_ps(sc.o + d * 16), alpha));
       sums_d64_in(sc.o);

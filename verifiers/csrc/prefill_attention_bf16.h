@@ -38,6 +38,7 @@ struct Problem {
   int64_t H, Hkv, Lq, Lk, D;
   int64_t k_head, k_tok, v_head, v_tok;
   float scale;
+  int64_t causal = -1;  // >= 0: row at position p sees keys 0 .. causal + p only (the tile kernel's)
 };
 
 constexpr int64_t KC = 128;  // keys per chunk: a multiple of 64 (four blocks of 16 per score step)
