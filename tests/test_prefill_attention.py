@@ -102,20 +102,21 @@ def test_the_bf16_prefix_kernel_is_attention_at_bf16_precision(q_len, k_len, n_r
         assert torch.equal(again, out) and torch.equal(again_lse, lse)
 
 
+@pytest.mark.parametrize("tiles", [False, True], ids=["vdpbf16ps", "amx"])
 @pytest.mark.parametrize(("q_len", "past", "n_rep", "dim"),
                          [(1, 0, 3, 64), (5, 15, 3, 64), (40, 0, 3, 64), (37, 129, 1, 64), (300, 1000, 3, 64),
                           (33, 257, 4, 256)])
-def test_the_tile_kernel_masks_a_chunk_causally_after_its_cached_keys(q_len, past, n_rep, dim):
+def test_the_kernels_mask_a_chunk_causally_after_its_cached_keys(q_len, past, n_rep, dim, tiles):
     torch.manual_seed(q_len + past)
     kv_heads = 2
     query = torch.randn(1, kv_heads * n_rep, q_len, dim)
     cache_k, cache_v = torch.randn(1, kv_heads, past + q_len + 50, dim), torch.randn(1, kv_heads, past + q_len + 50, dim)
     key, value = cache_k[:, :, :past + q_len], cache_v[:, :, :past + q_len]
-    if not TILES_PREFIX:  # causal masking is the tile kernel's alone: elsewhere a clear refusal
-        with pytest.raises(ValueError, match="AMX tiles|AVX-512 BF16"):
-            attention_module.bf16_prefix_attention(query, key, value, None, False, causal_from=past)
+    if not (TILES_PREFIX if tiles else BF16_PREFIX):  # a CPU without them: a clear refusal
+        with pytest.raises(ValueError, match="AMX tiles" if BF16_PREFIX else "AVX-512 BF16"):
+            attention_module.bf16_prefix_attention(query, key, value, None, tiles, causal_from=past)
         return
-    out, lse = attention_module.bf16_prefix_attention(query, key, value, None, True, causal_from=past)
+    out, lse = attention_module.bf16_prefix_attention(query, key, value, None, tiles, causal_from=past)
     # Position i sees the cached keys and the chunk's up to itself.
     sees = torch.arange(past + q_len)[None, :] <= past + torch.arange(q_len)[:, None]
     expand = dict(repeats=n_rep, dim=1)
@@ -129,10 +130,10 @@ def test_the_tile_kernel_masks_a_chunk_causally_after_its_cached_keys(q_len, pas
     assert torch.allclose(lse, scores.masked_fill(~sees, float("-inf")).logsumexp(-1), atol=2e-2)
     for threads in (1, 3):
         with _threads(threads):
-            again, _ = attention_module.bf16_prefix_attention(query, key, value, None, True, causal_from=past)
+            again, _ = attention_module.bf16_prefix_attention(query, key, value, None, tiles, causal_from=past)
         assert torch.equal(again, out)
     with pytest.raises(ValueError, match="cached keys before the chunk"):
-        attention_module.bf16_prefix_attention(query, key, value, None, True, causal_from=past + 1)
+        attention_module.bf16_prefix_attention(query, key, value, None, tiles, causal_from=past + 1)
 
 
 @contextlib.contextmanager
@@ -162,8 +163,8 @@ def test_a_bf16_prefill_chunk_takes_the_prefix_kernel_where_it_runs(monkeypatch)
     # CPU without the tile kernel runs all of it through torch in bf16.
     taken = 1 if (TILES_PREFIX if small_linear.fast_bf16_cpu() else BF16_PREFIX) else 0
     assert len(calls) == taken
-    # On tiles that one call masks the chunk's own block as well (it sees 200 cached keys).
-    assert calls == ([200] if TILES_PREFIX and small_linear.fast_bf16_cpu() else [None] * taken)
+    # That one call masks the chunk's own block as well (it sees 200 cached keys): nothing left to merge.
+    assert calls == [200] * taken
     with small_linear.prefill_precision(None):
         assert torch.allclose(causal_chunk_attention(query, key, value, 3, None), want, atol=1e-5)
     assert len(calls) == taken

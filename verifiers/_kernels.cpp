@@ -543,7 +543,6 @@ void prefill_attention_bf16(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out
   if (D <= 0 || D % 64 != 0 || (tiles && D > 256))
     throw std::invalid_argument("head dimension must be a multiple of 64 (at most 256 on tiles)");
   if (Lq <= 0 || Lk <= 0) throw std::invalid_argument("no queries or no keys");
-  if (causal >= 0 && !tiles) throw std::invalid_argument("causal masking runs on AMX tiles only");
   if (causal < -1 || causal > Lk - Lq)
     throw std::invalid_argument("causal must be -1 or the cached keys before the chunk (at most k_len - q_len)");
   const qd_prefill::Problem a{reinterpret_cast<const float*>(q), reinterpret_cast<const float*>(k),
@@ -593,7 +592,7 @@ PYBIND11_MODULE(_kernels, m) {
         py::arg("v_token_stride"), py::arg("scale"), py::arg("threads") = 1, py::arg("tiles") = false,
         py::arg("causal") = -1,
         "softmax(q k^T * scale) v over every key, products in bf16 (AVX-512 BF16, or AMX tiles with tiles), "
-        "for a prefill chunk's cached prefix; with causal = P >= 0 (tiles only), query position i sees keys "
+        "for a prefill chunk's cached prefix; with causal = P >= 0, query position i sees keys "
         "0 .. P + i (the keys hold the chunk after P cached ones); q and out [heads, q_len, head_dim], lse "
         "[heads, q_len] contiguous fp32");
   m.def("prefill_attention_bf16_supported", &prefill_attention_bf16_supported,

@@ -16,9 +16,9 @@ about a third faster at agent context lengths (bench/RESULTS.md). A sliding-wind
 layer's chunk reads only the keys its window reaches, not the whole cache. Under
 ``small_linear.prefill_precision(bf16)`` a prefill chunk's attention runs in bf16 too: the cached prefix
 (most of the work) by a kernel of ours, on AMX tiles where the CPU has them (1.3-1.7 times torch's bf16
-flash kernel, and no cast of the whole cache every layer; the tile kernel masks the chunk's own block in
-the same call, so nothing is merged) and with vdpbf16ps where it has AVX-512 BF16 without them (1.6-1.9
-times torch's fp32 flash kernel there; the chunk's own block by torch in fp32).
+flash kernel, and no cast of the whole cache every layer) and with vdpbf16ps where it has AVX-512 BF16
+without them (1.6-1.9 times torch's fp32 flash kernel there). Either kernel masks the chunk's own block
+in the same call, so nothing is merged.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def bf16_prefix_attention(query: torch.Tensor, key: torch.Tensor, value: torch.T
     """Attention of query [1, heads, q_len, dim] over every key of key/value [1, kv_heads, k_len, dim]
     (views into the cache are fine), products in bf16 (``csrc/prefill_attention_bf16.h``, or on AMX tiles
     ``csrc/prefill_attention_amx.h``); returns the output [1, heads, q_len, dim] and its log-sum-exp
-    [1, heads, q_len], in fp32, as torch's flash kernel. With ``causal_from`` P (tiles only), the keys are
+    [1, heads, q_len], in fp32, as torch's flash kernel. With ``causal_from`` P, the keys are
     P cached positions followed by the chunk itself, and the chunk's position i sees keys up to P + i."""
     _, heads, q_len, dim = query.shape
     kv_heads, k_len = key.shape[1], key.shape[2]
@@ -81,35 +81,29 @@ def causal_chunk_attention(
     """
     batch, heads, q_len, dim = query.shape
     past = key.shape[2] - q_len
-    out_dtype, query32 = query.dtype, query
+    out_dtype = query.dtype
     lowp = small_linear.prefill_dtype()
-    bf16_past = tiles = False
     if lowp is not None and lowp != query.dtype:
-        # The cached prefix, most of the work, takes a kernel of ours where one runs: on AMX tiles, faster than
-        # torch's bf16 flash kernel and no cast of the whole cache every layer; without AMX, where torch's
-        # bf16 flash is slower than its fp32 one (AVX-512 BF16, 300 new positions over 6,600 cached: 1.36 s
-        # against 0.97 s for 30 layers), the vdpbf16ps kernel (bench/RESULTS.md).
+        # A kernel of ours takes the whole chunk where one runs, the cached prefix (most of the work) and the
+        # chunk's own block masked causally in the same call: on AMX tiles, faster than torch's bf16 flash
+        # kernel and no cast of the whole cache every layer; without AMX, where torch's bf16 flash is slower
+        # than its fp32 one (AVX-512 BF16, 300 new positions over 6,600 cached: 1.36 s against 0.97 s for 30
+        # layers), the vdpbf16ps kernel (bench/RESULTS.md).
         tiles = small_linear.fast_bf16_cpu()
-        bf16_past = past > 0 and lowp == torch.bfloat16 and bf16_prefix_applies(query, key, value, tiles)
-        if bf16_past and tiles:  # the tile kernel masks the chunk's own block too: one call, nothing to merge
+        if lowp == torch.bfloat16 and bf16_prefix_applies(query, key, value, tiles):
             out, _ = bf16_prefix_attention(query, key, value, scaling, tiles, causal_from=past)
             return out.to(out_dtype)
-        if tiles:  # the chunk's own block (and, where the kernel does not take it, the prefix) in torch's bf16
-            query = query.to(lowp)
-            if not bf16_past:
-                key, value = key.to(lowp), value.to(lowp)
+        if tiles:  # no kernel of ours for this call: all of it in torch's bf16
+            query, key, value = query.to(lowp), key.to(lowp), value.to(lowp)
     flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    own_k, own_v = key[:, :, past:].to(query.dtype), value[:, :, past:].to(query.dtype)
+    own_k, own_v = key[:, :, past:], value[:, :, past:]
     if n_rep > 1:  # the chunk's own block is small: expand its key/value heads rather than fold queries
         own_k, own_v = own_k.repeat_interleave(n_rep, 1), own_v.repeat_interleave(n_rep, 1)
     out_own, lse_own = flash(query, own_k, own_v, 0.0, True, scale=scaling)
     if past == 0:
         return out_own.to(out_dtype)
-    if bf16_past:
-        out_past, lse_past = bf16_prefix_attention(query32, key[:, :, :past], value[:, :, :past], scaling, tiles)
-    else:
-        folded = query.reshape(batch, heads // n_rep, n_rep * q_len, dim)
-        out_past, lse_past = flash(folded, key[:, :, :past], value[:, :, :past], 0.0, False, scale=scaling)
+    folded = query.reshape(batch, heads // n_rep, n_rep * q_len, dim)
+    out_past, lse_past = flash(folded, key[:, :, :past], value[:, :, :past], 0.0, False, scale=scaling)
     out_past = out_past.reshape(batch, heads, q_len, dim)
     lse_past = lse_past.reshape(batch, heads, q_len)
     top = torch.maximum(lse_past, lse_own)

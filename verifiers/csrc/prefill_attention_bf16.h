@@ -1,9 +1,9 @@
 // Prefill attention over the cached prefix in bf16 with AVX-512 BF16 (vdpbf16ps), for CPUs that
 // multiply bf16 in vector registers but have no AMX tiles (AMD Zen 4 and later).
 //
-// A prefill chunk of Lq new positions attends to every cached key (no mask: the chunk's own causal
-// block is computed apart and merged by log-sum-exp, verifiers/attention.py). For each query head
-// h and position i this computes
+// A prefill chunk of Lq new positions attends to every cached key and, with a causal limit
+// (Problem::causal), to its own keys up to its position, so one call computes the chunk's attention. For
+// each query head h and position i this computes
 //   s_j = scale * dot(bf16(q), bf16(k_j))        pairs of dimensions by vdpbf16ps, fp32 sums
 //   out = sum_j softmax(s)_j * v_j                 weights rounded to bf16, v_j in bf16, fp32 sums
 //   lse = log(sum_j exp(s_j))                      natural log, as torch's flash kernel returns it
@@ -38,7 +38,7 @@ struct Problem {
   int64_t H, Hkv, Lq, Lk, D;
   int64_t k_head, k_tok, v_head, v_tok;
   float scale;
-  int64_t causal = -1;  // >= 0: row at position p sees keys 0 .. causal + p only (the tile kernel's)
+  int64_t causal = -1;  // >= 0: the row at position p sees keys 0 .. causal + p only
 };
 
 constexpr int64_t KC = 128;  // keys per chunk: a multiple of 64 (four blocks of 16 per score step)
@@ -97,6 +97,7 @@ struct Scratch {
   std::vector<float> s;      // [RB][KC]: one chunk's scores
   std::vector<uint16_t> pb;  // [RB][KC]: their softmax weights in bf16
   std::vector<float> o, m, l;
+  std::vector<int64_t> last;  // [RB]: the last key each row sees
   void fit(int64_t D) {
     qb.resize(static_cast<size_t>(RB * D / 2));
     s.resize(static_cast<size_t>(RB * KC));
@@ -104,6 +105,7 @@ struct Scratch {
     o.resize(static_cast<size_t>(RB * D));
     m.resize(RB);
     l.resize(RB);
+    last.resize(RB);
   }
 };
 
@@ -179,19 +181,27 @@ QD_BF16_TARGET inline void rows(const Problem& a, int64_t g, int64_t r0, int64_t
   std::fill(sc.l.begin(), sc.l.begin() + n, 0.0f);
   const __m512 scale = _mm512_set1_ps(a.scale);
   const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  for (int64_t j0 = 0; j0 < a.Lk; j0 += KC) {
-    const int64_t live = std::min(KC, a.Lk - j0);
+  // The last key each row sees: every key, or with a causal limit the cached ones and the chunk's up to the
+  // row's own position; the block stops after its rows' last.
+  int64_t end = 0;
+  for (int64_t r = 0; r < n; ++r) {
+    sc.last[r] = a.causal < 0 ? a.Lk - 1 : std::min(a.Lk - 1, a.causal + (base + r) % a.Lq);
+    end = std::max(end, sc.last[r] + 1);
+  }
+  for (int64_t j0 = 0; j0 < end; j0 += KC) {
+    const int64_t live = std::min(KC, end - j0);
     for (int64_t b0 = 0; b0 < KC / 16; b0 += 4)
       by_fours(n, [&](auto R, int64_t r) {
         score_tile<R()>(sc.qb.data() + r * half, half, kp, j0 / 16 + b0, sc.s.data() + r * KC + b0 * 16);
       });
     for (int64_t r = 0; r < n; ++r) {
       float* s = sc.s.data() + r * KC;
+      const int64_t seen = std::clamp<int64_t>(sc.last[r] - j0 + 1, 0, live);  // this row's keys in the chunk
       __m512 top = minus_inf;
       for (int64_t t = 0; t < KC; t += 16) {
-        const __mmask16 in = t + 16 <= live ? static_cast<__mmask16>(0xFFFF)
-                             : t >= live   ? static_cast<__mmask16>(0)
-                                           : static_cast<__mmask16>((1u << (live - t)) - 1u);
+        const __mmask16 in = t + 16 <= seen ? static_cast<__mmask16>(0xFFFF)
+                             : t >= seen   ? static_cast<__mmask16>(0)
+                                           : static_cast<__mmask16>((1u << (seen - t)) - 1u);
         const __m512 x = _mm512_mask_mov_ps(minus_inf, in, _mm512_mul_ps(_mm512_loadu_ps(s + t), scale));
         _mm512_storeu_ps(s + t, x);
         top = _mm512_max_ps(top, x);
