@@ -136,6 +136,38 @@ def test_the_kernels_mask_a_chunk_causally_after_its_cached_keys(q_len, past, n_
         attention_module.bf16_prefix_attention(query, key, value, None, tiles, causal_from=past + 1)
 
 
+@pytest.mark.parametrize("tiles", [False, True], ids=["vdpbf16ps", "amx"])
+@pytest.mark.parametrize("dim", [64, 128, 256])
+@pytest.mark.parametrize("causal", [False, True], ids=["prefix", "causal"])
+def test_the_kernels_rescale_their_sums_as_later_keys_score_higher(dim, causal, tiles):
+    # Scores that climb along the keys (by about 30 in all, plus noise) move each row's running maximum many
+    # times after the first step, so the sums are rescaled in flight (in memory, or taken out of the tiles).
+    torch.manual_seed(dim)
+    q_len, past, n_rep = 48, 900, 3
+    k_len = past + q_len
+    query = torch.ones(1, 2 * n_rep, q_len, dim) + 0.1 * torch.randn(1, 2 * n_rep, q_len, dim)
+    ramp = torch.linspace(0, 30 / dim ** 0.5, k_len)[None, None, :, None]
+    key = ramp * torch.ones(1, 2, k_len, dim) + 0.3 * torch.randn(1, 2, k_len, dim)
+    value = torch.randn(1, 2, k_len, dim)
+    if not (TILES_PREFIX if tiles else BF16_PREFIX):  # a CPU without them: the model never asks
+        assert not attention_module.bf16_prefix_applies(query, key, value, tiles)
+        return
+    out, lse = attention_module.bf16_prefix_attention(
+        query, key if causal else key[:, :, :past], value if causal else value[:, :, :past], None, tiles,
+        causal_from=past if causal else None)
+    keys = k_len if causal else past
+    sees = (torch.arange(keys)[None, :] <= past + torch.arange(q_len)[:, None]) if causal \
+        else torch.ones(q_len, keys, dtype=torch.bool)
+    k, v = key[:, :, :keys].repeat_interleave(n_rep, 1), value[:, :, :keys].repeat_interleave(n_rep, 1)
+    want = torch.nn.functional.scaled_dot_product_attention(query.double(), k.double(), v.double(), attn_mask=sees)
+    in_bf16 = torch.nn.functional.scaled_dot_product_attention(query.bfloat16(), k.bfloat16(), v.bfloat16(),
+                                                               attn_mask=sees).double()
+    assert (out - want).abs().max() <= max(2 * (in_bf16 - want).abs().max(), 1e-3)
+    # The log-sum-exp of the scores of the inputs rounded to bf16, as the kernels round them.
+    scores = (query.bfloat16().double() @ k.bfloat16().double().transpose(-1, -2)) * dim ** -0.5
+    assert torch.allclose(lse.double(), scores.masked_fill(~sees, float("-inf")).logsumexp(-1), atol=1e-2)
+
+
 @contextlib.contextmanager
 def _threads(n):
     old = torch.get_num_threads()

@@ -107,6 +107,10 @@ QD_AMX_PREFILL_TARGET inline __m512i pairs_of(__m512 a, __m512 b) {
 // scaling every running sum of the row, the costly part (the sums live in tiles on the head-dim-64 path).
 constexpr float LAG = 8.0f;
 
+// GCC's tile loads and stores are asm statements that do not say they touch memory: this tells the compiler
+// that scratch written by vector code is read by tiles (and the reverse) at this point, so it keeps the order.
+inline void fence() { asm volatile("" : : : "memory"); }
+
 // Queries of the item's rows as the score tiles' B operand: [D / 32][16 pairs][16 rows]; rows past n zero.
 QD_AMX_PREFILL_TARGET inline void pack_queries(const Problem& a, int64_t base, int64_t n, Scratch& sc) {
   const int64_t chunks = a.D / 32;
@@ -120,6 +124,7 @@ QD_AMX_PREFILL_TARGET inline void pack_queries(const Problem& a, int64_t base, i
       for (int p = 0; p < 16; ++p) sc.qt[(c * 16 + p) * 16 + r] = pairs[p];
     }
   }
+  fence();
 }
 
 // The online softmax over `count` keys' scores sc.s ([key][row]), 16 rows at once: weights 2^(cv s - m)
@@ -129,6 +134,7 @@ QD_AMX_PREFILL_TARGET inline void pack_queries(const Problem& a, int64_t base, i
 template <bool Masked>
 QD_AMX_PREFILL_TARGET inline __mmask16 softmax_step(int64_t count, int64_t j0, __m512 last, __m512 cv, __m512& m,
                                                     __m512& l, __m512& alpha, Scratch& sc) {
+  fence();
   const __m512 minus_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   __m512 top = minus_inf;
   for (int64_t t = 0; t < count; ++t) {
@@ -141,9 +147,9 @@ QD_AMX_PREFILL_TARGET inline __mmask16 softmax_step(int64_t count, int64_t j0, _
   top = _mm512_mul_ps(top, cv);
   const __mmask16 moved = _mm512_cmp_ps_mask(top, _mm512_add_ps(m, _mm512_set1_ps(LAG)), _CMP_GT_OQ);
   alpha = _mm512_set1_ps(1.0f);
-  if (moved) {
+  if (moved) {  // (exactly 1 for the rows that stay: exp2_vec(0) is 1 only to 6e-7)
     const __m512 m_new = _mm512_mask_mov_ps(m, moved, top);
-    alpha = exp2_vec(_mm512_sub_ps(m, m_new));
+    alpha = _mm512_mask_mov_ps(alpha, moved, exp2_vec(_mm512_sub_ps(m, m_new)));
     m = m_new;
   }
   __m512 sum = _mm512_setzero_ps();
@@ -158,6 +164,7 @@ QD_AMX_PREFILL_TARGET inline __mmask16 softmax_step(int64_t count, int64_t j0, _
     _mm512_store_si512(sc.pb + (t / 2) * 16, pairs_of(e0, e1));
   }
   l = _mm512_fmadd_ps(l, alpha, sum);
+  fence();
   return moved;
 }
 
@@ -185,6 +192,7 @@ QD_AMX_PREFILL_TARGET inline Visible visible(const Problem& a, int64_t base, int
 // The rows' outputs from the value sums sc.o ([dimension][row]) and the softmax's m and l.
 QD_AMX_PREFILL_TARGET inline void finish(const Problem& a, int64_t base, int64_t n, __m512 m, __m512 l,
                                          const Scratch& sc) {
+  fence();
   alignas(64) float m_row[16], l_row[16];
   _mm512_store_ps(m_row, m);
   _mm512_store_ps(l_row, l);
@@ -235,6 +243,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16,amx-tile,amx-bf16"))
     if (moved)
       for (int64_t d = 0; d < D; ++d) _mm512_store_ps(sc.o + d * 16, _mm512_mul_ps(_mm512_load_ps(sc.o + d * 16), alpha));
     // Value sums: o[d][row] += sum over the chunk's keys of v[key][d] * weight[key][row].
+    fence();
     for (int64_t d0 = 0; d0 < D; d0 += 64) {
       float* o = sc.o + d0 * 16;
       _tile_loadd(0, o, 64);
@@ -268,9 +277,11 @@ __attribute__((target("amx-tile"))) inline void sums_d64_out(float* o) {
   _tile_stored(3, o + 256, 64);
   _tile_stored(4, o + 512, 64);
   _tile_stored(5, o + 768, 64);
+  fence();
 }
 
 __attribute__((target("amx-tile"))) inline void sums_d64_in(const float* o) {
+  fence();
   _tile_loadd(2, o, 64);
   _tile_loadd(3, o + 256, 64);
   _tile_loadd(4, o + 512, 64);
