@@ -6,6 +6,11 @@ prefill chunk over the cached prefix, and each result's largest difference from 
     python -m quickdraft.bench.prefill_attention_kernel --shapes 300x6600,1024x4096
 
 ``QxK``: Q new positions over K cached keys. The kernel needs AVX-512 BF16.
+
+The ``chunk_*`` figures take the chunk's own keys too (K cached, then the Q new ones): ``chunk_causal`` is
+the model's path, one kernel call with the causal limit (tiles where AMX runs), and ``chunk_merged`` the path
+before it, the kernel over the cached keys and torch's flash over the chunk's own block (bf16 on AMX, fp32
+without) merged by their log-sum-exp; their differences are from the same merge done in fp32.
 """
 
 from __future__ import annotations
@@ -21,12 +26,52 @@ from quickdraft.verifiers.attention import bf16_prefix_applies, bf16_prefix_atte
 
 
 def _flash(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return _flash_lse(q.to(dtype), k.to(dtype), v.to(dtype))[0].float()
+
+
+def _own_block(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch's causal flash over the chunk's own keys (heads expanded, as the model's old path did)."""
+    n_rep = q.shape[1] // k.shape[1]
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q.to(dtype), k.repeat_interleave(n_rep, 1).to(dtype), v.repeat_interleave(n_rep, 1).to(dtype), 0.0, True,
+        scale=q.shape[-1] ** -0.5)[:2]
+    return out.float(), lse
+
+
+def _merge(past: tuple[torch.Tensor, torch.Tensor], own: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    (out_p, lse_p), (out_o, lse_o) = past, own
+    top = torch.maximum(lse_p, lse_o)
+    w_p, w_o = torch.exp(lse_p - top)[..., None], torch.exp(lse_o - top)[..., None]
+    return (out_p * w_p + out_o * w_o) / (w_p + w_o)
+
+
+def _flash_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch's flash attention over every key, query heads folded onto their kv head; output and lse."""
     _, heads, q_len, dim = q.shape
-    kv_heads = k.shape[1]
-    folded = q.reshape(1, kv_heads, heads // kv_heads * q_len, dim).to(dtype)
-    out = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(folded, k.to(dtype), v.to(dtype), 0.0, False,
-                                                                      scale=dim ** -0.5)[0]
-    return out.float().reshape(1, heads, q_len, dim)
+    folded = q.reshape(1, k.shape[1], heads // k.shape[1] * q_len, dim)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(folded, k, v, 0.0, False,
+                                                                          scale=dim ** -0.5)[:2]
+    return out.reshape(1, heads, q_len, dim), lse.reshape(1, heads, q_len)
+
+
+def _chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, repeats: int) -> dict:
+    """A whole prefill chunk's attention: q after the k_len - q_len cached keys of k and v."""
+    past = k.shape[2] - q.shape[2]
+    tiles = bf16_prefix_applies(q, k, v, tiles=True)
+    cached, own = (k[:, :, :past], v[:, :, :past]), (k[:, :, past:], v[:, :, past:])
+    reference = _merge(_flash_lse(q, *cached), _own_block(q, *own, torch.float32))
+    paths = {
+        "chunk_causal": lambda: bf16_prefix_attention(q, k, v, None, tiles, causal_from=past)[0],
+        "chunk_merged": lambda: _merge(bf16_prefix_attention(q, *cached, None, tiles),
+                                       _own_block(q, *own, torch.bfloat16 if tiles else torch.float32)),
+    }
+    point = {}
+    for name, fn in paths.items():
+        point[f"{name}_ms"] = round(_median_us(fn, repeats) / 1e3, 2)
+        point[f"{name}_max_diff"] = float((fn() - reference).abs().max())
+    point["chunk_causal_vs_merged"] = round(point["chunk_merged_ms"] / point["chunk_causal_ms"], 2)
+    return point
 
 
 def _point(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, repeats: int) -> dict:
@@ -63,11 +108,13 @@ def _measure(shapes: list[tuple[int, int]], heads: int, kv_heads: int, dim: int,
     for q_len, k_len in shapes:
         q = torch.randn(1, heads, q_len, dim)
         # Views into a longer cache, as a model's layers hand them over.
-        k = torch.randn(1, kv_heads, k_len + 256, dim)[:, :, :k_len]
-        v = torch.randn(1, kv_heads, k_len + 256, dim)[:, :, :k_len]
+        cache_k, cache_v = (torch.randn(1, kv_heads, k_len + q_len + 256, dim) for _ in range(2))
+        k, v = cache_k[:, :, :k_len], cache_v[:, :, :k_len]
         if not bf16_prefix_applies(q, k, v):
             raise SystemExit("the bf16 prefix kernel does not run on this CPU (it needs AVX-512 BF16)")
-        out["points"].append(_point(q, k, v, repeats))
+        point = _point(q, k, v, repeats)
+        point.update(_chunk(q, cache_k[:, :, :k_len + q_len], cache_v[:, :, :k_len + q_len], repeats))
+        out["points"].append(point)
     return out
 
 

@@ -110,7 +110,7 @@ def test_the_kernels_mask_a_chunk_causally_after_its_cached_keys(q_len, past, n_
     torch.manual_seed(q_len + past)
     kv_heads = 2
     query = torch.randn(1, kv_heads * n_rep, q_len, dim)
-    cache_k, cache_v = torch.randn(1, kv_heads, past + q_len + 50, dim), torch.randn(1, kv_heads, past + q_len + 50, dim)
+    cache_k, cache_v = (torch.randn(1, kv_heads, past + q_len + 50, dim) for _ in range(2))
     key, value = cache_k[:, :, :past + q_len], cache_v[:, :, :past + q_len]
     if not (TILES_PREFIX if tiles else BF16_PREFIX):  # a CPU without them: a clear refusal
         with pytest.raises(ValueError, match="AMX tiles" if BF16_PREFIX else "AVX-512 BF16"):
@@ -230,3 +230,6 @@ def test_the_prefix_kernel_benchmark_reports_time_and_difference_per_shape():
     assert ("kernel_tiles_ms" in point) == TILES_PREFIX
     if TILES_PREFIX:
         assert point["kernel_tiles_max_diff"] < 2e-2 and point["kernel_tiles_vs_flash_bf16"] > 0
+    # The whole chunk (its own keys after the cached ones): one causal call against the merged path before it.
+    assert point["chunk_causal_ms"] > 0 and point["chunk_merged_ms"] > 0 and point["chunk_causal_vs_merged"] > 0
+    assert point["chunk_causal_max_diff"] < 2e-2 and point["chunk_merged_max_diff"] < 2e-2
