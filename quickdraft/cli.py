@@ -153,6 +153,10 @@ def worker(
 
     if s.threads:
         torch.set_num_threads(s.threads)
+    if s.heap_keep_mb:
+        from quickdraft.verifiers.heap import keep_freed_memory
+
+        keep_freed_memory(s.heap_keep_mb)
     started = time.perf_counter()
     loaded = load_model(s.model, s.device, s.dtype, s.prefill_dtype, s.decode_dtype)
     runtime = ModelRuntime(loaded, kv_budget_bytes=s.kv_budget_mb << 20, kv_active_s=s.kv_active_s)
@@ -508,10 +512,12 @@ def bench(
         import torch
 
         from quickdraft.bench.prefill_cost import measure as measure_prefill
+        from quickdraft.verifiers.heap import keep_freed_memory
         from quickdraft.verifiers.model_loader import load_model
 
         if threads:
             torch.set_num_threads(threads)
+        keep_freed_memory()  # as a worker does (the `heap_keep_mb` setting)
         loaded = load_model(model)
         tokens = min(prefill_tokens, loaded.model.config.max_position_embeddings)
         from quickdraft.bench.prefill_cost import PREFILL_CHUNK
