@@ -23,6 +23,7 @@
 
 #include <omp.h>
 
+#include "csrc/act_mul_bf16.h"
 #include "csrc/amx_linear.h"
 #include "csrc/attention.h"
 #include "csrc/attention_amx.h"
@@ -556,6 +557,25 @@ void prefill_attention_bf16(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out
   prefill_attention_vectors(a, std::max(1, threads));
 }
 
+bool act_mul_bf16_supported() {
+  static const bool vector = qd_actmul::vector_supported();
+  return vector;
+}
+
+void act_mul_bf16(uintptr_t gate, uintptr_t up, uintptr_t out, int64_t rows, int64_t cols, int64_t gate_stride,
+                  int64_t up_stride, int64_t out_stride, int act, int threads, const std::string& isa) {
+  if (act != qd_actmul::SILU && act != qd_actmul::GELU_TANH)
+    throw std::invalid_argument("act must be 0 (SiLU) or 1 (GELU, tanh form)");
+  if (rows < 0 || cols < 0 || gate_stride < cols || up_stride < cols || out_stride < cols)
+    throw std::invalid_argument("rows and columns must not be negative, and each stride must hold a row");
+  if (isa != "auto" && isa != "reference") throw std::invalid_argument("isa must be auto or reference");
+  if (isa == "auto" && !act_mul_bf16_supported()) throw std::invalid_argument("this CPU has no AVX-512 BF16 instructions");
+  const qd_actmul::Problem p{reinterpret_cast<const uint16_t*>(gate), reinterpret_cast<const uint16_t*>(up),
+                             reinterpret_cast<uint16_t*>(out), rows, cols, gate_stride, up_stride, out_stride, act};
+  py::gil_scoped_release release;
+  qd_actmul::run(p, std::max(1, threads), isa == "auto");
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_kernels, m) {
@@ -599,6 +619,12 @@ PYBIND11_MODULE(_kernels, m) {
         "whether prefill_attention_bf16 runs here (AVX-512 BF16)");
   m.def("prefill_attention_tiles_supported", &prefill_attention_tiles_supported,
         "whether prefill_attention_bf16(tiles=True) runs here (AMX tiles)");
+  m.def("act_mul_bf16", &act_mul_bf16, py::arg("gate"), py::arg("up"), py::arg("out"), py::arg("rows"),
+        py::arg("cols"), py::arg("gate_stride"), py::arg("up_stride"), py::arg("out_stride"), py::arg("act"),
+        py::arg("threads"), py::arg("isa") = "auto",
+        "out = act(gate) * up over bf16 rows (act 0: SiLU, 1: GELU in tanh form), computed in fp32 and rounded "
+        "once to bf16; isa: auto (AVX-512 BF16) or reference (plain C++)");
+  m.def("act_mul_bf16_supported", &act_mul_bf16_supported, "whether act_mul_bf16 runs here (AVX-512 BF16)");
   m.def("supported_isas", [] {
     py::list out;
     for (int i = 0; i < ISA_COUNT; ++i)

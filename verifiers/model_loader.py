@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from quickdraft.catalog import gguf_location, load_tokenizer, model_cache_dir, resolve
-from quickdraft.verifiers import attention, small_linear
+from quickdraft.verifiers import attention, prefill_mlp, small_linear
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +136,10 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto", prefill_dty
         log.info("%d linear layers use the batch-invariant %s kernel", invariant, small_linear.isa())
     tokenizer = load_tokenizer(name)
     loaded = LoadedModel(spec.name, model, tokenizer, dev, dt, invariant, pick_prefill_dtype(dev, dt, prefill_dtype))
+    if loaded.prefill_dtype == torch.bfloat16:
+        fused = prefill_mlp.install(model)
+        if fused:
+            log.info("%d MLPs take the fused bf16 prefill path", fused)
     decode = pick_decode_dtype(invariant, decode_dtype)
     if decode is not None:
         set_decode_dtype(loaded, decode)  # a clear error where the CPU multiplies no bf16

@@ -23,6 +23,7 @@
 
 #include "amx_linear.h"
 #include "attention.h"
+#include "exp2_avx512.h"
 #include "prefill_attention_bf16.h"
 
 #if defined(QD_X86) && defined(QD_AMX)
@@ -76,17 +77,8 @@ QD_AMX_PREFILL_TARGET inline void pack_values(const Problem& a, int64_t g, int64
     }
 }
 
-// 2^t, relative error under 6e-6 (a degree-4 fit on [-1/2, 1/2], scaled by 2^round(t)): ample for weights
-// rounded to bf16 (2^-9). Far below -126 it underflows to zero; here t stays at most LAG.
-QD_AMX_PREFILL_TARGET inline __m512 exp2_vec(__m512 t) {
-  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(t, n);
-  __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(0.009554105f), f, _mm512_set1_ps(0.05587041f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.24024697f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.69312803f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.99999944f));
-  return _mm512_scalef_ps(p, n);
-}
+// 2^t (exp2_avx512.h): here t stays at most LAG, and far below -126 it underflows to zero.
+using qd_vec::exp2_vec;
 
 struct alignas(64) Scratch {
   alignas(64) uint32_t qt[8 * 16 * 16];    // queries: [D / 32][16 pairs][16 rows] bf16 pairs (D <= 256)
