@@ -156,7 +156,9 @@ def worker(
     if s.heap_keep_mb:
         from quickdraft.verifiers.heap import keep_freed_memory
 
-        keep_freed_memory(s.heap_keep_mb)
+        if not keep_freed_memory(s.heap_keep_mb):
+            logging.getLogger("quickdraft").warning(
+                "the C library refused the heap settings (heap_keep_mb): freed memory goes back to the kernel")
     started = time.perf_counter()
     loaded = load_model(s.model, s.device, s.dtype, s.prefill_dtype, s.decode_dtype)
     runtime = ModelRuntime(loaded, kv_budget_bytes=s.kv_budget_mb << 20, kv_active_s=s.kv_active_s)
@@ -517,7 +519,7 @@ def bench(
 
         if threads:
             torch.set_num_threads(threads)
-        keep_freed_memory()  # as a worker does (the `heap_keep_mb` setting)
+        keep_freed_memory()  # as a worker does with the default `heap_keep_mb`
         loaded = load_model(model)
         tokens = min(prefill_tokens, loaded.model.config.max_position_embeddings)
         from quickdraft.bench.prefill_cost import PREFILL_CHUNK

@@ -89,9 +89,10 @@ class Settings(BaseSettings):
                             "with speculation on and off")
     kv_budget_mb: int = Field(2048, ge=64, description="KV cache memory for all sessions of a worker")
     heap_keep_mb: int = Field(
-        1024, ge=0, description="worker: freed memory (blocks up to 32 MB) kept in the process for the next pass "
-                                "instead of going back to the kernel, up to this much free at the heap's top "
-                                "(glibc; prefill temporaries then cost no page faults); 0: the C library's defaults"
+        1024, ge=0, le=2047,
+        description="worker: freed memory (blocks up to 32 MB) kept in the process for the next pass instead of going "
+                    "back to the kernel, up to this much free at the heap's top (glibc; prefill temporaries then "
+                    "cost no page faults); 0: the C library's defaults"
     )
     kv_active_s: float = Field(
         10.0, ge=0, description="a session used this recently is not evicted, even over the KV budget (no thrash)"

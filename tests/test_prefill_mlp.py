@@ -130,6 +130,11 @@ def test_install_fuses_gated_mlps_and_only_bf16_prefill_chunks_take_it(monkeypat
     assert isinstance(silu, prefill_mlp.PrefillMLP) and isinstance(gelu, prefill_mlp.PrefillMLP)
     assert not isinstance(relu, prefill_mlp.PrefillMLP) and not isinstance(swapped, prefill_mlp.PrefillMLP)
     assert prefill_mlp.install(model) == 0  # once is enough
+    # what the fused path keeps: the stacked gate and up, down's bf16 copy; no copies of gate or up alone
+    for m in (silu, gelu):
+        assert prefill_mlp.STACKED in m.gate_proj.__dict__ and "_lowp" in m.down_proj.__dict__
+        assert "_lowp" not in m.gate_proj.__dict__ and "_lowp" not in m.up_proj.__dict__
+    assert prefill_mlp.STACKED not in swapped.gate_proj.__dict__
 
     calls = []
     real = prefill_mlp.act_mul_bf16
@@ -150,6 +155,23 @@ def test_install_fuses_gated_mlps_and_only_bf16_prefill_chunks_take_it(monkeypat
     assert calls == [SILU, GELU_TANH]
 
 
+class ThreeD(GatedMLP):
+    def forward(self, x):  # takes only [batch, seq, hidden]: the install's check on [rows, hidden] fails
+        batch, seq, hidden = x.shape
+        return super().forward(x)
+
+
+@pytest.mark.skipif(not VECTOR, reason="the fused path runs where the CPU has AVX-512 BF16")
+def test_an_mlp_whose_forward_fails_the_check_keeps_its_own(monkeypatch):
+    mlp = ThreeD(64, 96, nn.SiLU())
+    model = _model(mlp)
+    assert prefill_mlp.install(model) == 0
+    assert type(mlp) is ThreeD and prefill_mlp.STACKED not in mlp.gate_proj.__dict__
+    x = torch.randn(2, 80, 64)
+    with torch.no_grad(), small_linear.prefill_precision(torch.bfloat16):
+        assert mlp(x).shape == x.shape
+
+
 def test_install_does_nothing_without_the_kernel(monkeypatch):
     monkeypatch.setattr(prefill_mlp, "supported", lambda: False)
     model = _model(GatedMLP(64, 96, nn.SiLU()))
@@ -163,6 +185,10 @@ def test_the_real_models_prefill_in_bf16_through_the_fused_mlps(name, monkeypatc
     from quickdraft.bench.prefill_cost import prefill
     from quickdraft.verifiers.model_loader import load_model
 
+    if name.startswith("smollm2"):  # fp32 prefill: nothing to fuse
+        plain = load_model(name, decode_dtype="float32", prefill_dtype="float32").model
+        assert not any(isinstance(m, prefill_mlp.PrefillMLP) for m in plain.modules())
+        del plain
     loaded = load_model(name, decode_dtype="float32", prefill_dtype="bfloat16")
     model = loaded.model
     fused = [m for m in model.modules() if isinstance(m, prefill_mlp.PrefillMLP)]

@@ -41,9 +41,10 @@ def _libc() -> ctypes.CDLL | None:
 
 
 def keep_freed_memory(keep_mb: int = 1024) -> bool:
-    """Raise malloc's mmap threshold to its largest and its trim threshold to ``keep_mb``, so
-    freed tensors of up to 32 MB stay in the process; False where the C library has no mallopt
-    (or refuses a value), and the process keeps the library's defaults."""
+    """Raise malloc's mmap threshold to its largest and its trim threshold to ``keep_mb`` (at most
+    2,047), so freed tensors of up to 32 MB stay in the process. False where the C library has no
+    mallopt or refuses a value: the process then keeps the library's defaults, or (a refused trim
+    threshold after an accepted mmap threshold) the larger mmap threshold alone."""
     if keep_mb <= 0:
         raise ValueError(f"keep_mb must be positive, not {keep_mb}")
     libc = _libc()

@@ -69,23 +69,39 @@ def _activation_kind(act_fn: nn.Module) -> int | None:
     return None
 
 
+STACKED = "_gate_up_bf16"  # where gate_proj keeps the stacked bf16 copy (small_linear.InvariantLinear.derived)
+
+
+def _stacked_bf16(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """[gate; up] in bf16, cast half by half (no fp32 copy of both)."""
+    out = torch.empty((gate.shape[0] + up.shape[0], gate.shape[1]), dtype=torch.bfloat16)
+    out[: gate.shape[0]].copy_(gate.detach())
+    out[gate.shape[0]:].copy_(up.detach())
+    return out
+
+
 class PrefillMLP(nn.Module):
     """Mixed into a gated MLP's class (``install``): bf16 prefill chunks take the fused path."""
 
     _qd_act: int
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         lowp = small_linear.prefill_dtype()
-        if (lowp == torch.bfloat16 and x.dtype == torch.float32 and not small_linear.forced()
-                and not torch.is_grad_enabled() and x.numel() // x.shape[-1] > MAX_ROWS):
+        if (lowp == torch.bfloat16 and not args and not kwargs and x.dtype == torch.float32
+                and not small_linear.forced() and not torch.is_grad_enabled() and x.numel() // x.shape[-1] > MAX_ROWS
+                and not self._projection_hooks()):
             return self.fused_forward(x)
-        return super().forward(x)
+        return super().forward(x, *args, **kwargs)
+
+    def _projection_hooks(self) -> bool:
+        """Whether a hook watches gate, up or down (the fused path would skip their calls)."""
+        return any(p._forward_hooks or p._forward_pre_hooks for p in (self.gate_proj, self.up_proj, self.down_proj))
 
     def fused_forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up, down = self.gate_proj, self.up_proj, self.down_proj
         width = gate.out_features
-        stacked = gate.derived("_gate_up_bf16", lambda: torch.cat([gate.weight.detach(), up.weight.detach()])
-                               .to(torch.bfloat16), up.weight.data_ptr(), up.weight._version)
+        stacked = gate.derived(STACKED, lambda: _stacked_bf16(gate.weight, up.weight),
+                               up.weight.data_ptr(), up.weight._version)
         rows = x.reshape(-1, x.shape[-1])
         both = F.linear(rows.to(torch.bfloat16), stacked)
         h = act_mul_bf16(both[:, :width], both[:, width:], self._qd_act)
@@ -105,11 +121,19 @@ def _fusable(module: nn.Module) -> int | None:
 
 
 def _agrees(module: nn.Module) -> bool:
-    """Whether the fused path gives this MLP's own bf16 forward (its structure is the gated one we assume)."""
+    """Whether the fused path gives this MLP's own bf16 forward (its structure is the gated one we assume);
+    an MLP whose forward fails on a plain [rows, hidden] input does not agree."""
     x = torch.randn(MAX_ROWS + 7, module.gate_proj.in_features, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad(), small_linear.prefill_precision(torch.bfloat16):
-        mine = module.fused_forward(x)
-        theirs = super(PrefillMLP, module).forward(x)
+    try:
+        with torch.no_grad(), small_linear.prefill_precision(torch.bfloat16):
+            mine = module.fused_forward(x)
+            theirs = super(PrefillMLP, module).forward(x)
+    except Exception:
+        return False
+    finally:
+        # The unfused forward left bf16 copies of gate and up that the fused path never reads.
+        for proj in (module.gate_proj, module.up_proj):
+            proj.__dict__.pop("_lowp", None)
     scale = float(theirs.abs().max()) or 1.0
     return mine.shape == theirs.shape and float((mine - theirs).abs().max()) <= 2 ** -6 * scale
 
@@ -138,6 +162,8 @@ def install(model: nn.Module) -> int:
                         base.__name__)
             module.__class__ = base
             del module._qd_act
+            module.gate_proj.__dict__.pop(STACKED, None)
+            module.down_proj.__dict__.pop("_lowp", None)
             continue
         count += 1
     return count

@@ -3,7 +3,9 @@
 
 #pragma once
 
-#if defined(__x86_64__)
+// Compilers from before AVX-512 BF16 (GCC 10, Clang 9) leave it out, and the kernels that use it with it.
+#if defined(__x86_64__) && (defined(__clang__) ? __clang_major__ >= 9 : __GNUC__ >= 10)
+#define QD_EXP2_AVX512 1
 #include <immintrin.h>
 
 namespace qd_vec {
