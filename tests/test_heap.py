@@ -52,9 +52,10 @@ def _run(keep_mb: int) -> dict:
     return json.loads(out.stdout.splitlines()[-1])
 
 
-@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the thresholds are glibc's malloc's (other C "
-                                                                "libraries keep their own behaviour)")
 def test_freed_temporaries_are_reused_without_page_faults():
+    if platform.libc_ver()[0] != "glibc":  # the thresholds are glibc's: elsewhere it says no and changes nothing
+        assert _run(256)["tuned"] is False
+        return
     plain, tuned = _run(0), _run(256)
     assert tuned["tuned"] is True
     # A block of a few MB comes from the heap, where a freed one stays for the next request; with the C

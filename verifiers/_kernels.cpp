@@ -557,10 +557,8 @@ void prefill_attention_bf16(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t out
   prefill_attention_vectors(a, std::max(1, threads));
 }
 
-bool act_mul_bf16_supported() {
-  static const bool vector = qd_actmul::vector_supported();
-  return vector;
-}
+// The same AVX-512 BF16 instructions as the vdpbf16ps prefill attention.
+bool act_mul_bf16_supported() { return prefill_attention_bf16_supported(); }
 
 void act_mul_bf16(uintptr_t gate, uintptr_t up, uintptr_t out, int64_t rows, int64_t cols, int64_t gate_stride,
                   int64_t up_stride, int64_t out_stride, int act, int threads, const std::string& isa) {

@@ -86,10 +86,9 @@ class PrefillMLP(nn.Module):
     _qd_act: int
 
     def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        lowp = small_linear.prefill_dtype()
-        if (lowp == torch.bfloat16 and not args and not kwargs and x.dtype == torch.float32
-                and not small_linear.forced() and not torch.is_grad_enabled() and x.numel() // x.shape[-1] > MAX_ROWS
-                and not self._projection_hooks()):
+        # Fused exactly where gate and up would each be a bf16 prefill product of an fp32 input.
+        if (not args and not kwargs and x.dtype == torch.float32
+                and small_linear.prefill_call_dtype(x) == torch.bfloat16 and not self._projection_hooks()):
             return self.fused_forward(x)
         return super().forward(x, *args, **kwargs)
 

@@ -183,19 +183,37 @@ def linear_bf16(x: torch.Tensor, packed: torch.Tensor, out_features: int, bias: 
     return y
 
 
+def _kernel_call(x: torch.Tensor, rows: int) -> bool:
+    """Whether an installed layer's call on ``x`` (``rows`` rows) takes the kernel."""
+    return x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled() \
+        and (rows <= MAX_ROWS or forced())
+
+
+def _prefill_lowp(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype ``prefill_precision`` sets for a torch call on ``x``, None: ``x``'s own."""
+    lowp = prefill_dtype()
+    if lowp is not None and lowp != x.dtype and not forced() and not torch.is_grad_enabled():
+        return lowp
+    return None
+
+
+def prefill_call_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype an installed layer multiplies a call on ``x`` (its last dimension the features) in when
+    the call is a prefill product in lower precision; None for a kernel call or one in ``x``'s dtype."""
+    return None if _kernel_call(x, x.numel() // x.shape[-1]) else _prefill_lowp(x)
+
+
 class InvariantLinear(nn.Linear):
     """An ``nn.Linear`` (same parameters, same state dict) that takes the kernel when it may."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features
-        if x.dtype == torch.float32 and x.device.type == "cpu" and not torch.is_grad_enabled() \
-                and (rows <= MAX_ROWS or forced()):
+        if _kernel_call(x, x.numel() // self.in_features):
             packed = self.__dict__.get("_bf16_tiles")
             if packed is not None:
                 return linear_bf16(x, packed, self.out_features, self.bias)
             return linear(x, self.weight, self.bias)
-        lowp = prefill_dtype()
-        if lowp is not None and lowp != x.dtype and not forced() and not torch.is_grad_enabled():
+        lowp = _prefill_lowp(x)
+        if lowp is not None:
             weight, bias = self._weights_in(lowp)
             return F.linear(x.to(lowp), weight, bias).to(x.dtype)
         return F.linear(x, self.weight, self.bias)

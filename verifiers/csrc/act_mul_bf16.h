@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "bf16_linear_avx512.h"  // QD_AVX512_BF16, qd_bf16v::supported(): the same instructions
 #include "exp2_avx512.h"
 
 namespace qd_actmul {
@@ -52,7 +53,7 @@ inline uint16_t to_bf16(float f) {  // round to nearest even, as vcvtneps2bf16 a
   return uint16_t(bits >> 16);
 }
 
-// The definition, in plain C++ (tests compare the vector path with it, and CPUs without AVX-512 BF16 use it).
+// The definition, in plain C++ (tests compare the vector path with it).
 inline void reference_row(const Problem& p, int64_t r) {
   const uint16_t* g = p.gate + r * p.gate_stride;
   const uint16_t* u = p.up + r * p.up_stride;
@@ -64,15 +65,8 @@ inline void reference_row(const Problem& p, int64_t r) {
   }
 }
 
-#if defined(__x86_64__) && (defined(__clang__) ? __clang_major__ >= 9 : __GNUC__ >= 10)
-#define QD_ACTMUL_AVX512 1
+#ifdef QD_AVX512_BF16
 #define QD_ACTMUL_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
-
-inline bool vector_supported() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bf16");
-}
 
 QD_ACTMUL_TARGET inline __m512 load_bf16(const uint16_t* p, __mmask16 m) {
   const __m256i raw = _mm256_maskz_loadu_epi16(m, p);
@@ -105,15 +99,13 @@ QD_ACTMUL_TARGET inline void vector_row(const Problem& p, int64_t r) {
     _mm256_mask_storeu_epi16(o + j, m, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(h)));
   }
 }
-#else
-inline bool vector_supported() { return false; }
 #endif
 
 // Rows split among threads; an element's value does not depend on the split.
 inline void run(const Problem& p, int threads, bool vector) {
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t r = 0; r < p.rows; ++r) {
-#ifdef QD_ACTMUL_AVX512
+#ifdef QD_AVX512_BF16
     if (vector) {
       vector_row(p, r);
       continue;

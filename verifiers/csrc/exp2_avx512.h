@@ -3,9 +3,9 @@
 
 #pragma once
 
-// Compilers from before AVX-512 BF16 (GCC 10, Clang 9) leave it out, and the kernels that use it with it.
-#if defined(__x86_64__) && (defined(__clang__) ? __clang_major__ >= 9 : __GNUC__ >= 10)
-#define QD_EXP2_AVX512 1
+#include "bf16_linear_avx512.h"  // QD_AVX512_BF16: compilers that know AVX-512 BF16 (the kernels' target)
+
+#ifdef QD_AVX512_BF16
 #include <immintrin.h>
 
 namespace qd_vec {
