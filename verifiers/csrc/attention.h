@@ -540,10 +540,12 @@ __attribute__((target("avx2,fma"))) inline void avx2_transpose8(__m256 (&r)[8]) 
   }
 }
 
-// G rows' scores for the 16 transposed keys in kt: two chains over d per row.
+// G rows' scores for the 16 transposed keys in kt: two chains over d per row. All 16 lanes are
+// stored: past the block's n keys they are zeros, which a later block overwrites or the row's
+// softmax never reads (a row's scores have 16 floats of room past the segment).
 template <int G>
 __attribute__((target("avx2,fma"))) void avx2_score_rows(const Problem& a, const Item& it, int64_t row0, int64_t j0,
-                                                         int64_t n, const float* kt, Scratch& s) {
+                                                         const float* kt, Scratch& s) {
   __m256 lo[G], hi[G];
   for (int r = 0; r < G; ++r) lo[r] = hi[r] = _mm256_setzero_ps();
   const float* q = s.qt.data() + row0;
@@ -558,10 +560,9 @@ __attribute__((target("avx2,fma"))) void avx2_score_rows(const Problem& a, const
   }
   const __m256 scale = _mm256_set1_ps(a.scale);
   for (int r = 0; r < G; ++r) {
-    alignas(32) float out[16];
-    _mm256_store_ps(out, _mm256_mul_ps(lo[r], scale));
-    _mm256_store_ps(out + 8, _mm256_mul_ps(hi[r], scale));
-    std::memcpy(s.p.data() + (row0 + r) * Scratch::stride + j0, out, static_cast<size_t>(n) * sizeof(float));
+    float* out = s.p.data() + (row0 + r) * Scratch::stride + j0;
+    _mm256_storeu_ps(out, _mm256_mul_ps(lo[r], scale));
+    _mm256_storeu_ps(out + 8, _mm256_mul_ps(hi[r], scale));
   }
 }
 
@@ -583,71 +584,109 @@ __attribute__((target("avx2,fma"))) void avx2_block_scores(const Problem& a, con
   }
   for (int64_t r0 = row0; r0 < row0 + rows; r0 += 6) {
     switch (std::min<int64_t>(6, row0 + rows - r0)) {
-      case 6: avx2_score_rows<6>(a, it, r0, t0, n, kt, s); break;
-      case 5: avx2_score_rows<5>(a, it, r0, t0, n, kt, s); break;
-      case 4: avx2_score_rows<4>(a, it, r0, t0, n, kt, s); break;
-      case 3: avx2_score_rows<3>(a, it, r0, t0, n, kt, s); break;
-      case 2: avx2_score_rows<2>(a, it, r0, t0, n, kt, s); break;
-      default: avx2_score_rows<1>(a, it, r0, t0, n, kt, s); break;
+      case 6: avx2_score_rows<6>(a, it, r0, t0, kt, s); break;
+      case 5: avx2_score_rows<5>(a, it, r0, t0, kt, s); break;
+      case 4: avx2_score_rows<4>(a, it, r0, t0, kt, s); break;
+      case 3: avx2_score_rows<3>(a, it, r0, t0, kt, s); break;
+      case 2: avx2_score_rows<2>(a, it, r0, t0, kt, s); break;
+      default: avx2_score_rows<1>(a, it, r0, t0, kt, s); break;
     }
   }
 }
 
+// The lanes of a 16-float chunk that hold one of a row's n scores (t + lane < n).
+__attribute__((target("avx2,fma"))) inline void avx2_live(int64_t left, __m256i& lo, __m256i& hi) {
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i n = _mm256_set1_epi32(static_cast<int>(std::min<int64_t>(16, left)));
+  lo = _mm256_cmpgt_epi32(n, lane);
+  hi = _mm256_cmpgt_epi32(n, _mm256_add_epi32(lane, _mm256_set1_epi32(8)));
+}
+
+// avx512_softmax on register pairs: the same maximum (max_ps(acc, x), as there) and the same
+// exp16 and lane sums per key.
 __attribute__((target("avx2,fma"))) inline float avx2_softmax(float* p, int64_t n, float* max) {
+  __m256 m0 = _mm256_set1_ps(-INFINITY), m1 = m0;
+  int64_t t = 0;
+  for (; t + 16 <= n; t += 16) {
+    m0 = _mm256_max_ps(m0, _mm256_loadu_ps(p + t));
+    m1 = _mm256_max_ps(m1, _mm256_loadu_ps(p + t + 8));
+  }
+  alignas(32) float lanes[16];
+  _mm256_store_ps(lanes, m0);
+  _mm256_store_ps(lanes + 8, m1);
   float m = -INFINITY;
-  for (int64_t t = 0; t < n; ++t) m = std::max(m, p[t]);
+  for (int i = 0; i < 16; ++i) m = std::max(m, lanes[i]);
+  for (; t < n; ++t) m = std::max(m, p[t]);
   *max = m;
-  const __m256 mb = _mm256_set1_ps(m);
+  const __m256 mb = _mm256_set1_ps(m), ninf = _mm256_set1_ps(-INFINITY);
   __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
-  for (int64_t t = 0; t < n; t += 16) {
+  for (t = 0; t < n; t += 16) {
     // Past n the lanes hold exp(-inf) = 0: adding +0 to a sum of non-negative terms changes nothing.
-    alignas(32) float x[16];
-    const int64_t live = std::min<int64_t>(16, n - t);
-    for (int i = 0; i < 16; ++i) x[i] = i < live ? p[t + i] : -INFINITY;
-    const __m256 e0 = avx2_exp8(_mm256_sub_ps(_mm256_load_ps(x), mb));
-    const __m256 e1 = avx2_exp8(_mm256_sub_ps(_mm256_load_ps(x + 8), mb));
-    _mm256_store_ps(x, e0);
-    _mm256_store_ps(x + 8, e1);
-    std::memcpy(p + t, x, static_cast<size_t>(live) * sizeof(float));
+    __m256 x0, x1;
+    __m256i live0, live1;
+    const bool full = n - t >= 16;
+    if (full) {
+      x0 = _mm256_loadu_ps(p + t);
+      x1 = _mm256_loadu_ps(p + t + 8);
+    } else {
+      avx2_live(n - t, live0, live1);
+      x0 = _mm256_blendv_ps(ninf, _mm256_maskload_ps(p + t, live0), _mm256_castsi256_ps(live0));
+      x1 = _mm256_blendv_ps(ninf, _mm256_maskload_ps(p + t + 8, live1), _mm256_castsi256_ps(live1));
+    }
+    const __m256 e0 = avx2_exp8(_mm256_sub_ps(x0, mb)), e1 = avx2_exp8(_mm256_sub_ps(x1, mb));
+    if (full) {
+      _mm256_storeu_ps(p + t, e0);
+      _mm256_storeu_ps(p + t + 8, e1);
+    } else {
+      _mm256_maskstore_ps(p + t, live0, e0);
+      _mm256_maskstore_ps(p + t + 8, live1, e1);
+    }
     lo = _mm256_add_ps(lo, e0);
     hi = _mm256_add_ps(hi, e1);
   }
-  alignas(32) float l[16];
-  _mm256_store_ps(l, lo);
-  _mm256_store_ps(l + 8, hi);
-  return tree16(l);
+  _mm256_store_ps(lanes, lo);
+  _mm256_store_ps(lanes + 8, hi);
+  return tree16(lanes);
 }
 
-// o_r += p_r[t] v_j for shared keys j in [j0, j1), R rows, 32 dimensions from d0.
+// o_r += p_r[t] v_j for shared keys j in [j0, j1), R rows, 16 dimensions from d0: 2R chains, up to
+// 12, enough to keep both FMA units busy, for two loads of V per key.
 template <int R>
 __attribute__((target("avx2,fma"))) void avx2_values(const Problem& a, const Item& it, int64_t row0, int64_t j0,
                                                      int64_t j1, int64_t d0, Scratch& s) {
-  __m256 o[R][4];
+  __m256 o[R][2];
   const float* p[R];
   for (int r = 0; r < R; ++r) {
     p[r] = s.p.data() + (row0 + r) * Scratch::stride;
-    for (int c = 0; c < 4; ++c) o[r][c] = _mm256_loadu_ps(s.o.data() + (row0 + r) * a.D + d0 + 8 * c);
+    for (int c = 0; c < 2; ++c) o[r][c] = _mm256_loadu_ps(s.o.data() + (row0 + r) * a.D + d0 + 8 * c);
   }
+  const float* v = a.v + it.g * a.v_head + d0;
   for (int64_t j = j0; j < j1; ++j) {
-    const float* v = a.v + it.g * a.v_head + j * a.v_tok + d0;
-    __m256 vv[4];
-    for (int c = 0; c < 4; ++c) vv[c] = _mm256_loadu_ps(v + 8 * c);
+    const __m256 v0 = _mm256_loadu_ps(v + j * a.v_tok), v1 = _mm256_loadu_ps(v + j * a.v_tok + 8);
+    #pragma GCC unroll 6
     for (int r = 0; r < R; ++r) {
       const __m256 pb = _mm256_set1_ps(p[r][j - it.t0]);
-      for (int c = 0; c < 4; ++c) o[r][c] = _mm256_fmadd_ps(pb, vv[c], o[r][c]);
+      o[r][0] = _mm256_fmadd_ps(pb, v0, o[r][0]);
+      o[r][1] = _mm256_fmadd_ps(pb, v1, o[r][1]);
     }
   }
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < 4; ++c) _mm256_storeu_ps(s.o.data() + (row0 + r) * a.D + d0 + 8 * c, o[r][c]);
+    for (int c = 0; c < 2; ++c) _mm256_storeu_ps(s.o.data() + (row0 + r) * a.D + d0 + 8 * c, o[r][c]);
 }
 
-// Value sums of every row of the item over the shared keys [j0, j1), two rows at a time.
+// Value sums of every row of the item over the shared keys [j0, j1), six rows at a time.
 __attribute__((target("avx2,fma"))) void avx2_prefix_values(const Problem& a, const Item& it, int64_t j0, int64_t j1,
                                                             Scratch& s) {
-  for (int64_t row0 = 0; row0 < it.rows; row0 += 2)
-    for (int64_t d0 = 0; d0 < a.D; d0 += 32) {
-      if (it.rows - row0 >= 2) avx2_values<2>(a, it, row0, j0, j1, d0, s);
-      else avx2_values<1>(a, it, row0, j0, j1, d0, s);
+  for (int64_t row0 = 0; row0 < it.rows; row0 += 6)
+    for (int64_t d0 = 0; d0 < a.D; d0 += 16) {
+      switch (std::min<int64_t>(6, it.rows - row0)) {
+        case 6: avx2_values<6>(a, it, row0, j0, j1, d0, s); break;
+        case 5: avx2_values<5>(a, it, row0, j0, j1, d0, s); break;
+        case 4: avx2_values<4>(a, it, row0, j0, j1, d0, s); break;
+        case 3: avx2_values<3>(a, it, row0, j0, j1, d0, s); break;
+        case 2: avx2_values<2>(a, it, row0, j0, j1, d0, s); break;
+        default: avx2_values<1>(a, it, row0, j0, j1, d0, s); break;
+      }
     }
 }
 
