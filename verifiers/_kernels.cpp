@@ -104,25 +104,27 @@ __attribute__((target("avx2,fma"))) inline __m256 avx2_load(const float* src, __
   else return _mm256_maskload_ps(src, mask);
 }
 
+// One half (lanes 0-7 or 8-15) of a 16-k chunk: NR weight registers and one x register at a time,
+// so a 3 x 2 tile keeps 12 accumulators in flight (8 were too few to cover the FMA latency here).
+template <int MT, int NR, bool FULL>
+__attribute__((target("avx2,fma"))) inline void avx2_half(const float* x, const float* w, int64_t K, __m256i mask,
+                                                         __m256 (&acc)[MT][NR]) {
+  __m256 wv[NR];
+  #pragma GCC unroll 16
+  for (int r = 0; r < NR; ++r) wv[r] = avx2_load<FULL>(w + r * K, mask);
+  #pragma GCC unroll 16
+  for (int i = 0; i < MT; ++i) {
+    const __m256 xv = avx2_load<FULL>(x + i * K, mask);
+    #pragma GCC unroll 16
+    for (int r = 0; r < NR; ++r) acc[i][r] = _mm256_fmadd_ps(xv, wv[r], acc[i][r]);
+  }
+}
+
 template <int MT, int NR, bool FULL>
 __attribute__((target("avx2,fma"))) inline void avx2_step(const float* x, const float* w, int64_t K, __m256i mlo,
                                                          __m256i mhi, __m256 (&lo)[MT][NR], __m256 (&hi)[MT][NR]) {
-  __m256 wl[NR], wh[NR];
-  #pragma GCC unroll 16
-  for (int r = 0; r < NR; ++r) {
-    wl[r] = avx2_load<FULL>(w + r * K, mlo);
-    wh[r] = avx2_load<FULL>(w + r * K + 8, mhi);
-  }
-  #pragma GCC unroll 16
-  for (int i = 0; i < MT; ++i) {
-    const __m256 xl = avx2_load<FULL>(x + i * K, mlo);
-    const __m256 xh = avx2_load<FULL>(x + i * K + 8, mhi);
-    #pragma GCC unroll 16
-    for (int r = 0; r < NR; ++r) {
-      lo[i][r] = _mm256_fmadd_ps(xl, wl[r], lo[i][r]);
-      hi[i][r] = _mm256_fmadd_ps(xh, wh[r], hi[i][r]);
-    }
-  }
+  avx2_half<MT, NR, FULL>(x, w, K, mlo, lo);
+  avx2_half<MT, NR, FULL>(x + 8, w + 8, K, mhi, hi);
 }
 
 template <int MT, int NR>
@@ -151,10 +153,11 @@ __attribute__((target("avx2,fma"))) void avx2_tile(const Problem& p, int64_t m0,
 
 template <int NR>
 __attribute__((target("avx2,fma"))) void avx2_rows(const Problem& p, int64_t m0, int64_t m1, int64_t n0) {
-  constexpr int MT = 2;
+  constexpr int MT = 3;
   int64_t m = m0;
   for (; m + MT <= m1; m += MT) avx2_tile<MT, NR>(p, m, n0);
-  for (; m < m1; ++m) avx2_tile<1, NR>(p, m, n0);
+  if (m1 - m == 2) avx2_tile<2, NR>(p, m, n0);
+  else if (m1 - m == 1) avx2_tile<1, NR>(p, m, n0);
 }
 
 __attribute__((target("avx2,fma"))) void avx2_range(const Problem& p, int64_t n0, int64_t n1) {
