@@ -43,6 +43,7 @@ namespace {
 
 using qd::tree16;
 #ifdef QD_X86
+using qd::avx2_mask;
 using qd::avx512_tree;
 using qd::avx512_tree4;
 #endif
@@ -88,13 +89,6 @@ __attribute__((target("avx2,fma"))) inline float avx2_tree(__m256 lo, __m256 hi)
   const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
   const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
   return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
-}
-
-// Lanes [lo, lo + 8) of a 16-lane chunk that holds `valid` elements: a mask with the sign bit set
-// in the lanes to load (masked lanes read as zero).
-__attribute__((target("avx2,fma"))) inline __m256i avx2_mask(int64_t valid, int lo) {
-  const __m256i lane = _mm256_add_epi32(_mm256_set1_epi32(lo), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(valid)), lane);
 }
 
 // Eight lanes from src; in the tail chunk (FULL false) the lanes outside `mask` read as zero.

@@ -582,24 +582,7 @@ __attribute__((target("avx2,fma"))) void avx2_block_scores(const Problem& a, con
       for (int d = 0; d < 8; ++d) _mm256_storeu_ps(kt + (c + d) * 16 + 8 * half, r[d]);
     }
   }
-  for (int64_t r0 = row0; r0 < row0 + rows; r0 += 6) {
-    switch (std::min<int64_t>(6, row0 + rows - r0)) {
-      case 6: avx2_score_rows<6>(a, it, r0, t0, kt, s); break;
-      case 5: avx2_score_rows<5>(a, it, r0, t0, kt, s); break;
-      case 4: avx2_score_rows<4>(a, it, r0, t0, kt, s); break;
-      case 3: avx2_score_rows<3>(a, it, r0, t0, kt, s); break;
-      case 2: avx2_score_rows<2>(a, it, r0, t0, kt, s); break;
-      default: avx2_score_rows<1>(a, it, r0, t0, kt, s); break;
-    }
-  }
-}
-
-// The lanes of a 16-float chunk that hold one of a row's n scores (t + lane < n).
-__attribute__((target("avx2,fma"))) inline void avx2_live(int64_t left, __m256i& lo, __m256i& hi) {
-  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-  const __m256i n = _mm256_set1_epi32(static_cast<int>(std::min<int64_t>(16, left)));
-  lo = _mm256_cmpgt_epi32(n, lane);
-  hi = _mm256_cmpgt_epi32(n, _mm256_add_epi32(lane, _mm256_set1_epi32(8)));
+  qd::in_groups<6>(rows, [&](auto G, int64_t r) { avx2_score_rows<G()>(a, it, row0 + r, t0, kt, s); });
 }
 
 // avx512_softmax on register pairs: the same maximum (max_ps(acc, x), as there) and the same
@@ -629,7 +612,8 @@ __attribute__((target("avx2,fma"))) inline float avx2_softmax(float* p, int64_t 
       x0 = _mm256_loadu_ps(p + t);
       x1 = _mm256_loadu_ps(p + t + 8);
     } else {
-      avx2_live(n - t, live0, live1);
+      live0 = qd::avx2_mask(n - t, 0);
+      live1 = qd::avx2_mask(n - t, 8);
       x0 = _mm256_blendv_ps(ninf, _mm256_maskload_ps(p + t, live0), _mm256_castsi256_ps(live0));
       x1 = _mm256_blendv_ps(ninf, _mm256_maskload_ps(p + t + 8, live1), _mm256_castsi256_ps(live1));
     }
@@ -677,17 +661,9 @@ __attribute__((target("avx2,fma"))) void avx2_values(const Problem& a, const Ite
 // Value sums of every row of the item over the shared keys [j0, j1), six rows at a time.
 __attribute__((target("avx2,fma"))) void avx2_prefix_values(const Problem& a, const Item& it, int64_t j0, int64_t j1,
                                                             Scratch& s) {
-  for (int64_t row0 = 0; row0 < it.rows; row0 += 6)
-    for (int64_t d0 = 0; d0 < a.D; d0 += 16) {
-      switch (std::min<int64_t>(6, it.rows - row0)) {
-        case 6: avx2_values<6>(a, it, row0, j0, j1, d0, s); break;
-        case 5: avx2_values<5>(a, it, row0, j0, j1, d0, s); break;
-        case 4: avx2_values<4>(a, it, row0, j0, j1, d0, s); break;
-        case 3: avx2_values<3>(a, it, row0, j0, j1, d0, s); break;
-        case 2: avx2_values<2>(a, it, row0, j0, j1, d0, s); break;
-        default: avx2_values<1>(a, it, row0, j0, j1, d0, s); break;
-      }
-    }
+  qd::in_groups<6>(it.rows, [&](auto R, int64_t row0) {
+    for (int64_t d0 = 0; d0 < a.D; d0 += 16) avx2_values<R()>(a, it, row0, j0, j1, d0, s);
+  });
 }
 
 __attribute__((target("avx2,fma"))) inline void avx2_own_values(const Problem& a, int64_t g, const int32_t* keys,

@@ -152,18 +152,6 @@ QD_BF16_TARGET inline void value_tile(const uint16_t* pb, const uint32_t* vp, in
     for (int c = 0; c < 4; ++c) _mm512_storeu_ps(o + r * D + d0 + 16 * c, acc[r][c]);
 }
 
-template <typename F>
-inline void by_fours(int64_t n, F&& f) {
-  int64_t r = 0;
-  for (; r + 4 <= n; r += 4) f(std::integral_constant<int, 4>{}, r);
-  switch (n - r) {
-    case 3: f(std::integral_constant<int, 3>{}, r); break;
-    case 2: f(std::integral_constant<int, 2>{}, r); break;
-    case 1: f(std::integral_constant<int, 1>{}, r); break;
-    default: break;
-  }
-}
-
 // Rows [r0, r1) of kv head g's rows (its query heads' positions, head-major: row r is query head
 // g * n_rep + r / Lq at position r % Lq, which is also its row of q and out).
 QD_BF16_TARGET inline void rows(const Problem& a, int64_t g, int64_t r0, int64_t r1, const uint32_t* kp,
@@ -191,7 +179,7 @@ QD_BF16_TARGET inline void rows(const Problem& a, int64_t g, int64_t r0, int64_t
   for (int64_t j0 = 0; j0 < end; j0 += KC) {
     const int64_t live = std::min(KC, end - j0);
     for (int64_t b0 = 0; b0 < KC / 16; b0 += 4)
-      by_fours(n, [&](auto R, int64_t r) {
+      qd::in_groups<4>(n, [&](auto R, int64_t r) {
         score_tile<R()>(sc.qb.data() + r * half, half, kp, j0 / 16 + b0, sc.s.data() + r * KC + b0 * 16);
       });
     for (int64_t r = 0; r < n; ++r) {
@@ -228,7 +216,7 @@ QD_BF16_TARGET inline void rows(const Problem& a, int64_t g, int64_t r0, int64_t
     const uint32_t* vchunk = vp + (j0 / 2) * (D / 16) * 16;
     const int64_t pairs = (live + 1) / 2;
     for (int64_t d0 = 0; d0 < D; d0 += 64)
-      by_fours(n, [&](auto R, int64_t r) {
+      qd::in_groups<4>(n, [&](auto R, int64_t r) {
         value_tile<R()>(sc.pb.data() + r * KC, vchunk, D, d0, pairs, sc.o.data() + r * D);
       });
   }

@@ -1,8 +1,12 @@
 // The fixed reductions shared by the kernels: 16 lanes summed by one tree,
 // s8[i] = l[i] + l[i + 8], s4[i] = s8[i] + s8[i + 4], s2[i] = s4[i] + s4[i + 2],
-// s2[0] + s2[1], whether the lanes sit in an array, a 512-bit register or four.
+// s2[0] + s2[1], whether the lanes sit in an array, a 512-bit register or four; and the small
+// pieces the kernels share around them (the FP mode, AVX2 lane masks, row groups).
 
 #pragma once
+
+#include <cstdint>
+#include <type_traits>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -33,7 +37,31 @@ inline float tree16(const float* l) {
   return s2[0] + s2[1];
 }
 
+// f(R, r) for rows [r, r + R) of n rows, in groups of G and then one smaller group, R passed as a
+// std::integral_constant so each group size runs its own compiled tile.
+template <int R, typename F>
+inline void last_group(int64_t left, int64_t r, F& f) {
+  if constexpr (R > 0) {
+    if (left == R) f(std::integral_constant<int, R>{}, r);
+    else last_group<R - 1>(left, r, f);
+  }
+}
+
+template <int G, typename F>
+inline void in_groups(int64_t n, F&& f) {
+  int64_t r = 0;
+  for (; r + G <= n; r += G) f(std::integral_constant<int, G>{}, r);
+  last_group<G - 1>(n - r, r, f);
+}
+
 #ifdef QD_X86
+// Lanes [lo, lo + 8) of a 16-lane chunk that holds `valid` elements: a mask with the sign bit set
+// in the lanes to load (masked lanes read as zero).
+__attribute__((target("avx2,fma"))) inline __m256i avx2_mask(int64_t valid, int lo) {
+  const __m256i lane = _mm256_add_epi32(_mm256_set1_epi32(lo), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(valid)), lane);
+}
+
 // The tree for one accumulator.
 __attribute__((target("avx512f"))) inline float avx512_tree(__m512 v) {
   const __m256 lo = _mm512_castps512_ps256(v);
