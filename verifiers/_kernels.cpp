@@ -220,20 +220,9 @@ __attribute__((target("avx512f"))) void avx512_tile(const Problem& p, int64_t m0
 constexpr int TILE_M = 4;
 constexpr int TILE_N = 4;
 
-// A tile of `rows` (< R) rows of x, chosen at compile time.
-template <int R, int W>
-__attribute__((target("avx512f"))) void avx512_partial(const Problem& p, int64_t m, int64_t rows, int64_t n) {
-  if constexpr (R > 0) {
-    if (rows == R) avx512_tile<R, W>(p, m, n);
-    else avx512_partial<R - 1, W>(p, m, rows, n);
-  }
-}
-
 template <int W>
 __attribute__((target("avx512f"))) void avx512_rows(const Problem& p, int64_t m0, int64_t m1, int64_t n) {
-  int64_t m = m0;
-  for (; m + TILE_M <= m1; m += TILE_M) avx512_tile<TILE_M, W>(p, m, n);
-  avx512_partial<TILE_M - 1, W>(p, m, m1 - m, n);
+  qd::in_groups<TILE_M>(m1 - m0, [&](auto R, int64_t r) { avx512_tile<R(), W>(p, m0 + r, n); });
 }
 
 // Blocks of M_BLOCK rows of x stay in L2 while the weights stream past; within a block every

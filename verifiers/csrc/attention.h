@@ -384,22 +384,7 @@ __attribute__((target("avx512f"))) void avx512_block_scores(const Problem& a, co
     avx512_transpose16(r);
     for (int d = 0; d < 16; ++d) _mm512_storeu_ps(kt + (c + d) * 16, r[d]);
   }
-  for (int64_t r0 = row0; r0 < row0 + rows; r0 += 12) {
-    switch (std::min<int64_t>(12, row0 + rows - r0)) {
-      case 12: avx512_score_rows<12>(a, it, r0, t0, live, kt, s); break;
-      case 11: avx512_score_rows<11>(a, it, r0, t0, live, kt, s); break;
-      case 10: avx512_score_rows<10>(a, it, r0, t0, live, kt, s); break;
-      case 9: avx512_score_rows<9>(a, it, r0, t0, live, kt, s); break;
-      case 8: avx512_score_rows<8>(a, it, r0, t0, live, kt, s); break;
-      case 7: avx512_score_rows<7>(a, it, r0, t0, live, kt, s); break;
-      case 6: avx512_score_rows<6>(a, it, r0, t0, live, kt, s); break;
-      case 5: avx512_score_rows<5>(a, it, r0, t0, live, kt, s); break;
-      case 4: avx512_score_rows<4>(a, it, r0, t0, live, kt, s); break;
-      case 3: avx512_score_rows<3>(a, it, r0, t0, live, kt, s); break;
-      case 2: avx512_score_rows<2>(a, it, r0, t0, live, kt, s); break;
-      default: avx512_score_rows<1>(a, it, r0, t0, live, kt, s); break;
-    }
-  }
+  qd::in_groups<12>(rows, [&](auto G, int64_t r) { avx512_score_rows<G()>(a, it, row0 + r, t0, live, kt, s); });
 }
 
 // Softmax weights of one row's segment in place (compacted scores -> p_t); returns l, and m in *max.
@@ -455,16 +440,9 @@ __attribute__((target("avx512f"))) void avx512_values(const Problem& a, const It
 // Value sums of every row of the item over the shared keys [j0, j1), four rows at a time.
 __attribute__((target("avx512f"))) void avx512_prefix_values(const Problem& a, const Item& it, int64_t j0,
                                                              int64_t j1, Scratch& s) {
-  for (int64_t row0 = 0; row0 < it.rows; row0 += 4) {
-    for (int64_t d0 = 0; d0 < a.D; d0 += 64) {
-      switch (std::min<int64_t>(4, it.rows - row0)) {
-        case 4: avx512_values<4>(a, it, row0, j0, j1, d0, s); break;
-        case 3: avx512_values<3>(a, it, row0, j0, j1, d0, s); break;
-        case 2: avx512_values<2>(a, it, row0, j0, j1, d0, s); break;
-        default: avx512_values<1>(a, it, row0, j0, j1, d0, s); break;
-      }
-    }
-  }
+  qd::in_groups<4>(it.rows, [&](auto R, int64_t row0) {
+    for (int64_t d0 = 0; d0 < a.D; d0 += 64) avx512_values<R()>(a, it, row0, j0, j1, d0, s);
+  });
 }
 
 // A row's own keys' value sums for one segment (keys t in [t_begin, t_end), weights p[t - t0]),

@@ -16,6 +16,7 @@
 #pragma once
 
 #include "amx_linear.h"
+#include "reduce.h"
 
 #if defined(__x86_64__) && (defined(__clang__) ? __clang_major__ >= 9 : __GNUC__ >= 10)
 #define QD_AVX512_BF16 1
@@ -84,14 +85,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void rows(const 
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) inline void range(const qd_amx::Problem& p,
                                                                                    int64_t g0, int64_t g1) {
   for (int64_t g = g0; g < g1; ++g) {
-    int64_t m = 0;
-    for (; m + RT <= p.M; m += RT) rows<RT>(p, m, g);
-    switch (p.M - m) {
-      case 3: rows<3>(p, m, g); break;
-      case 2: rows<2>(p, m, g); break;
-      case 1: rows<1>(p, m, g); break;
-      default: break;
-    }
+    qd::in_groups<RT>(p.M, [&](auto R, int64_t m) { rows<R()>(p, m, g); });
   }
 }
 #else
