@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from quickdraft.proto import quickdraft_pb2 as pb
 from quickdraft.proto import quickdraft_pb2_grpc as pb_grpc
 from quickdraft.proto.auth import presents
-from quickdraft.proto.tls import add_port
+from quickdraft.proto.tls import TlsConfig, add_port
 from quickdraft.proxy.service import DecodeProxyService, add_to_server
 from quickdraft.proxy.worker_pool import WorkerPool, is_loopback, is_unspecified
 from quickdraft.settings import Settings
@@ -117,10 +117,11 @@ class WorkerRegistryService(pb_grpc.WorkerRegistryServicer):
 
 
 async def serve_proxy(settings: Settings, ready: asyncio.Event | None = None,
-                      plaintext_workers: Collection[str] = ()) -> None:
+                      plaintext_workers: Collection[str] = (), tls: TlsConfig | None = None) -> None:
     """Serve until cancelled. ``plaintext_workers``: configured workers called without TLS whatever the
-    settings say (``quickdraft up``'s own children on loopback)."""
-    tls = settings.tls.check()
+    settings say (``quickdraft up``'s own children on loopback). ``tls``: the settings' TLS files already
+    checked (the CLI reads them before anything starts); None reads them here."""
+    tls = tls or settings.tls.check()
     pool = WorkerPool.from_addresses(settings.workers, token=settings.registration_token, tls=tls,
                                      plaintext=plaintext_workers)
     service = DecodeProxyService(settings, pool)

@@ -156,9 +156,7 @@ def worker(
     if s.heap_keep_mb:
         from quickdraft.verifiers.heap import keep_freed_memory
 
-        if not keep_freed_memory(s.heap_keep_mb):
-            logging.getLogger("quickdraft").warning(
-                "the C library refused the heap settings (heap_keep_mb): freed memory goes back to the kernel")
+        keep_freed_memory(s.heap_keep_mb)  # (says so in the log where the C library will not)
     started = time.perf_counter()
     loaded = load_model(s.model, s.device, s.dtype, s.prefill_dtype, s.decode_dtype)
     runtime = ModelRuntime(loaded, kv_budget_bytes=s.kv_budget_mb << 20, kv_active_s=s.kv_active_s)
@@ -198,11 +196,11 @@ def serve(
     s = load_settings(config, workers=worker_addr or None, grpc_port=grpc_port, http_port=http_port, host=host,
                       redis_url=redis_url)
     _logging(s)
-    _tls(s)
+    tls = _tls(s)
     from quickdraft.proxy.server import serve_proxy
 
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(serve_proxy(s))
+        asyncio.run(serve_proxy(s, tls=tls))
 
 
 LOOPBACK = "127.0.0.1"
@@ -251,7 +249,7 @@ def up(
     _terminate_on_sigterm()
     s = load_settings(config, grpc_port=grpc_port, http_port=http_port, host=host, redis_url=redis_url)
     _logging(s)
-    _tls(s)
+    tls = _tls(s)
     models = model or s.up_models
     procs: list[subprocess.Popen] = []
     addresses = []
@@ -264,7 +262,7 @@ def up(
         from quickdraft.proxy.server import serve_proxy
 
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(serve_proxy(s, plaintext_workers=addresses))
+            asyncio.run(serve_proxy(s, plaintext_workers=addresses, tls=tls))
     finally:
         _stop(procs)
 

@@ -44,7 +44,8 @@ def keep_freed_memory(keep_mb: int = 1024) -> bool:
     """Raise malloc's mmap threshold to its largest and its trim threshold to ``keep_mb`` (at most
     2,047), so freed tensors of up to 32 MB stay in the process. False where the C library has no
     mallopt or refuses a value: the process then keeps the library's defaults, or (a refused trim
-    threshold after an accepted mmap threshold) the larger mmap threshold alone."""
+    threshold after an accepted mmap threshold) the larger mmap threshold alone. Either is logged
+    here, once, so callers need not say it again."""
     if keep_mb <= 0:
         raise ValueError(f"keep_mb must be positive, not {keep_mb}")
     libc = _libc()
@@ -53,6 +54,8 @@ def keep_freed_memory(keep_mb: int = 1024) -> bool:
         return False
     # The mmap threshold first: setting either disables glibc's sliding thresholds, and a trim
     # threshold beside the default 128 KB mmap threshold would send every large block to mmap.
-    if libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) != 1:
-        return False
-    return libc.mallopt(_M_TRIM_THRESHOLD, min(keep_mb, 2047) << 20) == 1
+    if (libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1
+            and libc.mallopt(_M_TRIM_THRESHOLD, min(keep_mb, 2047) << 20) == 1):
+        return True
+    log.warning("the C library refused the heap settings (heap_keep_mb): freed memory goes back to the kernel")
+    return False
