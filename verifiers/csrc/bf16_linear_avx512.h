@@ -46,15 +46,18 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void group(const
   const uint16_t* w = p.w + l.offset(g, 0, 0);
   for (int64_t c = 0; c < l.chunks; ++c, w += W * TILE) {
     const uint16_t* x = p.x + m0 * xstride + c * KC;
-    for (int i = 0; i < KC / 2; ++i) {
-      __m512bh b[W];
-      for (int t = 0; t < W; ++t)
-        b[t] = (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(w + t * TILE + i * 2 * NC));
-      for (int r = 0; r < R; ++r) {
-        int32_t pair;
-        std::memcpy(&pair, x + r * xstride + 2 * i, sizeof pair);
-        const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
-        for (int t = 0; t < W; ++t) acc[r][t] = _mm512_dpbf16_ps(acc[r][t], a, b[t]);
+    // Tile by tile, so the group's weights (laid out chunk by chunk, tile by tile) are read in
+    // address order: taken a pair of every tile at a time, the four 1 KB-apart streams kept the
+    // prefetchers from running ahead (out of cache, 8 rows streamed 12-13 GB/s on two Zen 4
+    // cores, now 19-21). Each accumulator still takes its pairs in the same order.
+    for (int t = 0; t < W; ++t) {
+      for (int i = 0; i < KC / 2; ++i) {
+        const __m512bh b = (__m512bh)_mm512_loadu_si512(reinterpret_cast<const void*>(w + t * TILE + i * 2 * NC));
+        for (int r = 0; r < R; ++r) {
+          int32_t pair;
+          std::memcpy(&pair, x + r * xstride + 2 * i, sizeof pair);
+          acc[r][t] = _mm512_dpbf16_ps(acc[r][t], (__m512bh)_mm512_set1_epi32(pair), b);
+        }
       }
     }
   }
