@@ -530,3 +530,15 @@ def test_prefill_dtype_choice():
     assert pick_prefill_dtype(torch.device("cuda"), torch.float32, "bfloat16") is None
     with pytest.raises(ValueError, match="prefill dtype"):
         pick_prefill_dtype(cpu, torch.float32, "fp8")
+
+
+def test_the_linear_kernel_benchmark_reports_time_and_bandwidth_per_shape_and_rows():
+    from quickdraft.bench.linear_kernel import measure
+
+    kernels = ["fp32"] + (["bf16"] if small_linear.bf16_isa() is not None else [])
+    for kind in kernels:
+        result = measure([(64, 48), (40, 17)], [1, 3], kind, threads=1, repeats=1)
+        assert [(p["shape"], p["rows"]) for p in result["points"]] == [("64x48", 1), ("64x48", 3), ("40x17", 1),
+                                                                       ("40x17", 3)]
+        assert all(p["us"] > 0 and p["weight_gb_per_s"] > 0 for p in result["points"])
+        assert result["kernel"].startswith(kind)
