@@ -12,13 +12,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
+from collections.abc import Callable
 from functools import partial
 
 import torch
 
+from quickdraft.bench.attention_kernel import _median_us
 from quickdraft.verifiers import small_linear
+
+
+def _repeat(fn: Callable[[], object], times: int) -> None:
+    for _ in range(times):
+        fn()
 
 
 def measure(shapes: list[tuple[int, int]], rows: list[int], kernel: str, threads: int = 2,
@@ -36,16 +41,9 @@ def measure(shapes: list[tuple[int, int]], rows: list[int], kernel: str, threads
                     else partial(small_linear.linear, x, w, threads=threads))
 
             calls = max(1, 50_000 // n)  # short calls repeated, so the timer's cost does not count
-            call()
-            times = []
-            for _ in range(repeats):
-                t = time.perf_counter()
-                for _ in range(calls):
-                    call()
-                times.append((time.perf_counter() - t) / calls)
-            median = statistics.median(times)
-            out["points"].append({"shape": f"{n}x{k}", "rows": m, "us": round(median * 1e6, 1),
-                                  "weight_gb_per_s": round(nbytes / median / 1e9, 1)})
+            us = _median_us(partial(_repeat, call, calls), repeats) / calls
+            out["points"].append({"shape": f"{n}x{k}", "rows": m, "us": round(us, 1),
+                                  "weight_gb_per_s": round(nbytes / us / 1e3, 1)})
             print(json.dumps(out["points"][-1]), flush=True)
     return out
 

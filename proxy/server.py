@@ -121,7 +121,8 @@ async def serve_proxy(settings: Settings, ready: asyncio.Event | None = None,
     """Serve until cancelled. ``plaintext_workers``: configured workers called without TLS whatever the
     settings say (``quickdraft up``'s own children on loopback). ``tls``: the settings' TLS files already
     checked (the CLI reads them before anything starts); None reads them here."""
-    tls = tls or settings.tls.check()
+    if tls is None:
+        tls = settings.tls.check()
     pool = WorkerPool.from_addresses(settings.workers, token=settings.registration_token, tls=tls,
                                      plaintext=plaintext_workers)
     service = DecodeProxyService(settings, pool)

@@ -54,7 +54,7 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16"))) void group(const
     for (int t = 0; t < W; ++t) {
       for (int i = 0; i < KC / 2; ++i) {
         // One or two rows give a weight line too little work for enough loads to be in flight:
-        // fetched into L2 32 KB ahead, one row streams 31-32 GB/s instead of 19 (two Zen 4 cores,
+        // fetched into L2 32 KB ahead, one row streams 27-33 GB/s instead of 17-19 (two Zen 4 cores,
         // a 49152 x 576 weight), a plain decoding pass about 4 ms less. At four rows the lines
         // keep the core busy and the extra requests only compete (8 rows in cache: half speed).
         if constexpr (R <= 2)
