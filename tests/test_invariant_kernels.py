@@ -289,25 +289,32 @@ def test_an_attention_row_sees_only_its_keys(model, past, window):
     torch.testing.assert_close(full, reference, rtol=1e-5, atol=1e-5)
 
 
+BF16_ATTENTION = {"amx": _kernels.amx_attention_supported, "avx512_bf16": _kernels.bf16_attention_supported}
+
+
+@pytest.mark.parametrize("isa", list(BF16_ATTENTION))
 @pytest.mark.parametrize("model", [*MODELS, (20, 1, 64)])  # and more query heads per kv head than a tile's rows
-@pytest.mark.parametrize("past,window", [(0, 0), (37, 0), (100, 0), (700, 40), (1500, 0), (1500, 600)])
-def test_a_tile_attention_row_is_the_same_alone_and_in_a_draft_tree(model, past, window):
-    # The tile kernel takes a row's keys from the cache when every row shares them and gathers them
+# 511 and 513 cached keys: a segment's shared keys end on an odd key (a value pair half shared, half
+# the row's own) and on an even one.
+@pytest.mark.parametrize("past,window", [(0, 0), (37, 0), (100, 0), (511, 0), (513, 0), (700, 40), (1500, 0),
+                                         (1500, 600)])
+def test_a_bf16_attention_row_is_the_same_alone_and_in_a_draft_tree(isa, model, past, window):
+    # The bf16 kernels take a row's keys from the cache when every row shares them and gather them
     # for a draft's own keys; either way each element sees the same inputs, so a draft node computes
     # what the same token computes alone (plain decoding), with any thread count.
     n_rep, kv_heads, dim = model
     q, k, v, mask = tree_case(past, *model, seed=past + 1, window=window)
-    if not _kernels.amx_attention_supported():  # no AMX tiles: a clear refusal (auto never asks here)
-        with pytest.raises(ValueError, match="cannot run the amx"):
-            attention(q, k, v, mask, isa="amx")
+    if not BF16_ATTENTION[isa]():  # the CPU lacks it: a clear refusal (invariant() never asks for it here)
+        with pytest.raises(ValueError, match=f"cannot run the {isa}"):
+            attention(q, k, v, mask, isa=isa)
         return
-    full = attention(q, k, v, mask, isa="amx")
+    full = attention(q, k, v, mask, isa=isa)
     for row in range(q.shape[1]):
         seen = mask[row].nonzero().flatten()
         alone = attention(q[:, row:row + 1], k[:, seen], v[:, seen], torch.ones(1, len(seen), dtype=torch.bool),
-                          isa="amx")
+                          isa=isa)
         assert torch.equal(alone[0], full[row])
-        assert torch.equal(attention(q[:, row:row + 1], k, v, mask[row:row + 1], isa="amx", threads=1)[0], full[row])
+        assert torch.equal(attention(q[:, row:row + 1], k, v, mask[row:row + 1], isa=isa, threads=1)[0], full[row])
     # bf16 products: close to the fp32 kernel, not equal to it.
     fp32 = attention(q, k, v, mask)
     assert not torch.equal(full, fp32)

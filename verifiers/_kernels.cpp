@@ -27,6 +27,7 @@
 #include "csrc/amx_linear.h"
 #include "csrc/attention.h"
 #include "csrc/attention_amx.h"
+#include "csrc/attention_bf16.h"
 #include "csrc/bf16_linear_avx512.h"
 #include "csrc/prefill_attention_amx.h"
 #include "csrc/reduce.h"
@@ -381,11 +382,15 @@ void attention(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t mask, uintptr_t 
   // The attention kernel has the linear kernel's instruction sets (AVX-512, AVX2 with FMA, portable),
   // chosen and refused by the same table; AMX tiles are its own extra.
   std::string path = active_isa()->name;
-  bool tiles = false;
+  [[maybe_unused]] bool tiles = false, bf16 = false;
   if (isa == "amx") {
     if (!qd_attention::amx_attention_supported())
       throw std::invalid_argument("this CPU (or its kernel) cannot run the amx attention kernel");
     tiles = true;
+  } else if (isa == "avx512_bf16") {
+    if (!qd_attention::bf16_attention_supported())
+      throw std::invalid_argument("this CPU cannot run the avx512_bf16 attention kernel (no AVX-512 BF16)");
+    bf16 = true;
   } else {
     path = find_isa(isa)->name;
   }
@@ -406,6 +411,9 @@ void attention(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t mask, uintptr_t 
   {
     qd::FpMode mode;
     qd_attention::Scratch scratch;
+#if defined(QD_X86) && defined(QD_AVX512_BF16)
+    qd_attention::Bf16Scratch bf16_scratch;
+#endif
 #if defined(QD_X86) && defined(QD_AMX)
     qd_attention::TileScratch tile_scratch;
     if (tiles) qd_amx::configure(16);
@@ -416,6 +424,12 @@ void attention(uintptr_t q, uintptr_t k, uintptr_t v, uintptr_t mask, uintptr_t 
 #if defined(QD_X86) && defined(QD_AMX)
       if (tiles) {
         qd_attention::amx_segment(a, lists, g, seg, partial.data(), tile_scratch);
+        continue;
+      }
+#endif
+#if defined(QD_X86) && defined(QD_AVX512_BF16)
+      if (bf16) {
+        qd_attention::bf16_segment(a, lists, g, seg, partial.data(), bf16_scratch);
         continue;
       }
 #endif
@@ -588,6 +602,8 @@ PYBIND11_MODULE(_kernels, m) {
         "q [heads, q_len, head_dim] and out [q_len, heads, head_dim] contiguous fp32, strides in elements");
   m.def("attention_isa", [] { return std::string(active_isa()->name); },
         "the attention kernel this CPU runs by default (the linear kernel's: isa())");
+  m.def("bf16_attention_supported", [] { return qd_attention::bf16_attention_supported(); },
+        "whether attention(isa='avx512_bf16') runs here (vdpbf16ps; not bitwise the fp32 or tile kernels)");
   m.def("amx_attention_supported", [] { return qd_attention::amx_attention_supported(); },
         "whether attention(isa='amx') runs here (bf16 tiles; not bitwise the fp32 kernels)");
   m.def("prefill_attention_bf16", &prefill_attention_bf16, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("out"),

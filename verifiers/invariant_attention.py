@@ -14,9 +14,11 @@ K and V once (at a 6.7k-token context, 30 layers: 1 row 28.8 -> 23.5 ms, 5 rows 
 It runs inside ``small_linear.invariant()`` (the runtime's verification passes) on
 fp32 CPU tensors with a boolean mask, where the CPU has AVX-512 or AVX2 with FMA (its
 portable path is the reference the tests check both against, too slow to serve);
-everywhere else the caller keeps SDPA. Inside ``invariant(bf16=True)`` on a CPU with AMX (a model on
-the bf16 tile kernel, ``csrc/attention_amx.h``) the same segments take their two products on AMX tiles:
-a draft's extra rows then cost little more than the softmax.
+everywhere else the caller keeps SDPA. Inside ``invariant(bf16=True)`` (a model on the bf16 linear
+kernel) the same segments take their two products in bf16: on AMX tiles where the CPU has them
+(``csrc/attention_amx.h``: a draft's extra rows then cost little more than the softmax), else with
+AVX-512 BF16 (``csrc/attention_bf16.h``: twice the fp32 kernel's products per instruction, a draft row
+about 0.6-0.75 of its fp32 cost on Zen 4).
 """
 
 from __future__ import annotations
@@ -64,5 +66,5 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask:
     _kernels.attention(q.data_ptr(), key.data_ptr(), value.data_ptr(), rows.data_ptr(), out.data_ptr(),
                        heads, kv_heads, q_len, k_len, dim, key.stride(1), key.stride(2), value.stride(1),
                        value.stride(2), rows.stride(0), dim ** -0.5 if scale is None else scale,
-                       torch.get_num_threads(), "amx" if small_linear.tiles() else "auto")
+                       torch.get_num_threads(), small_linear.attention_isa())
     return out

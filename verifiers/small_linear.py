@@ -81,14 +81,16 @@ def _thread_setting(name: str, value: object) -> Iterator[None]:
 def invariant(bf16: bool = False) -> Iterator[None]:
     """Every installed linear layer called in this block (on this thread) uses the kernel, and so
     does attention where it can (``invariant_attention.py``); with ``bf16`` (a model whose layers
-    use ``use_bf16_kernel``) attention takes the bf16 tile kernel where the CPU has AMX tiles."""
-    with _thread_setting("forced", True), _thread_setting("tiles", bf16 and amx_available()):
+    use ``use_bf16_kernel``) attention takes a bf16 kernel where the CPU has one
+    (``bf16_attention_isa()``)."""
+    with _thread_setting("forced", True), _thread_setting("attention_isa", bf16_attention_isa() if bf16 else None):
         yield
 
 
-def tiles() -> bool:
-    """Whether this thread is inside ``invariant(bf16=True)`` on a CPU with AMX tiles."""
-    return bool(getattr(_state, "tiles", False))
+def attention_isa() -> str:
+    """The attention kernel this thread's ``invariant()`` block asks for: ``amx`` (bf16 tiles),
+    ``avx512_bf16`` (bf16 vector products) or ``auto`` (the fp32 kernel)."""
+    return getattr(_state, "attention_isa", None) or "auto"
 
 
 def prefill_precision(dtype: torch.dtype | None) -> contextlib.AbstractContextManager[None]:
@@ -119,6 +121,17 @@ def amx_available() -> bool:
     AVX-512 BF16, a Linux kernel that enables the tiles."""
     # The attention kernel's check includes the linear kernel's (the tiles and the OS permission).
     return _kernels is not None and _kernels.amx_attention_supported()
+
+
+@functools.cache
+def bf16_attention_isa() -> str:
+    """The attention kernel of a bf16 model's verification passes here: ``amx`` (tiles) where the
+    CPU has them, else ``avx512_bf16`` (vdpbf16ps) where it has AVX-512 BF16, else ``auto`` (fp32)."""
+    if amx_available():
+        return "amx"
+    if _kernels is not None and _kernels.bf16_attention_supported():
+        return "avx512_bf16"
+    return "auto"
 
 
 def bf16_isa() -> str | None:
