@@ -549,3 +549,16 @@ def test_the_linear_kernel_benchmark_reports_time_and_bandwidth_per_shape_and_ro
                                                                        ("40x17", 3)]
         assert all(p["us"] > 0 and p["weight_gb_per_s"] > 0 for p in result["points"])
         assert result["kernel"].startswith(kind)
+
+
+def test_the_attention_kernel_benchmark_times_the_fp32_and_bf16_kernels_beside_sdpa():
+    from quickdraft.bench.attention_kernel import measure
+
+    result = measure([64, 600], [1, 4], threads=1, repeats=1)
+    assert result["isa"] == _kernels.attention_isa()
+    bf16 = small_linear.bf16_attention_isa()
+    assert result["bf16_isa"] == (None if bf16 == "auto" else bf16)
+    assert [(p["context"], p["rows"]) for p in result["points"]] == [(64, 1), (64, 4), (600, 1), (600, 4)]
+    for point in result["points"]:
+        assert point["kernel_us"] > 0 and point["sdpa_us"] > 0
+        assert ("bf16_us" in point) == (result["bf16_isa"] is not None)
