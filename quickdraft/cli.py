@@ -149,17 +149,25 @@ def worker(
 
     from quickdraft.verifiers.model_loader import load_model
     from quickdraft.verifiers.runtime import ModelRuntime
-    from quickdraft.verifiers.server import serve_worker
+    from quickdraft.verifiers.server import model_thread, serve_worker
 
-    if s.threads:
-        torch.set_num_threads(s.threads)
     if s.heap_keep_mb:
         from quickdraft.verifiers.heap import keep_freed_memory
 
         keep_freed_memory(s.heap_keep_mb)  # (says so in the log where the C library will not)
     started = time.perf_counter()
-    loaded = load_model(s.model, s.device, s.dtype, s.prefill_dtype, s.decode_dtype)
-    runtime = ModelRuntime(loaded, kv_budget_bytes=s.kv_budget_mb << 20, kv_active_s=s.kv_active_s)
+
+    def load() -> ModelRuntime:
+        if s.threads:
+            torch.set_num_threads(s.threads)
+        loaded = load_model(s.model, s.device, s.dtype, s.prefill_dtype, s.decode_dtype)
+        return ModelRuntime(loaded, kv_budget_bytes=s.kv_budget_mb << 20, kv_active_s=s.kv_active_s)
+
+    # Loaded on the thread that will run every pass: a second thread running OpenMP regions slows
+    # every pass (model_thread's docstring).
+    thread = model_thread()
+    runtime = thread.submit(load).result()
+    loaded = runtime.loaded
     if s.oracle_traces:
         from quickdraft.verifiers.oracle_target import OracleTarget
 
@@ -177,7 +185,8 @@ def worker(
     with contextlib.suppress(KeyboardInterrupt):
         asyncio.run(serve_worker(runtime, s.host, s.worker_port, register_with=s.register_with,
                                  advertise=s.advertise, max_batch=s.max_batch, max_batch_tokens=s.max_batch_tokens,
-                                 max_queue=s.max_queue, registration_token=s.registration_token, tls=tls))
+                                 max_queue=s.max_queue, registration_token=s.registration_token, tls=tls,
+                                 thread=thread))
 
 
 # -- proxy -----------------------------------------------------------------------

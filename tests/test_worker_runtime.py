@@ -214,3 +214,27 @@ def test_a_pass_that_fails_part_way_leaves_no_stale_cache(runtime):
     # The proxy retries the step as it stood: the worker asks for the history instead of reusing it.
     assert runtime.verify(VerifyInput("fail", known, hist[known - 16:known], hist[known:])).resync_required
     assert plain_greedy(runtime, "fail", prompt, 12) == ref
+
+
+async def test_the_worker_service_runs_every_pass_on_the_model_thread_it_is_given(runtime, monkeypatch):
+    # A pass run on another thread than the one that loaded the model (the CLI loads it on this one)
+    # brings a second OpenMP team into the process, which slows every pass (model_thread's docstring).
+    import threading
+
+    from quickdraft.verifiers.server import WorkerService, model_thread
+
+    thread = model_thread()
+    home = thread.submit(lambda: threading.current_thread().name).result()
+    seen, verify_batch = [], runtime.verify_batch
+
+    def recorded(requests):
+        seen.append(threading.current_thread().name)
+        return verify_batch(requests)
+
+    monkeypatch.setattr(runtime, "verify_batch", recorded)
+    service = WorkerService(runtime, thread=thread)
+    out, _ = await service.batcher.submit(VerifyInput("model-thread", 0, [], runtime.tokenize(
+        [{"role": "user", "content": "Hi."}])))
+    assert len(out.tokens) == 1 and seen == [home]
+    runtime.release("model-thread")
+    thread.shutdown()

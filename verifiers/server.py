@@ -1,7 +1,7 @@
 """The worker's gRPC server: holds one model, verifies drafts for the proxy.
 
-Model calls run on one dedicated thread so the event loop keeps answering
-health checks while a long prefill runs; verification steps of many sessions
+Model calls run on one dedicated thread (``model_thread``) so the event loop keeps
+answering health checks while a long prefill runs; verification steps of many sessions
 are batched into shared forward passes (``Batcher``).
 """
 
@@ -34,6 +34,18 @@ def resident_memory_bytes() -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0
+
+def model_thread() -> ThreadPoolExecutor:
+    """The one thread that should run everything a worker's model computes: loading, prefill and
+    every verification pass.
+
+    Why one: libgomp (torch's and the kernels' OpenMP) gives each thread that opens a parallel
+    region a team of its own, and once a process holds more OpenMP threads than CPUs it stops
+    spinning between regions and sleeps at once, so each of the hundreds of parallel regions in a
+    pass waits for a futex wake-up. A model loaded on the main thread and run on another took 51-72
+    ms a SmolLM2 pass at a 6.5K context on two cores, against 33-37 ms on one thread."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+
 
 WORKER_SERVICE = "quickdraft.v1.Worker"
 MAX_MESSAGE_BYTES = 256 << 20  # tokenizer.json of large vocabularies travels in Info
@@ -116,9 +128,9 @@ class Batcher:
 
 class WorkerService(pb_grpc.WorkerServicer):
     def __init__(self, runtime: ModelRuntime, max_batch: int = 16, max_batch_tokens: int = 2048,
-                 max_queue: int = 256) -> None:
+                 max_queue: int = 256, thread: ThreadPoolExecutor | None = None) -> None:
         self.runtime = runtime
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self._pool = thread if thread is not None else model_thread()  # the one the model was loaded on
         self.batcher = Batcher(runtime, self._run, max_batch, max_batch_tokens, max_queue)
 
     async def _run(self, fn, *args):
@@ -253,8 +265,10 @@ async def _register(proxies: list[str], address: str, token: str | None = None, 
 async def serve_worker(runtime: ModelRuntime, host: str, port: int, ready: asyncio.Event | None = None,
                        register_with: list[str] | None = None, advertise: str | None = None,
                        max_batch: int = 16, max_batch_tokens: int = 2048, max_queue: int = 256,
-                       registration_token: str | None = None, tls: TlsConfig | None = None) -> None:
+                       registration_token: str | None = None, tls: TlsConfig | None = None,
+                       thread: ThreadPoolExecutor | None = None) -> None:
     """Serve until cancelled. Health turns SERVING once the model is loaded (it is, by now).
+    ``thread``: the ``model_thread()`` the model was loaded on (a new one if None).
 
     With ``register_with``, the worker announces itself to those proxies as ``advertise``
     (default: the host and port it listens on), presenting ``registration_token`` if given; with
@@ -262,7 +276,8 @@ async def serve_worker(runtime: ModelRuntime, host: str, port: int, ready: async
     the proxies are called."""
     server = grpc.aio.server(options=server_options(),
                              interceptors=[RequireToken(registration_token)] if registration_token else None)
-    pb_grpc.add_WorkerServicer_to_server(WorkerService(runtime, max_batch, max_batch_tokens, max_queue), server)
+    pb_grpc.add_WorkerServicer_to_server(WorkerService(runtime, max_batch, max_batch_tokens, max_queue, thread),
+                                         server)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
