@@ -10,7 +10,10 @@ draft tree's nodes to send, from
   from every response's ``forward_ms`` and ``batch_tokens``);
 * the load it reported last (sessions and positions in its last pass);
 * this session's calibrated acceptance: the drafter's node probabilities sum to the
-  expected accepted length, scaled by how that estimate has fared for the session.
+  expected accepted length, scaled by how that estimate has fared for the session;
+* what a step costs beyond the pass (``StepOverhead``: the call both ways and the proxy's
+  own work between steps), paid once a step whatever the draft: counted where the session
+  is alone on the worker, which idles meanwhile (beside others, their passes fill it).
 
 It chooses the prefix of the tree (trees are grown best first, so every prefix is
 the best tree of its size) that maximises the batch's tokens per millisecond, which
@@ -126,6 +129,35 @@ class Acceptance:
         return min(self.accepted / max(self.expected, 1e-6), 2.0)
 
 
+@dataclass(slots=True)
+class StepOverhead:
+    """Milliseconds a step costs beyond the worker's pass: the call's way there and back (its
+    round trip less the pass's ``forward_ms``) and the proxy's own work until the session's next
+    call (drafting, learning, streaming the tokens out). A longer draft saves steps, and with them
+    this cost, so leaving it out made drafts too short where passes are cheap: on two shared cores
+    it was about 10-15 ms a step beside 35-50 ms passes.
+
+    The call's part is the floor of what was seen: a step that waited behind another pass took
+    longer without costing more per step, so waits must not read as overhead. The floor creeps up
+    slowly so a lasting change is learned. The proxy's part is a moving average."""
+
+    call_ms: float | None = None
+    proxy_ms: float = 0.0
+    creep: float = 0.02   # of the floor per step: a floor that was a lucky minimum is left behind
+    decay: float = 0.9
+
+    def observe_call(self, round_trip_ms: float, forward_ms: float) -> None:
+        seen = max(round_trip_ms - forward_ms, 0.0)
+        self.call_ms = seen if self.call_ms is None else min(seen, self.call_ms * (1.0 + self.creep) + 0.01)
+
+    def observe_proxy(self, ms: float) -> None:
+        self.proxy_ms = self.proxy_ms * self.decay + max(ms, 0.0) * (1.0 - self.decay)
+
+    @property
+    def ms(self) -> float:
+        return (self.call_ms or 0.0) + self.proxy_ms
+
+
 @dataclass(frozen=True, slots=True)
 class Load:
     """What the worker reported about its last pass."""
@@ -135,12 +167,14 @@ class Load:
     queue_depth: int = 0     # steps that were waiting behind the pass
 
 
-def choose_draft_size(probs: list[float], ratio: float, batch_size: int, cost: PassCost) -> int:
+def choose_draft_size(probs: list[float], ratio: float, batch_size: int, cost: PassCost,
+                      overhead_ms: float = 0.0) -> int:
     """How many of the tree's first nodes to send, when about ``batch_size`` sessions share each pass.
 
     Every session of the batch is assumed to draft like this one (as SmartSpec picks one
     speculation length per batch): the expected tokens per pass, ``B × (1 + accepted(k))``,
-    over the pass time for ``B × (1 + k)`` positions. Judging only one's own marginal nodes
+    over the pass time for ``B × (1 + k)`` positions plus the step's ``overhead_ms`` beyond the
+    pass (``StepOverhead``). Judging only one's own marginal nodes
     while assuming the others keep theirs would let every session justify its draft and the
     batch as a whole lose; this view cannot."""
     if not probs:
@@ -157,7 +191,7 @@ def choose_draft_size(probs: list[float], ratio: float, batch_size: int, cost: P
         ms = predict(b * (1 + k))
         if ms is None:
             return len(probs)  # nothing measured yet: send the whole tree and learn
-        rate = b * (1.0 + ratio * prefix[k]) / ms
+        rate = b * (1.0 + ratio * prefix[k]) / (ms + overhead_ms)
         if best_rate is None or rate > best_rate * 1.0001:
             best_size, best_rate = k, rate
     return best_size

@@ -84,6 +84,7 @@ class SpeculationLoop:
     stats: LoopStats = field(default_factory=LoopStats)
     seed: int = 0
     verify_timeout_s: float = 120.0
+    _answered: float | None = None  # when the last step's answer came (perf_counter)
 
     def _draft(self, remaining: int) -> tuple[DraftTree, DraftTree]:
         """The tree to send, and the whole tree it was cut from (for judging the drafter)."""
@@ -95,8 +96,13 @@ class SpeculationLoop:
         if self.params.adaptive and tree.token_ids:
             s = self.session
             worker = self.pool.pick(self.params.model, s.worker_key)
+            if self._answered is not None:  # the proxy's own time since the last answer
+                worker.overhead.observe_proxy((time.perf_counter() - self._answered) * 1e3)
             batch = max(worker.load.batch_size, worker.in_flight + 1)
-            size = choose_draft_size(tree.probs, s.acceptance.ratio, batch, worker.cost)
+            # Alone on the worker, the step's time beyond the pass leaves it idle; beside other
+            # sessions their passes fill that time, so it costs the batch nothing.
+            overhead = worker.overhead.ms if batch == 1 else 0.0
+            size = choose_draft_size(tree.probs, s.acceptance.ratio, batch, worker.cost, overhead)
             tree = tree.truncated(size)
         return tree, full
 
@@ -120,13 +126,16 @@ class SpeculationLoop:
                 seed=self.seed,
             )
             worker.in_flight += 1
+            sent = time.perf_counter()
             try:
                 response = await worker.stub.Verify(
                     request, timeout=verify_timeout(self.verify_timeout_s, len(request.new_tokens)))
             finally:
                 worker.in_flight -= 1
+            self._answered = time.perf_counter()
             if response.batch_tokens:
                 worker.cost.observe(response.batch_tokens, response.forward_ms)
+                worker.overhead.observe_call((self._answered - sent) * 1e3, response.forward_ms)
                 worker.load = Load(max(response.batch_size, 1), response.batch_tokens, response.queue_depth)
             if not response.resync_required:
                 if self.stats.reused_prompt_tokens < 0:

@@ -17,7 +17,7 @@ from quickdraft.proto import quickdraft_pb2_grpc as pb_grpc
 from quickdraft.proto.auth import bearer_metadata
 from quickdraft.proto.tls import TlsConfig, aio_channel
 from quickdraft.proxy.errors import InvalidRequest, NoWorker
-from quickdraft.proxy.goodput import Load, PassCost
+from quickdraft.proxy.goodput import Load, PassCost, StepOverhead
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,7 @@ class WorkerClient:
     in_flight: int = 0
     cost: PassCost = field(default_factory=PassCost)   # its pass time by positions scored
     load: Load = field(default_factory=Load)           # what its last pass looked like
+    overhead: StepOverhead = field(default_factory=StepOverhead)  # a step's cost beyond its pass
     memory: WorkerMemory | None = None                 # as of its last health check
     registered: bool = False       # joined by registering (not given to the proxy at start)
     answered_at: float = field(default_factory=time.monotonic)  # its last answer (or when it joined)

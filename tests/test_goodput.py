@@ -1,6 +1,8 @@
 """Goodput-aware draft sizing: the choices it makes for a free and for a saturated worker."""
 
-from quickdraft.proxy.goodput import PassCost, choose_draft_size
+import pytest
+
+from quickdraft.proxy.goodput import PassCost, StepOverhead, choose_draft_size
 
 
 def cost_curve(points):
@@ -113,3 +115,27 @@ def test_with_only_small_sizes_measured_a_larger_draft_is_still_tried():
 def test_a_draft_is_cut_where_its_next_node_stops_paying_not_at_a_power_of_two():
     # Five near-certain nodes, then three long shots: send the five.
     assert choose_draft_size([0.95] * 5 + [0.02] * 3, 1.0, 1, CPU) == 5
+
+
+def test_a_step_cost_beyond_the_pass_makes_longer_drafts_pay():
+    # The call and the proxy's own work are paid once a step: a draft that saves steps saves them too.
+    assert choose_draft_size(DOUBTFUL, 1.0, 1, CPU) == 0
+    assert choose_draft_size(DOUBTFUL, 1.0, 1, CPU, overhead_ms=150.0) >= 1
+    # Saturated, the compute every session of the batch pays for a node still rules.
+    assert choose_draft_size(DOUBTFUL, 1.0, 64, CPU, overhead_ms=15.0) == 0
+
+
+def test_the_step_overhead_is_the_floor_of_the_call_and_the_mean_of_the_proxys_work():
+    overhead = StepOverhead()
+    assert overhead.ms == 0.0
+    overhead.observe_call(50.0, 40.0)   # 10 ms beyond the pass
+    overhead.observe_call(95.0, 40.0)   # it waited behind another pass: not a cost of every step
+    assert overhead.call_ms == pytest.approx(10.0, abs=0.5)
+    for _ in range(200):                # a lasting 20 ms is learned
+        overhead.observe_call(60.0, 40.0)
+    assert overhead.call_ms == pytest.approx(20.0, abs=0.5)
+    overhead.observe_call(30.0, 40.0)   # a pass reported longer than its round trip: no negative cost
+    assert overhead.call_ms == 0.0
+    for _ in range(50):
+        overhead.observe_proxy(5.0)
+    assert overhead.ms == pytest.approx(5.0, abs=0.1)
