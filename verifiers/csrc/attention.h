@@ -97,6 +97,21 @@ inline int64_t partial_offset(const Problem& a, const Lists& L, int64_t i, int64
   return ((i * a.H + h) * L.segments + seg) * partial_stride(a);
 }
 
+// An item's segment results (kv head g, rows position-major: o, D floats a row, and l, m) into the
+// partials; a row whose position sees no key of the segment has none.
+inline void store_segment(const Problem& a, const Lists& L, int64_t g, int64_t seg, const float* o,
+                          const float* l, const float* m, float* partial) {
+  const int64_t n_rep = a.H / a.Hkv, t0 = seg * SEGMENT, t1 = t0 + SEGMENT;
+  for (int64_t row = 0; row < n_rep * a.Lq; ++row) {
+    const int64_t pos = row / n_rep;
+    if (std::min(t1, L.counts[pos]) <= t0) continue;
+    float* out = partial + partial_offset(a, L, pos, g * n_rep + row % n_rep, seg);
+    std::memcpy(out, o + row * a.D, static_cast<size_t>(a.D) * sizeof(float));
+    out[a.D] = l[row];
+    out[a.D + 1] = m[row];
+  }
+}
+
 // Scratch of one worker thread, for one item (one segment of one kv head, every query position).
 struct Scratch {
   std::vector<float> p;         // [rows][SEGMENT + 16]: scores, then softmax weights, compacted per row

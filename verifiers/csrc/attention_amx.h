@@ -238,14 +238,7 @@ __attribute__((target("avx512f,avx512bf16,amx-tile,amx-bf16"))) inline void amx_
       std::memcpy(s.o.data() + w0 * D, keep.data(), keep.size() * sizeof(float));
     }
   }
-  for (int64_t row = 0; row < it.rows; ++row) {
-    const int64_t pos = row / n_rep;
-    if (std::min(t1, L.counts[pos]) <= t0) continue;
-    float* out = partial + partial_offset(a, L, pos, g * n_rep + row % n_rep, seg);
-    std::memcpy(out, s.o.data() + row * D, static_cast<size_t>(D) * sizeof(float));
-    out[D] = s.l[row];
-    out[D + 1] = s.m[row];
-  }
+  store_segment(a, L, g, seg, s.o.data(), s.l.data(), s.m.data(), partial);
 }
 
 inline bool amx_attention_supported() {

@@ -233,14 +233,7 @@ inline void bf16_segment(const Problem& a, const Lists& L, int64_t g, int64_t se
     pack_value_pairs(a, g, L.of(pos, a.Lk), t0, end, full, last, s.vp.data());
     bf16_values(a, s.vp.data(), full, last, pos * n_rep, n_rep, s);
   }
-  for (int64_t row = 0; row < it.rows; ++row) {
-    const int64_t pos = row / n_rep;
-    if (std::min(t1, L.counts[pos]) <= t0) continue;
-    float* out = partial + partial_offset(a, L, pos, g * n_rep + row % n_rep, seg);
-    std::memcpy(out, s.o.data() + row * D, static_cast<size_t>(D) * sizeof(float));
-    out[D] = s.l[row];
-    out[D + 1] = s.m[row];
-  }
+  store_segment(a, L, g, seg, s.o.data(), s.l.data(), s.m.data(), partial);
 }
 
 #undef QD_BF16_ATTENTION_TARGET
