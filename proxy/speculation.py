@@ -96,12 +96,15 @@ class SpeculationLoop:
         if self.params.adaptive and tree.token_ids:
             s = self.session
             worker = self.pool.pick(self.params.model, s.worker_key)
-            if self._answered is not None:  # the proxy's own time since the last answer
-                worker.overhead.observe_proxy((time.perf_counter() - self._answered) * 1e3)
             batch = max(worker.load.batch_size, worker.in_flight + 1)
             # Alone on the worker, the step's time beyond the pass leaves it idle; beside other
-            # sessions their passes fill that time, so it costs the batch nothing.
-            overhead = worker.overhead.ms if batch == 1 else 0.0
+            # sessions their passes fill that time, so it costs the batch nothing. (Nor is it learned
+            # then: the time since the last answer includes the event loop serving the others.)
+            overhead = 0.0
+            if batch == 1:
+                if self._answered is not None:  # the proxy's own time since the last answer
+                    worker.overhead.observe_proxy((time.perf_counter() - self._answered) * 1e3)
+                overhead = worker.overhead.ms
             size = choose_draft_size(tree.probs, s.acceptance.ratio, batch, worker.cost, overhead)
             tree = tree.truncated(size)
         return tree, full

@@ -107,7 +107,7 @@ def pick_decode_dtype(invariant_linears: int, decode_dtype: str = "auto") -> tor
 
 def set_decode_dtype(loaded: LoadedModel, dtype: torch.dtype | None) -> None:
     """Switch a loaded model's verification passes between the bf16 kernels (linear layers, and
-    attention where the CPU has AMX tiles) and the fp32 ones. Speculative and plain passes must use
+    attention where the CPU has AMX tiles or AVX-512 BF16) and the fp32 ones. Speculative and plain passes must use
     the same one."""
     small_linear.use_bf16_kernel(loaded.model, on=dtype is not None)
     loaded.decode_dtype = dtype

@@ -2,7 +2,8 @@
 // registers but have no AMX tiles (AMD Zen 4 and later): the segment structure of attention.h,
 // with the two products taken in bf16 pairs, twice the products per instruction of the fp32
 // kernel. A verification pass's draft rows are compute-bound there (at a 4K context each row
-// costs the fp32 kernel about 70 µs a layer on two Zen 4 cores), so they cost about half.
+// costs the fp32 kernel about 55 µs a layer on two Zen 4 cores), so they cost about two thirds
+// (the softmax and the packing stay).
 //
 // Definition, for query row q (as attention.h, with these changes):
 //   s_t = dotbf(q, k_j) * scale   acc = +0, then for each pair of dimensions (2i, 2i + 1) in
@@ -58,13 +59,18 @@ QD_BF16_ATTENTION_TARGET inline __m512i bf16_pairs(const float* x) {
 }
 
 // Keys keys[0..n) (n <= 16) of kv head g as one block: pair i of key j at dst[i * 16 + j], zero
-// past n.
+// past n. With `ahead`, the keys run on in the cache (the shared context): the block two ahead is
+// fetched meanwhile, as a single row's pass is bound by reading the cache. (The address is formed
+// as an integer: it may lie past the cache's end, where a prefetch does nothing.)
 QD_BF16_ATTENTION_TARGET inline void pack_key_block(const Problem& a, int64_t g, const int32_t* keys, int64_t n,
-                                                    uint32_t* dst) {
+                                                    uint32_t* dst, bool ahead) {
   const float* k = a.k + g * a.k_head;
-  for (int j = 0; j < 16; ++j)
-    for (int64_t d = 0; d < a.D; d += 16)
-      _mm_prefetch(reinterpret_cast<const char*>(k + (keys[0] + 32 + j) * a.k_tok + d), _MM_HINT_T0);
+  if (ahead) {
+    const uintptr_t next = reinterpret_cast<uintptr_t>(k) + static_cast<uintptr_t>((keys[0] + 32) * a.k_tok) * 4;
+    for (int64_t j = 0; j < 16; ++j)
+      for (int64_t d = 0; d < a.D; d += 16)
+        _mm_prefetch(reinterpret_cast<const char*>(next + static_cast<uintptr_t>(j * a.k_tok + d) * 4), _MM_HINT_T0);
+  }
   for (int64_t d = 0; d < a.D; d += 32) {
     __m512 r[16];
     for (int j = 0; j < 16; ++j)
@@ -156,18 +162,18 @@ QD_BF16_ATTENTION_TARGET void bf16_value_tile(const uint16_t* pb, const uint32_t
     for (int c = 0; c < 4; ++c) _mm512_storeu_ps(o + r * D + d0 + 16 * c, acc[r][c]);
 }
 
-// Rows [row0, row0 + rows)'s sums over the packed pairs [i0, i1) (vp holds pair i0 first): blocks
-// of 64 pairs (16 KB of values at D = 64) stay in L1 while every row takes them, in pair order.
+// Rows [row0, row0 + rows)'s sums over the packed pairs [i0, i1) (vp holds pair i0 first): a block
+// of 64 pairs' 64 dimensions (16 KB) stays in L1 while every row takes it, in pair order.
 inline void bf16_values(const Problem& a, const uint32_t* vp, int64_t i0, int64_t i1, int64_t row0, int64_t rows,
                         Bf16Scratch& s) {
   constexpr int64_t PAIR_BLOCK = 64;
   for (int64_t c0 = i0; c0 < i1; c0 += PAIR_BLOCK) {
     const int64_t pairs = std::min(PAIR_BLOCK, i1 - c0);
-    qd::in_groups<4>(rows, [&](auto R, int64_t r) {
-      for (int64_t d0 = 0; d0 < a.D; d0 += 64)
+    for (int64_t d0 = 0; d0 < a.D; d0 += 64)
+      qd::in_groups<4>(rows, [&](auto R, int64_t r) {
         bf16_value_tile<R()>(s.pb.data() + (row0 + r) * Bf16Scratch::STRIDE + 2 * c0, vp + (c0 - i0) * a.D, a.D, d0,
                              pairs, s.o.data() + (row0 + r) * a.D);
-    });
+      });
   }
 }
 
@@ -200,7 +206,8 @@ inline void bf16_segment(const Problem& a, const Lists& L, int64_t g, int64_t se
   // Shared keys: packed once, scored for every row.
   const int64_t shared_end = std::min(t1, L.shared), shared = std::max<int64_t>(0, shared_end - t0);
   for (int64_t b = 0; b * 16 < shared; ++b)
-    pack_key_block(a, g, ident + t0 + 16 * b, std::min<int64_t>(16, shared - 16 * b), s.kp.data() + b * half * 16);
+    pack_key_block(a, g, ident + t0 + 16 * b, std::min<int64_t>(16, shared - 16 * b), s.kp.data() + b * half * 16,
+                   true);
   if (shared > 0) bf16_scores(a, s.kp.data(), shared, 0, 0, it.rows, s);
   // Each position's own keys in this segment, gathered, for its rows (up to 64 at a time).
   const int64_t own_start = t0 + shared;
@@ -210,7 +217,8 @@ inline void bf16_segment(const Problem& a, const Lists& L, int64_t g, int64_t se
     for (int64_t t = own_start; t < end; t += 64) {
       const int64_t n = std::min<int64_t>(64, end - t);
       for (int64_t b = 0; b * 16 < n; ++b)
-        pack_key_block(a, g, keys + t + 16 * b, std::min<int64_t>(16, n - 16 * b), s.kp.data() + b * half * 16);
+        pack_key_block(a, g, keys + t + 16 * b, std::min<int64_t>(16, n - 16 * b), s.kp.data() + b * half * 16,
+                       false);
       bf16_scores(a, s.kp.data(), n, t - t0, pos * n_rep, n_rep, s);
     }
   }
