@@ -76,7 +76,8 @@ class PassCost:
         """Interpolated between measured buckets, extrapolated linearly beyond them; None without data.
 
         A size whose bucket is unmeasured (never, or not lately) is predicted optimistically, at
-        the cost of the nearest smaller measured size (the curve is flat until compute dominates).
+        the cost of the nearest smaller measured size (the curve is flat until compute dominates),
+        or below every measured size at its share of the smallest one's cost.
         Otherwise a line drawn from small drafts to a prefill pass, or through the two smallest
         sizes, would make mid-sized drafts look dear, they would never be sent, and so never
         measured. Only sizes of one session's draft are explored this way: at batch sizes where
@@ -93,11 +94,18 @@ class PassCost:
     def _predict(self, points: list[tuple[float, float]], xs: list[float], tokens: int) -> float | None:
         if not points:
             return None
-        if len(points) == 1:
-            return points[0][1]
         if tokens <= EXPLORE_UP_TO and _bucket(tokens) not in self._ms:
             below = [ms for x, ms in points if x <= tokens]
-            return below[-1] if below else points[0][1]
+            if below:
+                return below[-1]
+            # Smaller than every measured size (a fresh proxy has seen a prefill and a whole tree):
+            # priced at the smallest one's cost, every size would cost the same, the largest draft
+            # would always win and the small sizes would never be measured. Flat-then-linear, a pass
+            # costs at least its share of a larger one: optimistic, so the size gets tried.
+            x0, ms0 = points[0]
+            return ms0 * tokens / x0
+        if len(points) == 1:
+            return points[0][1]
         i = bisect.bisect_left(xs, tokens)
         if i < len(points) and abs(xs[i] - tokens) < 1e-9:
             return points[i][1]

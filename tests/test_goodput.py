@@ -112,6 +112,21 @@ def test_with_only_small_sizes_measured_a_larger_draft_is_still_tried():
     assert choose_draft_size(CONFIDENT, 1.0, 1, cost) == 8
 
 
+def test_a_fresh_proxy_that_has_seen_only_a_prefill_and_whole_trees_tries_smaller_drafts():
+    """A session's first pass is its prompt's prefill and its next ones the whole tree: priced at the
+    smallest measured size's cost, every smaller draft would cost the same, the whole tree would win
+    step after step and a single row would never be measured. On a CPU where 33 rows cost four times
+    one, that kept unlikely 32-node drafts going for dozens of steps."""
+    cost = cost_curve([(3900, 14000), (33, 260)])
+    unlikely = [0.3, 0.2, 0.1] + [0.05] * 29
+    assert cost.predict(1) < 260
+    assert choose_draft_size(unlikely, 0.2, 1, cost) == 0
+    for _ in range(3):
+        cost.observe(1, 60)  # a single row turned out far cheaper than the tree
+    assert cost.predict(9) == pytest.approx(60)  # sizes between are tried optimistically again, and measured
+    assert choose_draft_size(CONFIDENT, 1.0, 1, cost) == 8
+
+
 def test_a_draft_is_cut_where_its_next_node_stops_paying_not_at_a_power_of_two():
     # Five near-certain nodes, then three long shots: send the five.
     assert choose_draft_size([0.95] * 5 + [0.02] * 3, 1.0, 1, CPU) == 5
