@@ -18,6 +18,11 @@
 //     s2[i] = s4[i] + s4[i + 2], y = s2[0] + s2[1], then y += b[n] if biased.
 // Nothing in it depends on M, on the other rows, on the tile a row falls in or
 // on the thread that computes it (threads split N only).
+//
+// The weights may also be held as the GGUF blocks they were dequantized from
+// (``linear_quant``; ``exact_quant.py`` finds them): each weight is expanded to the
+// very fp32 value the model holds just before its product, so the sums are bit for
+// bit those of the fp32 weights while a pass streams 5-6x fewer bytes.
 
 #include <pybind11/pybind11.h>
 
@@ -37,6 +42,8 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
+#include <vector>
 
 namespace py = pybind11;
 
@@ -49,21 +56,114 @@ using qd::avx512_tree;
 using qd::avx512_tree4;
 #endif
 
+// Weights as GGUF block quantizations hold them, blocks of 32 along K (K a multiple of 32).
+enum Format : int { F32 = 0, Q4_1 = 1, Q8_0 = 2, FORMAT_COUNT = 3 };
+
+struct Quant {
+  const uint8_t* qs;  // Q4_1: [N, K/32, 16], byte j holds weight j (low nibble) and j + 16; Q8_0: [N, K] int8
+  const float* d;     // [N, K/32] block scales
+  const float* m;     // Q4_1: [N, K/32] block minimums
+};
+
 struct Problem {
   const float* x;
-  const float* w;
+  const float* w;  // fp32 weights (F32)
   const float* b;  // nullptr: no bias
   float* y;
   int64_t M, N, K;
+  Quant q{};
+};
+
+#ifdef QD_X86
+// Eight lanes from src; in the tail chunk (FULL false) the lanes outside `mask` read as zero.
+template <bool FULL>
+__attribute__((target("avx2,fma"))) inline __m256 avx2_load(const float* src, __m256i mask) {
+  if constexpr (FULL) return _mm256_loadu_ps(src);
+  else return _mm256_maskload_ps(src, mask);
+}
+#endif
+
+// The weight rows [n0, n0 + r) a tile reads: at(r, k) is W[n0 + r, k]; the vector loads give 8 or 16
+// consecutive k (masked lanes zero).
+struct F32Rows {
+  const float* w;
+  int64_t K;
+  F32Rows(const Problem& p, int64_t n0) : w(p.w + n0 * p.K), K(p.K) {}
+  F32Rows(const float* rows, int64_t K) : w(rows), K(K) {}
+  float at(int r, int64_t k) const { return w[r * K + k]; }
+#ifdef QD_X86
+  template <bool FULL>
+  __attribute__((target("avx2,fma"))) __m256 avx2(int r, int64_t k, __m256i mask) const {
+    return avx2_load<FULL>(w + r * K + k, mask);
+  }
+  __attribute__((target("avx512f"))) __m512 avx512(int r, int64_t k, __mmask16 mask) const {
+    return _mm512_maskz_loadu_ps(mask, w + r * K + k);
+  }
+#endif
+};
+
+// Expanded as gguf's dequantization computed the fp32 weights: d * q, then + m, each rounded
+// (-ffp-contract=off keeps the compiler from fusing them). K is whole blocks: no tail, no mask.
+struct Q41Rows {
+  const uint8_t* qs;
+  const float* d;
+  const float* m;
+  int64_t blocks;
+  Q41Rows(const Problem& p, int64_t n0)
+      : qs(p.q.qs + n0 * (p.K / 32) * 16), d(p.q.d + n0 * (p.K / 32)), m(p.q.m + n0 * (p.K / 32)),
+        blocks(p.K / 32) {}
+  float at(int r, int64_t k) const {
+    const int64_t i = r * blocks + k / 32;
+    const unsigned byte = qs[i * 16 + (k & 15)];
+    return d[i] * static_cast<float>((k & 16) ? byte >> 4 : byte & 15u) + m[i];
+  }
+#ifdef QD_X86
+  template <bool FULL>
+  __attribute__((target("avx2,fma"))) __m256 avx2(int r, int64_t k, __m256i) const {
+    const int64_t i = r * blocks + k / 32;
+    const __m256i bytes = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(qs + i * 16 + (k & 15))));
+    const __m256i q = (k & 16) ? _mm256_srli_epi32(bytes, 4) : _mm256_and_si256(bytes, _mm256_set1_epi32(15));
+    return _mm256_add_ps(_mm256_mul_ps(_mm256_set1_ps(d[i]), _mm256_cvtepi32_ps(q)), _mm256_set1_ps(m[i]));
+  }
+  __attribute__((target("avx512f"))) __m512 avx512(int r, int64_t k, __mmask16) const {
+    const int64_t i = r * blocks + k / 32;
+    const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + i * 16)));
+    const __m512i q = (k & 16) ? _mm512_srli_epi32(bytes, 4) : _mm512_and_si512(bytes, _mm512_set1_epi32(15));
+    return _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(d[i]), _mm512_cvtepi32_ps(q)), _mm512_set1_ps(m[i]));
+  }
+#endif
+};
+
+// Expanded as q * d, one rounding.
+struct Q80Rows {
+  const int8_t* qs;
+  const float* d;
+  int64_t K, blocks;
+  Q80Rows(const Problem& p, int64_t n0)
+      : qs(reinterpret_cast<const int8_t*>(p.q.qs) + n0 * p.K), d(p.q.d + n0 * (p.K / 32)), K(p.K),
+        blocks(p.K / 32) {}
+  float at(int r, int64_t k) const { return static_cast<float>(qs[r * K + k]) * d[r * blocks + k / 32]; }
+#ifdef QD_X86
+  template <bool FULL>
+  __attribute__((target("avx2,fma"))) __m256 avx2(int r, int64_t k, __m256i) const {
+    const __m256i q = _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(qs + r * K + k)));
+    return _mm256_mul_ps(_mm256_cvtepi32_ps(q), _mm256_set1_ps(d[r * blocks + k / 32]));
+  }
+  __attribute__((target("avx512f"))) __m512 avx512(int r, int64_t k, __mmask16) const {
+    const __m512i q = _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qs + r * K + k)));
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(q), _mm512_set1_ps(d[r * blocks + k / 32]));
+  }
+#endif
 };
 
 // Rows of x processed together; a block of M that stays in L2 while the weights stream past.
 constexpr int64_t M_BLOCK = 128;
 
 // ---------------------------------------------------------------- portable path
+template <class Rows>
 void scalar_range(const Problem& p, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n) {
-    const float* w = p.w + n * p.K;
+    const Rows w(p, n);
     for (int64_t m = 0; m < p.M; ++m) {
       const float* x = p.x + m * p.K;
       float acc[16] = {};
@@ -71,7 +171,7 @@ void scalar_range(const Problem& p, int64_t n0, int64_t n1) {
         for (int j = 0; j < 16; ++j) {
           const int64_t k = k0 + j;
           const float xv = k < p.K ? x[k] : 0.0f;
-          const float wv = k < p.K ? w[k] : 0.0f;
+          const float wv = k < p.K ? w.at(0, k) : 0.0f;
           acc[j] = std::fma(xv, wv, acc[j]);
         }
       }
@@ -80,6 +180,13 @@ void scalar_range(const Problem& p, int64_t n0, int64_t n1) {
       p.y[m * p.N + n] = out;
     }
   }
+}
+
+// A thread's scratch rows for expanded weight blocks (grown, never shrunk).
+inline float* expansion_panel(int64_t floats) {
+  thread_local std::vector<float> panel;
+  if (static_cast<int64_t>(panel.size()) < floats) panel.resize(floats);
+  return panel.data();
 }
 
 #ifdef QD_X86
@@ -92,21 +199,15 @@ __attribute__((target("avx2,fma"))) inline float avx2_tree(__m256 lo, __m256 hi)
   return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
 }
 
-// Eight lanes from src; in the tail chunk (FULL false) the lanes outside `mask` read as zero.
-template <bool FULL>
-__attribute__((target("avx2,fma"))) inline __m256 avx2_load(const float* src, __m256i mask) {
-  if constexpr (FULL) return _mm256_loadu_ps(src);
-  else return _mm256_maskload_ps(src, mask);
-}
 
 // One half (lanes 0-7 or 8-15) of a 16-k chunk: NR weight registers and one x register at a time,
 // so a 3 x 2 tile keeps 12 accumulators in flight (8 were too few to cover the FMA latency here).
-template <int MT, int NR, bool FULL>
-__attribute__((target("avx2,fma"))) inline void avx2_half(const float* x, const float* w, int64_t K, __m256i mask,
-                                                         __m256 (&acc)[MT][NR]) {
+template <class Rows, int MT, int NR, bool FULL>
+__attribute__((target("avx2,fma"))) inline void avx2_half(const float* x, const Rows& w, int64_t k, int64_t K,
+                                                         __m256i mask, __m256 (&acc)[MT][NR]) {
   __m256 wv[NR];
   #pragma GCC unroll 16
-  for (int r = 0; r < NR; ++r) wv[r] = avx2_load<FULL>(w + r * K, mask);
+  for (int r = 0; r < NR; ++r) wv[r] = w.template avx2<FULL>(r, k, mask);
   #pragma GCC unroll 16
   for (int i = 0; i < MT; ++i) {
     const __m256 xv = avx2_load<FULL>(x + i * K, mask);
@@ -115,27 +216,28 @@ __attribute__((target("avx2,fma"))) inline void avx2_half(const float* x, const 
   }
 }
 
-template <int MT, int NR, bool FULL>
-__attribute__((target("avx2,fma"))) inline void avx2_step(const float* x, const float* w, int64_t K, __m256i mlo,
-                                                         __m256i mhi, __m256 (&lo)[MT][NR], __m256 (&hi)[MT][NR]) {
-  avx2_half<MT, NR, FULL>(x, w, K, mlo, lo);
-  avx2_half<MT, NR, FULL>(x + 8, w + 8, K, mhi, hi);
+template <class Rows, int MT, int NR, bool FULL>
+__attribute__((target("avx2,fma"))) inline void avx2_step(const float* x, const Rows& w, int64_t k, int64_t K,
+                                                         __m256i mlo, __m256i mhi, __m256 (&lo)[MT][NR],
+                                                         __m256 (&hi)[MT][NR]) {
+  avx2_half<Rows, MT, NR, FULL>(x, w, k, K, mlo, lo);
+  avx2_half<Rows, MT, NR, FULL>(x + 8, w, k + 8, K, mhi, hi);
 }
 
-template <int MT, int NR>
-__attribute__((target("avx2,fma"))) void avx2_tile(const Problem& p, int64_t m0, int64_t n0) {
+template <class Rows, int MT, int NR>
+__attribute__((target("avx2,fma"))) void avx2_tile(const Problem& p, const Rows& w, int64_t m0, int64_t n0) {
   __m256 lo[MT][NR], hi[MT][NR];
   #pragma GCC unroll 16
   for (int i = 0; i < MT; ++i)
     #pragma GCC unroll 16
     for (int r = 0; r < NR; ++r) lo[i][r] = hi[i][r] = _mm256_setzero_ps();
-  const float* w = p.w + n0 * p.K;
   const float* x = p.x + m0 * p.K;
   const int64_t K = p.K;
   const __m256i all = _mm256_set1_epi32(-1);
   int64_t k = 0;
-  for (; k + 16 <= K; k += 16) avx2_step<MT, NR, true>(x + k, w + k, K, all, all, lo, hi);
-  if (k < K) avx2_step<MT, NR, false>(x + k, w + k, K, avx2_mask(K - k, 0), avx2_mask(K - k, 8), lo, hi);
+  for (; k + 16 <= K; k += 16) avx2_step<Rows, MT, NR, true>(x + k, w, k, K, all, all, lo, hi);
+  if (k < K)
+    avx2_step<Rows, MT, NR, false>(x + k, w, k, K, avx2_mask(K - k, 0), avx2_mask(K - k, 8), lo, hi);
   #pragma GCC unroll 16
   for (int i = 0; i < MT; ++i)
     #pragma GCC unroll 16
@@ -146,22 +248,44 @@ __attribute__((target("avx2,fma"))) void avx2_tile(const Problem& p, int64_t m0,
     }
 }
 
-template <int NR>
-__attribute__((target("avx2,fma"))) void avx2_rows(const Problem& p, int64_t m0, int64_t m1, int64_t n0) {
-  constexpr int MT = 3;
+constexpr int AVX2_TILE_M = 3;
+
+template <class Rows, int NR>
+__attribute__((target("avx2,fma"))) void avx2_rows(const Problem& p, const Rows& w, int64_t m0, int64_t m1,
+                                                  int64_t n0) {
+  constexpr int MT = AVX2_TILE_M;
   int64_t m = m0;
-  for (; m + MT <= m1; m += MT) avx2_tile<MT, NR>(p, m, n0);
-  if (m1 - m == 2) avx2_tile<2, NR>(p, m, n0);
-  else if (m1 - m == 1) avx2_tile<1, NR>(p, m, n0);
+  for (; m + MT <= m1; m += MT) avx2_tile<Rows, MT, NR>(p, w, m, n0);
+  if (m1 - m == 2) avx2_tile<Rows, 2, NR>(p, w, m, n0);
+  else if (m1 - m == 1) avx2_tile<Rows, 1, NR>(p, w, m, n0);
 }
 
+// Weight rows [n, n + NR) against rows [m0, m1) of x. Blocks read by more than one tile are expanded
+// once into fp32 rows first (the same values, so the same sums) instead of once per tile.
+template <class Rows, int NR>
+__attribute__((target("avx2,fma"))) void avx2_weight_rows(const Problem& p, int64_t m0, int64_t m1, int64_t n) {
+  const Rows w(p, n);
+  if constexpr (!std::is_same_v<Rows, F32Rows>) {
+    if (m1 - m0 > AVX2_TILE_M) {
+      float* panel = expansion_panel(NR * p.K);
+      for (int r = 0; r < NR; ++r)
+        for (int64_t k = 0; k < p.K; k += 8)
+          _mm256_storeu_ps(panel + r * p.K + k, w.template avx2<true>(r, k, _mm256_setzero_si256()));
+      avx2_rows<F32Rows, NR>(p, F32Rows(panel, p.K), m0, m1, n);
+      return;
+    }
+  }
+  avx2_rows<Rows, NR>(p, w, m0, m1, n);
+}
+
+template <class Rows>
 __attribute__((target("avx2,fma"))) void avx2_range(const Problem& p, int64_t n0, int64_t n1) {
   constexpr int NR = 2;
   for (int64_t mb = 0; mb < p.M; mb += M_BLOCK) {
     const int64_t me = std::min(p.M, mb + M_BLOCK);
     int64_t n = n0;
-    for (; n + NR <= n1; n += NR) avx2_rows<NR>(p, mb, me, n);
-    for (; n < n1; ++n) avx2_rows<1>(p, mb, me, n);
+    for (; n + NR <= n1; n += NR) avx2_weight_rows<Rows, NR>(p, mb, me, n);
+    for (; n < n1; ++n) avx2_weight_rows<Rows, 1>(p, mb, me, n);
   }
 }
 
@@ -170,12 +294,12 @@ inline void avx512_store(const Problem& p, int64_t m, int64_t n, float out) {
   p.y[m * p.N + n] = p.b ? out + p.b[n] : out;
 }
 
-template <int MT, int NR>
-__attribute__((target("avx512f"))) inline void avx512_step(const float* x, const float* w, int64_t K, __mmask16 mask,
-                                                          __m512 (&acc)[MT][NR]) {
+template <class Rows, int MT, int NR>
+__attribute__((target("avx512f"))) inline void avx512_step(const float* x, const Rows& w, int64_t k, int64_t K,
+                                                          __mmask16 mask, __m512 (&acc)[MT][NR]) {
   __m512 wv[NR];
   #pragma GCC unroll 16
-  for (int r = 0; r < NR; ++r) wv[r] = _mm512_maskz_loadu_ps(mask, w + r * K);
+  for (int r = 0; r < NR; ++r) wv[r] = w.avx512(r, k, mask);
   #pragma GCC unroll 16
   for (int i = 0; i < MT; ++i) {
     const __m512 xv = _mm512_maskz_loadu_ps(mask, x + i * K);
@@ -185,21 +309,20 @@ __attribute__((target("avx512f"))) inline void avx512_step(const float* x, const
 }
 
 // Rows [m0, m0 + MT) of x against weight rows [n0, n0 + NR), written to y.
-template <int MT, int NR>
-__attribute__((target("avx512f"))) void avx512_tile(const Problem& p, int64_t m0, int64_t n0) {
+template <class Rows, int MT, int NR>
+__attribute__((target("avx512f"))) void avx512_tile(const Problem& p, const Rows& w, int64_t m0, int64_t n0) {
   __m512 acc[MT][NR];
   #pragma GCC unroll 16
   for (int i = 0; i < MT; ++i)
     #pragma GCC unroll 16
     for (int r = 0; r < NR; ++r) acc[i][r] = _mm512_setzero_ps();
-  const float* w = p.w + n0 * p.K;
   const float* x = p.x + m0 * p.K;
   const int64_t K = p.K;
   int64_t k = 0;
   // Full chunks with an all-ones mask (a masked load with every lane set is a plain load), then
   // the tail with zeros past K: one code path, so the tail cannot round differently.
-  for (; k + 16 <= K; k += 16) avx512_step<MT, NR>(x + k, w + k, K, static_cast<__mmask16>(0xFFFF), acc);
-  if (k < K) avx512_step<MT, NR>(x + k, w + k, K, static_cast<__mmask16>((1u << (K - k)) - 1u), acc);
+  for (; k + 16 <= K; k += 16) avx512_step<Rows, MT, NR>(x + k, w, k, K, static_cast<__mmask16>(0xFFFF), acc);
+  if (k < K) avx512_step<Rows, MT, NR>(x + k, w, k, K, static_cast<__mmask16>((1u << (K - k)) - 1u), acc);
   // Reduce the accumulators four at a time, in (row, weight row) order.
   constexpr int COUNT = MT * NR;
   #pragma GCC unroll 16
@@ -221,19 +344,38 @@ __attribute__((target("avx512f"))) void avx512_tile(const Problem& p, int64_t m0
 constexpr int TILE_M = 4;
 constexpr int TILE_N = 4;
 
-template <int W>
-__attribute__((target("avx512f"))) void avx512_rows(const Problem& p, int64_t m0, int64_t m1, int64_t n) {
-  qd::in_groups<TILE_M>(m1 - m0, [&](auto R, int64_t r) { avx512_tile<R(), W>(p, m0 + r, n); });
+template <class Rows, int W>
+__attribute__((target("avx512f"))) void avx512_rows(const Problem& p, const Rows& w, int64_t m0, int64_t m1,
+                                                   int64_t n) {
+  qd::in_groups<TILE_M>(m1 - m0, [&](auto R, int64_t r) { avx512_tile<Rows, R(), W>(p, w, m0 + r, n); });
+}
+
+// As avx2_weight_rows: blocks that more than one tile reads are expanded once.
+template <class Rows, int W>
+__attribute__((target("avx512f"))) void avx512_weight_rows(const Problem& p, int64_t m0, int64_t m1, int64_t n) {
+  const Rows w(p, n);
+  if constexpr (!std::is_same_v<Rows, F32Rows>) {
+    if (m1 - m0 > TILE_M) {
+      float* panel = expansion_panel(W * p.K);
+      for (int r = 0; r < W; ++r)
+        for (int64_t k = 0; k < p.K; k += 16)
+          _mm512_storeu_ps(panel + r * p.K + k, w.avx512(r, k, static_cast<__mmask16>(0xFFFF)));
+      avx512_rows<F32Rows, W>(p, F32Rows(panel, p.K), m0, m1, n);
+      return;
+    }
+  }
+  avx512_rows<Rows, W>(p, w, m0, m1, n);
 }
 
 // Blocks of M_BLOCK rows of x stay in L2 while the weights stream past; within a block every
 // group of TILE_N weight rows is loaded into L1 once and used by all the block's tiles.
+template <class Rows>
 __attribute__((target("avx512f"))) void avx512_range(const Problem& p, int64_t n0, int64_t n1) {
   for (int64_t mb = 0; mb < p.M; mb += M_BLOCK) {
     const int64_t me = std::min(p.M, mb + M_BLOCK);
     int64_t n = n0;
-    for (; n + TILE_N <= n1; n += TILE_N) avx512_rows<TILE_N>(p, mb, me, n);
-    for (; n < n1; ++n) avx512_rows<1>(p, mb, me, n);
+    for (; n + TILE_N <= n1; n += TILE_N) avx512_weight_rows<Rows, TILE_N>(p, mb, me, n);
+    for (; n < n1; ++n) avx512_weight_rows<Rows, 1>(p, mb, me, n);
   }
 }
 
@@ -244,26 +386,31 @@ using RangeFn = void (*)(const Problem&, int64_t, int64_t);
 
 struct Isa {
   const char* name;
-  RangeFn fn;
+  RangeFn fn[FORMAT_COUNT];  // by Format
   bool supported;
 };
+
+
 
 #ifdef QD_X86
 constexpr int ISA_COUNT = 3;
 Isa* isas() {
   __builtin_cpu_init();
   static Isa table[ISA_COUNT] = {
-      {"avx512", avx512_range, static_cast<bool>(__builtin_cpu_supports("avx512f"))},
-      {"avx2", avx2_range,
+      {"avx512",
+       {avx512_range<F32Rows>, avx512_range<Q41Rows>, avx512_range<Q80Rows>},
+       static_cast<bool>(__builtin_cpu_supports("avx512f"))},
+      {"avx2",
+       {avx2_range<F32Rows>, avx2_range<Q41Rows>, avx2_range<Q80Rows>},
        static_cast<bool>(__builtin_cpu_supports("avx2")) && static_cast<bool>(__builtin_cpu_supports("fma"))},
-      {"scalar", scalar_range, true},
+      {"scalar", {scalar_range<F32Rows>, scalar_range<Q41Rows>, scalar_range<Q80Rows>}, true},
   };
   return table;
 }
 #else
 constexpr int ISA_COUNT = 1;
 Isa* isas() {
-  static Isa table[ISA_COUNT] = {{"scalar", scalar_range, true}};
+  static Isa table[ISA_COUNT] = {{"scalar", {scalar_range<F32Rows>, scalar_range<Q41Rows>, scalar_range<Q80Rows>}, true}};
   return table;
 }
 #endif
@@ -317,7 +464,7 @@ void run(const Problem& p, int threads, RangeFn fn) {
 void linear(uintptr_t x, uintptr_t w, uintptr_t b, uintptr_t y, int64_t M, int64_t N, int64_t K, int threads,
             const std::string& isa) {
   if (M < 0 || N < 0 || K < 0) throw std::invalid_argument("negative size");
-  RangeFn fn = find_isa(isa)->fn;
+  RangeFn fn = find_isa(isa)->fn[F32];
   const Problem p{reinterpret_cast<const float*>(x), reinterpret_cast<const float*>(w),
                   reinterpret_cast<const float*>(b), reinterpret_cast<float*>(y), M, N, K};
   if (M == 0 || N == 0) return;
@@ -325,6 +472,20 @@ void linear(uintptr_t x, uintptr_t w, uintptr_t b, uintptr_t y, int64_t M, int64
   run(p, threads, fn);
 }
 
+void linear_quant(uintptr_t x, uintptr_t qs, uintptr_t d, uintptr_t m, uintptr_t b, uintptr_t y, int64_t M,
+                  int64_t N, int64_t K, int format, int threads, const std::string& isa) {
+  if (M < 0 || N < 0 || K < 0) throw std::invalid_argument("negative size");
+  if (format != Q4_1 && format != Q8_0) throw std::invalid_argument("unknown weight format");
+  if (K % 32) throw std::invalid_argument("quantized weights need whole blocks of 32 along K");
+  RangeFn fn = find_isa(isa)->fn[format];
+  Problem p{reinterpret_cast<const float*>(x), nullptr, reinterpret_cast<const float*>(b),
+            reinterpret_cast<float*>(y), M, N, K};
+  p.q = Quant{reinterpret_cast<const uint8_t*>(qs), reinterpret_cast<const float*>(d),
+              reinterpret_cast<const float*>(m)};
+  if (M == 0 || N == 0) return;
+  py::gil_scoped_release release;
+  run(p, threads, fn);
+}
 
 // ---------------------------------------------------------------- bf16 linear on AMX tiles
 int64_t packed_bf16_elements(int64_t N, int64_t K) { return qd_amx::Layout(N, K).packed_elements(); }
@@ -581,6 +742,11 @@ PYBIND11_MODULE(_kernels, m) {
   m.def("linear", &linear, py::arg("x"), py::arg("w"), py::arg("b"), py::arg("y"), py::arg("m"), py::arg("n"),
         py::arg("k"), py::arg("threads") = 1, py::arg("isa") = "auto",
         "y[m, n] = x[m, :] . w[n, :] (+ b[n]) on contiguous fp32 buffers given by address (b = 0: no bias)");
+  m.def("linear_quant", &linear_quant, py::arg("x"), py::arg("qs"), py::arg("d"), py::arg("m"), py::arg("b"),
+        py::arg("y"), py::arg("m_rows"), py::arg("n"), py::arg("k"), py::arg("format"), py::arg("threads") = 1,
+        py::arg("isa") = "auto",
+        "linear() with the weight held as GGUF blocks (format 1: Q4_1, qs [n, k/32, 16] nibbles, d and m "
+        "[n, k/32] fp32; 2: Q8_0, qs [n, k] int8, d [n, k/32]); bit for bit linear() on the weights they expand to");
   m.def("amx_supported", [] { return qd_amx::supported(); }, "whether this CPU and kernel run AMX bf16 tiles");
   m.def("packed_bf16_elements", &packed_bf16_elements, py::arg("n"), py::arg("k"),
         "bf16 elements pack_bf16 writes for an [n, k] weight");

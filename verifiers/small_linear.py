@@ -16,6 +16,10 @@ Larger calls outside it (prefill chunks) keep torch's GEMM, which is faster ther
 The runtime arranges that a position is never computed by torch in one mode and by
 the kernel in the other (see ``ModelRuntime._prefill_head``).
 
+A model converted from GGUF can also hand the kernel its weights as the 4- or 8-bit blocks they
+were expanded from (``use_block_weights``, ``exact_quant.py``): the same results bit for bit, at
+a fraction of the bytes a pass streams.
+
 On CPUs with AMX tiles or AVX-512 BF16 the kernel can also multiply in bf16
 (``use_bf16_kernel``): the weights are packed once into bf16 tiles, so a pass streams half
 the bytes, and its extra rows cost almost nothing on tiles and half the fp32 arithmetic with
@@ -39,6 +43,9 @@ from typing import TypeVar
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from quickdraft.verifiers import exact_quant
+from quickdraft.verifiers.exact_quant import BlockWeight
 
 try:
     from quickdraft.verifiers import _kernels
@@ -168,6 +175,19 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return y
 
 
+def linear_blocks(x: torch.Tensor, blocks: BlockWeight, bias: torch.Tensor | None = None,
+                  threads: int | None = None, isa: str = "auto") -> torch.Tensor:
+    """``linear`` on the weight ``blocks`` expand to, bit for bit, reading only the blocks."""
+    _require_kernels()
+    out_features, in_features = blocks.shape
+    rows, flat, y = _rows(x, in_features, out_features)
+    _kernels.linear_quant(flat.data_ptr(), blocks.qs.data_ptr(), blocks.d.data_ptr(),
+                          0 if blocks.m is None else blocks.m.data_ptr(), 0 if bias is None else bias.data_ptr(),
+                          y.data_ptr(), rows, out_features, in_features, blocks.format,
+                          threads or torch.get_num_threads(), isa)
+    return y
+
+
 def pack_bf16(weight: torch.Tensor) -> torch.Tensor:
     """An fp32 [out, in] weight in ``linear_bf16``'s packed bf16 tile layout (an int16 buffer)."""
     _require_kernels()
@@ -224,6 +244,9 @@ class InvariantLinear(nn.Linear):
             packed = self.__dict__.get("_bf16_tiles")
             if packed is not None:
                 return linear_bf16(x, packed, self.out_features, self.bias)
+            blocks = self.__dict__.get("_blocks_on")
+            if blocks is not None:
+                return linear_blocks(x, blocks, self.bias)
             return linear(x, self.weight, self.bias)
         lowp = _prefill_lowp(x)
         if lowp is not None:
@@ -271,6 +294,23 @@ def use_bf16_kernel(model: nn.Module, on: bool = True) -> int:
             else:
                 count += module.__dict__.pop("_bf16_tiles", None) is not None
     return count
+
+
+def use_block_weights(model: nn.Module, on: bool = True) -> tuple[int, int]:
+    """Let the model's installed layers whose weights are exact expansions of GGUF blocks give the
+    fp32 kernel those blocks instead (``on``), or the fp32 weights again; returns (layers that now
+    read blocks, bytes of those blocks). The search runs once per weight (about 2 s for SmolLM2);
+    results are the same bits either way, so this changes no output, only a pass's memory traffic."""
+    layers = total = 0
+    for module in model.modules():
+        if isinstance(module, InvariantLinear):
+            blocks = module.derived("_blocks", lambda m=module: exact_quant.find_blocks(m.weight)) if on else None
+            if blocks is None:
+                module.__dict__.pop("_blocks_on", None)
+            else:
+                module.__dict__["_blocks_on"] = blocks
+                layers, total = layers + 1, total + blocks.nbytes
+    return layers, total
 
 
 def install(model: nn.Module) -> int:
