@@ -427,6 +427,9 @@ def bench(
     decode_dtype: Annotated[str, typer.Option(
         help="forward: verification passes' products of an fp32 CPU model: auto, float32 or bfloat16 (e2e: "
              "set QUICKDRAFT_DECODE_DTYPE for its worker)")] = "auto",
+    block_weights: Annotated[bool, typer.Option(
+        help="forward: the fp32 kernel reads a GGUF model's weights as their 4/8-bit blocks (the same results, "
+             "fewer bytes a pass); --no-block-weights reads the fp32 weights")] = True,
     max_calls: Annotated[int, typer.Option(help="e2e: calls per text")] = 20,
     max_new_tokens: Annotated[int, typer.Option(help="e2e, load: completion budget per call")] = 128,
     proxy: Annotated[str, typer.Option(help="load: HOST:PORT of the running proxy")] = "127.0.0.1:50051",
@@ -558,9 +561,12 @@ def bench(
         if threads:
             torch.set_num_threads(threads)
         runtime = ModelRuntime(load_model(model, decode_dtype=decode_dtype))
-        points = measure(runtime) + measure_growing(runtime)
         loaded = runtime.loaded
-        kernels = (f"bf16 ({small_linear.bf16_isa()})" if loaded.decode_dtype is not None else "fp32") \
+        blocks = small_linear.use_block_weights(loaded.model, on=block_weights)[0] if loaded.device.type == "cpu" \
+            and loaded.decode_dtype is None else 0
+        points = measure(runtime) + measure_growing(runtime)
+        fp32 = f"fp32 ({blocks} layers reading GGUF blocks)" if blocks else "fp32"
+        kernels = (f"bf16 ({small_linear.bf16_isa()})" if loaded.decode_dtype is not None else fp32) \
             if loaded.device.type == "cpu" \
             else f"torch {str(loaded.dtype).removeprefix('torch.')} on {loaded.device}"
         table = Table("series", "context", "scored tokens", "median ms",

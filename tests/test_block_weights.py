@@ -72,16 +72,16 @@ def test_installed_layers_read_their_blocks_and_can_be_switched_back():
     with torch.no_grad():
         net[0].weight.copy_(expanded_q4_1(192, 576, seed=4))  # the second keeps its trained weights
     assert small_linear.install(net) == 2
-    layers, nbytes = small_linear.use_block_weights(net)
-    assert layers == 1 and nbytes == exact_quant.find_blocks(net[0].weight).nbytes
+    layers, nbytes, found = small_linear.use_block_weights(net)
+    assert layers == 1 and nbytes == exact_quant.find_blocks(net[0].weight).nbytes and list(found) == ["0"]
     x = torch.randn(3, 576)
     with torch.no_grad():
         on = net(x)
-        assert small_linear.use_block_weights(net, on=False) == (0, 0)
+        assert small_linear.use_block_weights(net, on=False) == (0, 0, {})
         assert torch.equal(net(x), on)
         # A weight changed since the search is searched again, not read from stale blocks.
         net[0].weight.mul_(2.0)
-        assert small_linear.use_block_weights(net) == (1, nbytes)
+        assert small_linear.use_block_weights(net)[:2] == (1, nbytes)
         assert torch.equal(net[0](x), fp32_kernel(x, net[0].weight, net[0].bias, "auto"))
 
 
@@ -126,3 +126,42 @@ def test_smollm2_passes_read_gguf_blocks_and_give_the_fp32_weights_bits():
         assert passes("fp32") == with_blocks
     finally:
         small_linear.use_block_weights(loaded.model)
+
+
+def test_a_worker_start_reads_the_blocks_it_cached_and_a_new_conversion_searches_again(tmp_path, monkeypatch):
+    from quickdraft.verifiers import model_loader
+
+    (tmp_path / "model.safetensors").write_bytes(b"weights of one conversion")
+    net = torch.nn.Sequential(torch.nn.Linear(576, 192), torch.nn.Linear(192, 64))
+    with torch.no_grad():
+        net[0].weight.copy_(expanded_q4_1(192, 576, seed=5))
+        net[1].weight.copy_(expanded_q8_0(64, 192, seed=6))
+    small_linear.install(net)
+    assert model_loader._use_block_weights(net, str(tmp_path))[0] == 2
+    cache = tmp_path / model_loader.BLOCKS_CACHE
+    assert cache.exists()
+
+    searched = []
+    monkeypatch.setattr(exact_quant, "find_blocks", lambda w: searched.append(w) or None)
+    fresh = torch.nn.Sequential(torch.nn.Linear(576, 192), torch.nn.Linear(192, 64))
+    fresh.load_state_dict(net.state_dict())
+    small_linear.install(fresh)
+    assert model_loader._use_block_weights(fresh, str(tmp_path))[0] == 2 and not searched  # read, not searched
+    x = torch.randn(5, 576)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), net(x))
+
+    # Cached blocks that no longer expand to a layer's weight are not used for it.
+    other = torch.nn.Sequential(torch.nn.Linear(576, 192), torch.nn.Linear(192, 64))
+    with torch.no_grad():
+        other[0].weight.copy_(expanded_q4_1(192, 576, seed=7))
+    small_linear.install(other)
+    assert model_loader._use_block_weights(other, str(tmp_path))[0] == 0 and len(searched) == 2
+
+    # Another conversion (the weights file changed): the cache is not even read.
+    (tmp_path / "model.safetensors").write_bytes(b"weights of a later conversion, longer")
+    assert exact_quant.load(cache, "a stamp it was not written with") == {}
+    again = torch.nn.Sequential(torch.nn.Linear(576, 192), torch.nn.Linear(192, 64))
+    again.load_state_dict(net.state_dict())
+    small_linear.install(again)
+    assert model_loader._use_block_weights(again, str(tmp_path))[0] == 0 and len(searched) == 4

@@ -15,6 +15,8 @@ each candidate is kept only where expanding it gives back every weight bit for b
 
 from __future__ import annotations
 
+import pathlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -121,3 +123,62 @@ def find_blocks(weight: torch.Tensor) -> BlockWeight | None:
         if fmt(probe) is not None:
             return fmt(w)
     return None
+
+
+def expand(blocks: BlockWeight, rows: np.ndarray) -> np.ndarray:
+    """The fp32 weight rows ``rows`` that ``blocks`` expand to."""
+    d = blocks.d.numpy()[rows][:, :, None]
+    if blocks.format == Q4_1:
+        packed = blocks.qs.numpy()[rows]
+        q = np.concatenate([packed & 15, packed >> 4], axis=-1).astype(np.float32)
+        w = (d * q) + blocks.m.numpy()[rows][:, :, None]
+    else:
+        q = blocks.qs.numpy()[rows].reshape(len(rows), -1, BLOCK).astype(np.float32)
+        w = q * d
+    return w.reshape(len(rows), -1)
+
+
+def expands_to(blocks: BlockWeight, weight: torch.Tensor) -> bool:
+    """Whether ``blocks`` (from a cache) still expand to ``weight``: its shape, and its first, middle
+    and last rows bit for bit (a cache of another model or an older conversion fails this)."""
+    if tuple(weight.shape) != blocks.shape or weight.dtype != torch.float32:
+        return False
+    n = blocks.shape[0]
+    rows = np.unique(np.array([0, n // 2, n - 1]))
+    return bool(_same_bits(expand(blocks, rows), weight.detach().numpy()[rows]).all())
+
+
+def save(path: pathlib.Path, found: Mapping[str, BlockWeight], stamp: str) -> None:
+    """Write ``found`` (by layer name) to ``path`` (safetensors), marked with ``stamp``, atomically."""
+    from safetensors.torch import save_file
+
+    tensors, meta = {}, {"stamp": stamp}
+    for name, b in found.items():
+        tensors[f"{name}.qs"], tensors[f"{name}.d"] = b.qs, b.d
+        if b.m is not None:
+            tensors[f"{name}.m"] = b.m
+        meta[name] = str(b.format)
+    tmp = path.with_name(f"{path.name}.tmp{id(found)}")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)
+
+
+def load(path: pathlib.Path, stamp: str) -> dict[str, BlockWeight]:
+    """What ``save`` wrote to ``path`` if it carries ``stamp``; empty if not (or unreadable)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("stamp") != stamp:
+                return {}
+            out = {}
+            for name, fmt in meta.items():
+                if name == "stamp":
+                    continue
+                qs, d = f.get_tensor(f"{name}.qs"), f.get_tensor(f"{name}.d")
+                m = f.get_tensor(f"{name}.m") if int(fmt) == Q4_1 else None
+                out[name] = BlockWeight(int(fmt), qs, d, m, (d.shape[0], d.shape[1] * BLOCK))
+            return out
+    except (OSError, ValueError, KeyError, RuntimeError):
+        return {}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pathlib
 import shutil
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from quickdraft.catalog import gguf_location, load_tokenizer, model_cache_dir, resolve
-from quickdraft.verifiers import attention, prefill_mlp, small_linear
+from quickdraft.verifiers import attention, exact_quant, prefill_mlp, small_linear
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,29 @@ def set_decode_dtype(loaded: LoadedModel, dtype: torch.dtype | None) -> None:
     loaded.decode_dtype = dtype
 
 
+BLOCKS_CACHE = "gguf_blocks.safetensors"
+
+
+def _use_block_weights(model: PreTrainedModel, converted: str | None) -> tuple[int, int]:
+    """``small_linear.use_block_weights``, cached beside a converted GGUF checkpoint (``converted``) so
+    the next start reads the blocks instead of searching them (marked with the weights files' sizes
+    and times: a new conversion searches again)."""
+    if converted is None:
+        layers, nbytes, _ = small_linear.use_block_weights(model)
+        return layers, nbytes
+    directory = pathlib.Path(converted)
+    stamp = ";".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}"
+                     for f in sorted(directory.glob("*.safetensors")) if f.name != BLOCKS_CACHE)
+    known = exact_quant.load(directory / BLOCKS_CACHE, stamp)
+    layers, nbytes, found = small_linear.use_block_weights(model, known=known)
+    if found and (found.keys() != known.keys() or any(found[k] is not known[k] for k in found)):
+        try:
+            exact_quant.save(directory / BLOCKS_CACHE, found, stamp)
+        except OSError as exc:  # a read-only cache: search again next time
+            log.warning("could not cache the GGUF blocks in %s: %s", directory, exc)
+    return layers, nbytes
+
+
 def load_model(name: str, device: str = "auto", dtype: str = "auto", prefill_dtype: str = "auto",
                decode_dtype: str = "auto") -> LoadedModel:
     spec = resolve(name)
@@ -145,7 +169,7 @@ def load_model(name: str, device: str = "auto", dtype: str = "auto", prefill_dty
         set_decode_dtype(loaded, decode)  # a clear error where the CPU multiplies no bf16
         log.info("verification passes multiply in bf16 (%s)", small_linear.bf16_isa())
     elif invariant:
-        layers, nbytes = small_linear.use_block_weights(model)
+        layers, nbytes = _use_block_weights(model, path if spec.path is None else None)
         if layers:
             log.info("%d of %d linear layers read their GGUF blocks in verification passes (%.0f MB; the same "
                      "results as their fp32 weights)", layers, invariant, nbytes / 1e6)

@@ -37,7 +37,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import TypeVar
 
 import torch
@@ -296,21 +296,28 @@ def use_bf16_kernel(model: nn.Module, on: bool = True) -> int:
     return count
 
 
-def use_block_weights(model: nn.Module, on: bool = True) -> tuple[int, int]:
+def use_block_weights(model: nn.Module, on: bool = True,
+                      known: Mapping[str, BlockWeight] | None = None) -> tuple[int, int, dict[str, BlockWeight]]:
     """Let the model's installed layers whose weights are exact expansions of GGUF blocks give the
-    fp32 kernel those blocks instead (``on``), or the fp32 weights again; returns (layers that now
-    read blocks, bytes of those blocks). The search runs once per weight (about 2 s for SmolLM2);
-    results are the same bits either way, so this changes no output, only a pass's memory traffic."""
-    layers = total = 0
-    for module in model.modules():
-        if isinstance(module, InvariantLinear):
-            blocks = module.derived("_blocks", lambda m=module: exact_quant.find_blocks(m.weight)) if on else None
-            if blocks is None:
-                module.__dict__.pop("_blocks_on", None)
-            else:
-                module.__dict__["_blocks_on"] = blocks
-                layers, total = layers + 1, total + blocks.nbytes
-    return layers, total
+    fp32 kernel those blocks instead (``on``), or the fp32 weights again. Returns the layers that now
+    read blocks, the blocks' bytes, and the blocks by layer name. ``known`` (a cache of an earlier
+    start, by layer name) is taken where it still expands to the weight; other weights are searched
+    (about 2 s for SmolLM2). Results are the same bits either way: this changes no output, only a
+    pass's memory traffic."""
+    found: dict[str, BlockWeight] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, InvariantLinear):
+            continue
+        blocks = None
+        if on:
+            cached = (known or {}).get(name)
+            blocks = module.derived("_blocks", lambda m=module, c=cached: c if c is not None and
+                                    exact_quant.expands_to(c, m.weight) else exact_quant.find_blocks(m.weight))
+        if blocks is None:
+            module.__dict__.pop("_blocks_on", None)
+        else:
+            module.__dict__["_blocks_on"] = found[name] = blocks
+    return len(found), sum(b.nbytes for b in found.values()), found
 
 
 def install(model: nn.Module) -> int:
