@@ -35,6 +35,7 @@ def resident_memory_bytes() -> int:
     except (OSError, ValueError, IndexError):
         return 0
 
+
 def model_thread() -> ThreadPoolExecutor:
     """The one thread that should run everything a worker's model computes: loading, prefill and
     every verification pass.
@@ -130,7 +131,8 @@ class WorkerService(pb_grpc.WorkerServicer):
     def __init__(self, runtime: ModelRuntime, max_batch: int = 16, max_batch_tokens: int = 2048,
                  max_queue: int = 256, thread: ThreadPoolExecutor | None = None) -> None:
         self.runtime = runtime
-        self._pool = thread if thread is not None else model_thread()  # the one the model was loaded on
+        # Every pass on one thread: the one the model was loaded on where the caller passes it.
+        self._pool = thread if thread is not None else model_thread()
         self.batcher = Batcher(runtime, self._run, max_batch, max_batch_tokens, max_queue)
 
     async def _run(self, fn, *args):
