@@ -165,3 +165,36 @@ def test_a_worker_start_reads_the_blocks_it_cached_and_a_new_conversion_searches
     again.load_state_dict(net.state_dict())
     small_linear.install(again)
     assert model_loader._use_block_weights(again, str(tmp_path))[0] == 0 and len(searched) == 4
+
+
+def test_a_damaged_or_unwritable_cache_never_stops_a_worker_start(tmp_path, monkeypatch, caplog):
+    from quickdraft.verifiers import model_loader
+
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    (tmp_path / model_loader.BLOCKS_CACHE).write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{trunc")
+    net = torch.nn.Sequential(torch.nn.Linear(576, 64))
+    with torch.no_grad():
+        net[0].weight.copy_(expanded_q4_1(64, 576, seed=8))
+    small_linear.install(net)
+    assert model_loader._use_block_weights(net, str(tmp_path))[0] == 1  # searched, and the cache rewritten
+    assert set(exact_quant.load(tmp_path / model_loader.BLOCKS_CACHE, model_loader.weights_stamp(tmp_path))) == {"0"}
+
+    def refuse(*args):
+        raise RuntimeError("Error while serializing: no space left on device")
+
+    monkeypatch.setattr(exact_quant, "save", refuse)
+    (tmp_path / "model.safetensors").write_bytes(b"weights of another conversion")
+    fresh = torch.nn.Sequential(torch.nn.Linear(576, 64))
+    fresh.load_state_dict(net.state_dict())
+    small_linear.install(fresh)
+    assert model_loader._use_block_weights(fresh, str(tmp_path))[0] == 1
+    assert "could not cache the GGUF blocks" in caplog.text
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_q4_1_blocks_without_their_minimums_are_refused():
+    blocks = find_blocks(expanded_q4_1(8, 64, seed=9))
+    x, y = torch.randn(2, 64), torch.empty(2, 8)
+    with pytest.raises(ValueError, match="minimums"):
+        _kernels.linear_quant(x.data_ptr(), blocks.qs.data_ptr(), blocks.d.data_ptr(), 0, 0, y.data_ptr(),
+                              2, 8, 64, Q4_1, 1, "auto")

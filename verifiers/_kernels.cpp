@@ -22,7 +22,7 @@
 // The weights may also be held as the GGUF blocks they were dequantized from
 // (``linear_quant``; ``exact_quant.py`` finds them): each weight is expanded to the
 // very fp32 value the model holds just before its product, so the sums are bit for
-// bit those of the fp32 weights while a pass streams 5-6x fewer bytes.
+// bit those of the fp32 weights while a pass streams 3.5-5x fewer bytes.
 
 #include <pybind11/pybind11.h>
 
@@ -102,8 +102,8 @@ struct F32Rows {
 #endif
 };
 
-// Expanded as gguf's dequantization computed the fp32 weights: d * q, then + m, each rounded
-// (-ffp-contract=off keeps the compiler from fusing them). K is whole blocks: no tail, no mask.
+// Expanded as gguf's dequantization computed the fp32 weights: d * q (exact: an fp16 scale times a
+// 4-bit code), then + m, rounded. K is whole blocks: no tail, no mask.
 struct Q41Rows {
   const uint8_t* qs;
   const float* d;
@@ -134,7 +134,7 @@ struct Q41Rows {
 #endif
 };
 
-// Expanded as q * d, one rounding.
+// Expanded as q * d (exact: an 8-bit code times an fp16 scale).
 struct Q80Rows {
   const int8_t* qs;
   const float* d;
@@ -477,6 +477,7 @@ void linear_quant(uintptr_t x, uintptr_t qs, uintptr_t d, uintptr_t m, uintptr_t
   if (M < 0 || N < 0 || K < 0) throw std::invalid_argument("negative size");
   if (format != Q4_1 && format != Q8_0) throw std::invalid_argument("unknown weight format");
   if (K % 32) throw std::invalid_argument("quantized weights need whole blocks of 32 along K");
+  if (!qs || !d || (format == Q4_1 && !m)) throw std::invalid_argument("missing block codes, scales or minimums");
   RangeFn fn = find_isa(isa)->fn[format];
   Problem p{reinterpret_cast<const float*>(x), nullptr, reinterpret_cast<const float*>(b),
             reinterpret_cast<float*>(y), M, N, K};

@@ -117,6 +117,12 @@ def set_decode_dtype(loaded: LoadedModel, dtype: torch.dtype | None) -> None:
 BLOCKS_CACHE = "gguf_blocks.safetensors"
 
 
+def weights_stamp(directory: pathlib.Path) -> str:
+    """The names, sizes and times of a checkpoint's weights files: what the blocks cache is marked with."""
+    return ";".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}"
+                    for f in sorted(directory.glob("*.safetensors")) if f.name != BLOCKS_CACHE)
+
+
 def _use_block_weights(model: PreTrainedModel, converted: str | None) -> tuple[int, int]:
     """``small_linear.use_block_weights``, cached beside a converted GGUF checkpoint (``converted``) so
     the next start reads the blocks instead of searching them (marked with the weights files' sizes
@@ -125,14 +131,13 @@ def _use_block_weights(model: PreTrainedModel, converted: str | None) -> tuple[i
         layers, nbytes, _ = small_linear.use_block_weights(model)
         return layers, nbytes
     directory = pathlib.Path(converted)
-    stamp = ";".join(f"{f.name}:{f.stat().st_size}:{f.stat().st_mtime_ns}"
-                     for f in sorted(directory.glob("*.safetensors")) if f.name != BLOCKS_CACHE)
+    stamp = weights_stamp(directory)
     known = exact_quant.load(directory / BLOCKS_CACHE, stamp)
     layers, nbytes, found = small_linear.use_block_weights(model, known=known)
     if found and (found.keys() != known.keys() or any(found[k] is not known[k] for k in found)):
         try:
             exact_quant.save(directory / BLOCKS_CACHE, found, stamp)
-        except OSError as exc:  # a read-only cache: search again next time
+        except Exception as exc:  # a read-only or full disk: search again next time (safetensors raises its own)
             log.warning("could not cache the GGUF blocks in %s: %s", directory, exc)
     return layers, nbytes
 

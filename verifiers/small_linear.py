@@ -303,7 +303,8 @@ def use_block_weights(model: nn.Module, on: bool = True,
     read blocks, the blocks' bytes, and the blocks by layer name. ``known`` (a cache of an earlier
     start, by layer name) is taken where it still expands to the weight; other weights are searched
     (about 2 s for SmolLM2). Results are the same bits either way: this changes no output, only a
-    pass's memory traffic."""
+    pass's memory traffic. Like the bf16 tiles, the blocks are those of the weights as they are now: call
+    it again after changing a weight in place."""
     found: dict[str, BlockWeight] = {}
     for name, module in model.named_modules():
         if not isinstance(module, InvariantLinear):
