@@ -199,7 +199,6 @@ __attribute__((target("avx2,fma"))) inline float avx2_tree(__m256 lo, __m256 hi)
   return _mm_cvtss_f32(_mm_add_ss(s2, _mm_shuffle_ps(s2, s2, 1)));
 }
 
-
 // One half (lanes 0-7 or 8-15) of a 16-k chunk: NR weight registers and one x register at a time,
 // so a 3 x 2 tile keeps 12 accumulators in flight (8 were too few to cover the FMA latency here).
 template <class Rows, int MT, int NR, bool FULL>
@@ -390,8 +389,6 @@ struct Isa {
   bool supported;
 };
 
-
-
 #ifdef QD_X86
 constexpr int ISA_COUNT = 3;
 Isa* isas() {
@@ -461,31 +458,32 @@ void run(const Problem& p, int threads, RangeFn fn) {
         [&](int64_t b0, int64_t b1) { fn(p, std::min(p.N, b0 * 8), std::min(p.N, b1 * 8)); });
 }
 
-void linear(uintptr_t x, uintptr_t w, uintptr_t b, uintptr_t y, int64_t M, int64_t N, int64_t K, int threads,
-            const std::string& isa) {
-  if (M < 0 || N < 0 || K < 0) throw std::invalid_argument("negative size");
-  RangeFn fn = find_isa(isa)->fn[F32];
-  const Problem p{reinterpret_cast<const float*>(x), reinterpret_cast<const float*>(w),
-                  reinterpret_cast<const float*>(b), reinterpret_cast<float*>(y), M, N, K};
-  if (M == 0 || N == 0) return;
+// A checked call: the sizes, then the format's kernel for `isa`, run without the GIL.
+void call(const Problem& p, Format format, int threads, const std::string& isa) {
+  if (p.M < 0 || p.N < 0 || p.K < 0) throw std::invalid_argument("negative size");
+  RangeFn fn = find_isa(isa)->fn[format];
+  if (p.M == 0 || p.N == 0) return;
   py::gil_scoped_release release;
   run(p, threads, fn);
 }
 
+void linear(uintptr_t x, uintptr_t w, uintptr_t b, uintptr_t y, int64_t M, int64_t N, int64_t K, int threads,
+            const std::string& isa) {
+  call({reinterpret_cast<const float*>(x), reinterpret_cast<const float*>(w), reinterpret_cast<const float*>(b),
+        reinterpret_cast<float*>(y), M, N, K},
+       F32, threads, isa);
+}
+
 void linear_quant(uintptr_t x, uintptr_t qs, uintptr_t d, uintptr_t m, uintptr_t b, uintptr_t y, int64_t M,
                   int64_t N, int64_t K, int format, int threads, const std::string& isa) {
-  if (M < 0 || N < 0 || K < 0) throw std::invalid_argument("negative size");
   if (format != Q4_1 && format != Q8_0) throw std::invalid_argument("unknown weight format");
   if (K % 32) throw std::invalid_argument("quantized weights need whole blocks of 32 along K");
   if (!qs || !d || (format == Q4_1 && !m)) throw std::invalid_argument("missing block codes, scales or minimums");
-  RangeFn fn = find_isa(isa)->fn[format];
   Problem p{reinterpret_cast<const float*>(x), nullptr, reinterpret_cast<const float*>(b),
             reinterpret_cast<float*>(y), M, N, K};
   p.q = Quant{reinterpret_cast<const uint8_t*>(qs), reinterpret_cast<const float*>(d),
               reinterpret_cast<const float*>(m)};
-  if (M == 0 || N == 0) return;
-  py::gil_scoped_release release;
-  run(p, threads, fn);
+  call(p, static_cast<Format>(format), threads, isa);
 }
 
 // ---------------------------------------------------------------- bf16 linear on AMX tiles

@@ -56,6 +56,16 @@ def _same_bits(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a.view(np.uint32) == b.view(np.uint32)).all(axis=1)
 
 
+def _expand_q4_1(d: np.ndarray, q: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """As gguf expands Q4_1 to fp32: d * q (exact: an fp16 scale times a 4-bit code), then + m, rounded."""
+    return (d * q) + m
+
+
+def _expand_q8_0(q: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """As gguf expands Q8_0 to fp32: q * d (exact: an 8-bit code times an fp16 scale)."""
+    return q * d
+
+
 def _search(blocks: np.ndarray, estimate: np.ndarray, expand) -> tuple[np.ndarray, np.ndarray] | None:
     """(scales, codes) that ``expand`` back to ``blocks`` bit for bit, trying the fp16 scales next to
     ``estimate``; None where some block has none."""
@@ -84,7 +94,7 @@ def _q4_1(w: np.ndarray) -> BlockWeight | None:
         m = low[rows, None]
         with np.errstate(divide="ignore", invalid="ignore"):
             q = np.where(d[:, None] > 0, np.rint((b - m) / d[:, None]), 0.0).clip(0, 15).astype(np.float32)
-        return q, (d[:, None] * q) + m  # as gguf expands Q4_1 (the product is exact; the sum rounds)
+        return q, _expand_q4_1(d[:, None], q, m)
 
     found = _search(blocks, (blocks.max(axis=1) - low) / np.float32(15), expand)
     if found is None:
@@ -104,7 +114,7 @@ def _q8_0(w: np.ndarray) -> BlockWeight | None:
     def expand(b: np.ndarray, d: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         with np.errstate(divide="ignore", invalid="ignore"):
             q = np.where(d[:, None] > 0, np.rint(b / d[:, None]), 0.0).clip(-128, 127).astype(np.float32)
-        return q, q * d[:, None]  # as gguf expands Q8_0 (exact: an fp16 scale times an 8-bit code)
+        return q, _expand_q8_0(q, d[:, None])
 
     found = _search(blocks, np.abs(blocks).max(axis=1) / np.float32(127), expand)
     if found is None:
@@ -134,10 +144,10 @@ def expand(blocks: BlockWeight, rows: np.ndarray) -> np.ndarray:
     if blocks.format == Q4_1:
         packed = blocks.qs.numpy()[rows]
         q = np.concatenate([packed & 15, packed >> 4], axis=-1).astype(np.float32)
-        w = (d * q) + blocks.m.numpy()[rows][:, :, None]
+        w = _expand_q4_1(d, q, blocks.m.numpy()[rows][:, :, None])
     else:
         q = blocks.qs.numpy()[rows].reshape(len(rows), -1, BLOCK).astype(np.float32)
-        w = q * d
+        w = _expand_q8_0(q, d)
     return w.reshape(len(rows), -1)
 
 
